@@ -1,0 +1,118 @@
+"""The `kvedge` command: parses, calls the library, renders. No logic of its own."""
+
+from __future__ import annotations
+
+import errno
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import KvedgeError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Does quantizing the llama.cpp KV cache silently break a GGUF model's refusals?",
+    pretty_exceptions_enable=False,
+)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"kvedge: error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@app.command()
+def audit(
+    model: Optional[Path] = typer.Argument(None, help="GGUF model; default: the embedded SmolLM2-135M-Instruct Q4_1."),
+    lora: Optional[Path] = typer.Option(None, "--lora", help="LoRA adapter GGUF applied on top of the model."),
+    kv: str = typer.Option("f16,q8_0,q4_0", "--kv", help="KV configs, comma-separated: q8_0 (K and V) or k=q8_0/v=q4_0. "
+                           "f16 is always run as the reference."),
+    rotation: str = typer.Option("on", "--rotation", help="Attention rotation of quantized caches: on (current llama.cpp), "
+                                 "off (older builds), both."),
+    benchmarks: str = typer.Option("advbench,harmbench,xstest", "--benchmarks", help="Bundled prompt sets to run."),
+    split: str = typer.Option("eval", "--split", help="Split of the bundled sets: eval, calib or train."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Your own prompts: CSV/TSV with a header or JSONL; "
+                                           "fields prompt (required), id, label (harmful|benign), benchmark, category."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="At most N prompts from each group (advbench, harmbench, "
+                                        "xstest-unsafe, xstest-safe, or your file's groups)."),
+    max_tokens: int = typer.Option(64, "--max-tokens", min=1, help="Tokens generated per prompt (greedy)."),
+    ctx: int = typer.Option(4096, "--ctx", min=64, help="Context size: the runtime's, and the one memory is reported at."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads (default: all cores, at most 8)."),
+    gpu_layers: int = typer.Option(0, "--gpu-layers", help="Layers offloaded to a GPU build (CUDA, Metal); -1 for all."),
+    system: Optional[str] = typer.Option(None, "--system", help="System prompt (default: none, the template's own)."),
+    noise: str = typer.Option("flash-attn-off", "--noise", help="How the f16 noise-floor run perturbs arithmetic: "
+                              "flash-attn-off, or none to skip it."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Audit directory (store and reports). "
+                                       "Default: kvedge-runs/<model-stem>/"),
+    fail_under: Optional[float] = typer.Option(None, "--fail-under", help="Exit 1 if any config keeps less than this "
+                                               "share of the f16 refusal rate (e.g. 0.9)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Run refusal benchmarks through real llama.cpp at each KV cache type and report what quantization costs."""
+    from .api import audit as run
+
+    if rotation not in ("on", "off", "both"):
+        _fail(f"--rotation must be on, off or both, not {rotation!r}")
+    if fail_under is not None and not 0 <= fail_under <= 1:
+        _fail("--fail-under takes a share between 0 and 1")
+    result = run(
+        model=model, lora=lora, kv=kv, rotation=rotation, benchmarks=benchmarks, split=split, prompts=prompts,
+        limit=limit, max_tokens=max_tokens, ctx=ctx, threads=threads, gpu_layers=gpu_layers, system=system,
+        noise=None if noise == "none" else noise, out=out, fail_under=fail_under, progress=not quiet,
+    )
+    from .report import render_table
+
+    typer.echo(render_table(result.report))
+    nf = result.report.get("noise_floor")
+    if nf:
+        r = nf["flip_rate"]
+        typer.echo(f"noise floor ({nf['how']}): {r['k']}/{r['n']} verdicts flipped, "
+                   f"{len(nf['unstable_prompts'])} prompts unstable")
+    typer.echo(f"{result.generated} generations run now, the rest from {result.store_path}")
+    typer.echo(f"reports: {result.json_path} {result.md_path}")
+    gate = result.report.get("gate")
+    if gate and not gate["passed"]:
+        typer.echo(f"FAIL: retention below {gate['threshold']} for {', '.join(gate['failing'])}", err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
+def compare(
+    run_a: Path = typer.Argument(..., help="Audit directory (or its report.json), e.g. the laptop CPU run."),
+    run_b: Path = typer.Argument(..., help="Audit directory (or its report.json) of the same model and prompts, "
+                                 "e.g. the device GPU run."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the comparison as JSON here."),
+) -> None:
+    """Verdict agreement between two audits of the same model and prompts (say, CPU vs CUDA)."""
+    from .compare import compare_runs, render_comparison
+
+    result = compare_runs(run_a, run_b)
+    typer.echo(render_comparison(result))
+    if out:
+        import json
+
+        from .atomic import atomic_write_text
+
+        atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+
+
+def main() -> None:
+    try:
+        app()  # standalone: typer prints its own usage errors and exits 2
+    except KvedgeError as exc:
+        typer.echo(f"kvedge: error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("kvedge: interrupted; rerun the same command to resume from the store", err=True)
+        sys.exit(130)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            typer.echo("kvedge: error: disk full; free space and rerun to resume", err=True)
+            sys.exit(2)
+        raise
+
+
+__all__ = ["app", "main"]

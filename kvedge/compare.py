@@ -1,0 +1,96 @@
+"""Cross-backend comparison: how often two audits of the same model and prompts agree, judged against
+the noise floor each audit measured for itself."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .errors import RunDirError
+from .noise import flips, judge
+from .stats import wilson
+
+
+def load_report(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if p.is_dir():
+        p = p / "report.json"
+    if not p.is_file():
+        raise RunDirError(f"no audit report at {p}: run `kvedge audit --out DIR` first")
+    try:
+        report = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RunDirError(f"{p} is not a kvedge report: {exc}") from None
+    if not isinstance(report, dict) or not str(report.get("schema", "")).startswith("kvedge.audit/"):
+        raise RunDirError(f"{p} is not a kvedge audit report")
+    return report
+
+
+def _noise_label(report: dict) -> str | None:
+    nf = report.get("noise_floor")
+    return nf["label"] if nf else None
+
+
+def compare_runs(a_path: str | Path, b_path: str | Path) -> dict[str, Any]:
+    a, b = load_report(a_path), load_report(b_path)
+    if a["model"]["sha256"] != b["model"]["sha256"]:
+        raise RunDirError("the two audits are of different models; compare audits of one model")
+    pa = {(p["id"], p["text_sha256"]): p for p in a["prompts"]}
+    pb = {(p["id"], p["text_sha256"]): p for p in b["prompts"]}
+    common = [k for k in pa if k in pb]
+    if not common:
+        raise RunDirError("the two audits share no prompt")
+    labels_b = {r["label"] for r in b["runs"]}
+    noise_a = _noise_label(a)
+    rows = []
+    for run in a["runs"]:
+        label = run["label"]
+        if label not in labels_b or run["noise_run"]:
+            continue
+        for harmful in (True, False):
+            keys = [k for k in common if pa[k]["harmful"] is harmful]
+            if not keys:
+                continue
+            va = [pa[k]["refused"][label] for k in keys]
+            vb = [pb[k]["refused"][label] for k in keys]
+            f = flips(va, vb)
+            row = {
+                "config": label,
+                "prompts": "harmful" if harmful else "benign",
+                "n": f.n,
+                "agreement": wilson(f.n - f.discordant, f.n).to_dict(),
+                "refusal_a": wilson(sum(va), f.n).to_dict(),
+                "refusal_b": wilson(sum(vb), f.n).to_dict(),
+                "refused_only_in_a": f.lost,
+                "refused_only_in_b": f.gained,
+                "mcnemar_p": f.mcnemar_p,
+            }
+            if noise_a:
+                noise = flips(va if label == "f16" else [pa[k]["refused"]["f16"] for k in keys],
+                              [pa[k]["refused"][noise_a] for k in keys])
+                row["vs_noise_of_a"] = judge(f, noise).to_dict()
+            rows.append(row)
+    if not rows:
+        raise RunDirError("the two audits share no KV configuration")
+    return {
+        "a": {"path": str(a_path), "backend": a["backend"]["kind"], "system_info": a["backend"]["system_info"]},
+        "b": {"path": str(b_path), "backend": b["backend"]["kind"], "system_info": b["backend"]["system_info"]},
+        "model_sha256": a["model"]["sha256"],
+        "common_prompts": len(common),
+        "rows": rows,
+    }
+
+
+def render_comparison(result: dict[str, Any]) -> str:
+    out = [f"A: {result['a']['path']} ({result['a']['backend']})   B: {result['b']['path']} ({result['b']['backend']})",
+           f"{result['common_prompts']} prompts in common"]
+    for r in result["rows"]:
+        ag = r["agreement"]
+        line = (f"{r['config']:<22} {r['prompts']:<8} agreement {100 * ag['rate']:.1f}% [{100 * ag['lo']:.0f}-"
+                f"{100 * ag['hi']:.0f}] (n={r['n']}); refused only in A {r['refused_only_in_a']}, only in B "
+                f"{r['refused_only_in_b']}, McNemar p={r['mcnemar_p']:.3g}")
+        if "vs_noise_of_a" in r:
+            line += f"; {r['vs_noise_of_a']['verdict']}"
+        out.append(line)
+    return "\n".join(out)

@@ -1,0 +1,220 @@
+"""Prompt sets: the bundled refusal benchmarks, users' own files, and the deterministic splits.
+
+Bundled (see `data/` and README's attributions): AdvBench harmful behaviors, HarmBench standard and
+contextual behaviors (copyright behaviors are not refusal tests and are left out), XSTest safe and
+unsafe prompts. Every prompt falls in exactly one split by a rule anyone can recompute:
+
+    bucket = int(sha256(prompt_text.strip().encode("utf-8")).hexdigest(), 16) % 10
+    train: 0-5    calib: 6    eval: 7-9
+
+where `prompt_text` is the question without any HarmBench context.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Iterable
+
+from ..errors import EmptyPromptSet, PromptFileError
+
+SPLITS = ("train", "calib", "eval")
+BENCHMARKS = ("advbench", "harmbench", "xstest")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt to ask. `text` is what the model sees; `split_text` decides its split."""
+
+    id: str
+    benchmark: str
+    text: str
+    harmful: bool
+    split: str
+    category: str = ""
+
+    @property
+    def subset(self) -> str:
+        """The reporting group: benchmark, with XSTest split into its unsafe and safe halves."""
+        if self.benchmark == "xstest":
+            return "xstest-unsafe" if self.harmful else "xstest-safe"
+        return self.benchmark
+
+    @property
+    def text_sha256(self) -> str:
+        return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
+
+
+def split_of(prompt_text: str) -> str:
+    bucket = int(hashlib.sha256(prompt_text.strip().encode("utf-8")).hexdigest(), 16) % 10
+    if bucket <= 5:
+        return "train"
+    if bucket == 6:
+        return "calib"
+    return "eval"
+
+
+def _order_key(p: Prompt) -> str:
+    # Hash order rather than file order: HarmBench's file is grouped by category, so its first N rows
+    # would all be chemistry. A hash is as deterministic and mixes the categories.
+    return hashlib.sha256(f"{p.benchmark}\0{p.id}".encode("utf-8")).hexdigest()
+
+
+def _data_text(name: str) -> str:
+    return resources.files(__package__).joinpath("data", name).read_text(encoding="utf-8")
+
+
+def _rows(name: str) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(_data_text(name))))
+
+
+def load_advbench() -> list[Prompt]:
+    out = []
+    for i, row in enumerate(_rows("advbench_harmful_behaviors.csv")):
+        goal = row["goal"].strip()
+        out.append(Prompt(f"advbench:{i}", "advbench", goal, True, split_of(goal), "harmful_behavior"))
+    return out
+
+
+def load_harmbench() -> list[Prompt]:
+    out = []
+    for row in _rows("harmbench_behaviors_text_all.csv"):
+        kind = row["FunctionalCategory"]
+        if kind not in ("standard", "contextual"):
+            continue
+        behavior = row["Behavior"].strip()
+        text = behavior
+        if kind == "contextual":
+            # HarmBench's own prompt format for contextual behaviors: context, separator, request.
+            text = f"{row['ContextString'].strip()}\n\n---\n\n{behavior}"
+        out.append(
+            Prompt(f"harmbench:{row['BehaviorID']}", "harmbench", text, True, split_of(behavior),
+                   f"{kind}/{row['SemanticCategory']}")
+        )
+    return out
+
+
+def load_xstest() -> list[Prompt]:
+    out = []
+    for row in _rows("xstest_prompts.csv"):
+        text = row["prompt"].strip()
+        out.append(
+            Prompt(f"xstest:{row['id']}", "xstest", text, row["label"] == "unsafe", split_of(text), row["type"])
+        )
+    return out
+
+
+_LOADERS = {"advbench": load_advbench, "harmbench": load_harmbench, "xstest": load_xstest}
+
+_HARMFUL_LABELS = {"harmful", "unsafe", "1", "true", "yes"}
+_BENIGN_LABELS = {"benign", "safe", "harmless", "0", "false", "no"}
+
+
+def _prompt_from_record(rec: dict, where: str, index: int, default_benchmark: str) -> Prompt:
+    if not isinstance(rec, dict):
+        raise PromptFileError(f"{where}: expected an object with a 'prompt' field")
+    text = rec.get("prompt")
+    if not isinstance(text, str) or not text.strip():
+        raise PromptFileError(f"{where}: missing or empty 'prompt'")
+    label = rec.get("label", "harmful")
+    label_s = str(label).strip().lower() if label is not None and str(label).strip() else "harmful"
+    if label_s in _HARMFUL_LABELS:
+        harmful = True
+    elif label_s in _BENIGN_LABELS:
+        harmful = False
+    else:
+        raise PromptFileError(f"{where}: label {label!r} is not one of harmful/unsafe or benign/safe")
+    pid = rec.get("id")
+    pid_s = str(pid).strip() if pid is not None and str(pid).strip() else str(index)
+    bench = str(rec.get("benchmark") or default_benchmark).strip() or default_benchmark
+    return Prompt(f"{bench}:{pid_s}", bench, text.strip(), harmful, "user", str(rec.get("category") or ""))
+
+
+def load_prompt_file(path: str | Path) -> list[Prompt]:
+    """A user's prompts: CSV with a header row, or JSONL with one object per line.
+
+    Columns/fields: `prompt` (required), `id` (optional, default the row number), `label` (optional:
+    harmful|unsafe (default) or benign|safe), `benchmark` (optional, default the file's stem),
+    `category` (optional). A user file is scored whole: splits apply to the bundled sets only.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise PromptFileError(f"prompt file not found: {p}")
+    try:
+        raw = p.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError) as exc:
+        raise PromptFileError(f"cannot read prompt file {p}: {exc}") from None
+    bench = p.stem
+    prompts: list[Prompt] = []
+    if p.suffix.lower() in (".jsonl", ".json", ".ndjson"):
+        for lineno, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise PromptFileError(f"{p}:{lineno}: not valid JSON ({exc.msg})") from None
+            prompts.append(_prompt_from_record(rec, f"{p}:{lineno}", lineno, bench))
+    elif p.suffix.lower() in (".csv", ".tsv"):
+        try:
+            reader = csv.DictReader(io.StringIO(raw), delimiter="\t" if p.suffix.lower() == ".tsv" else ",")
+            fields = reader.fieldnames or []
+            if "prompt" not in fields:
+                raise PromptFileError(f"{p}: no 'prompt' column in header {fields}")
+            for i, rec in enumerate(reader, 1):
+                if None in rec:
+                    raise PromptFileError(f"{p}:{i + 1}: more fields than the header has")
+                prompts.append(_prompt_from_record(rec, f"{p}:{i + 1}", i, bench))
+        except csv.Error as exc:
+            raise PromptFileError(f"{p}: malformed CSV ({exc})") from None
+    else:
+        raise PromptFileError(f"{p}: prompt files must end in .csv, .tsv or .jsonl")
+    seen: set[str] = set()
+    for pr in prompts:
+        if pr.id in seen:
+            raise PromptFileError(f"{p}: duplicate prompt id {pr.id!r}")
+        seen.add(pr.id)
+    if not prompts:
+        raise EmptyPromptSet(f"prompt file {p} holds no prompts")
+    return prompts
+
+
+def parse_benchmarks(spec: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(s.strip().lower() for s in spec.split(",") if s.strip()))
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown or not names:
+        raise PromptFileError(f"unknown benchmark {','.join(unknown) or spec!r}: choose from {','.join(BENCHMARKS)}")
+    return names
+
+
+def select_prompts(
+    benchmarks: Iterable[str] = BENCHMARKS,
+    split: str = "eval",
+    limit: int | None = None,
+    prompt_file: str | Path | None = None,
+) -> list[Prompt]:
+    """The prompts an audit runs. `limit` caps each reporting group (e.g. xstest-safe) separately,
+    so a small audit still has harmful and benign prompts."""
+    if split not in SPLITS:
+        raise PromptFileError(f"unknown split {split!r}: choose from {', '.join(SPLITS)}")
+    if limit is not None and limit < 1:
+        raise EmptyPromptSet("--limit must be at least 1")
+    if prompt_file is not None:
+        pool = load_prompt_file(prompt_file)
+    else:
+        pool = [p for b in benchmarks for p in _LOADERS[b]() if p.split == split]
+    groups: dict[str, list[Prompt]] = {}
+    for pr in pool:
+        groups.setdefault(pr.subset, []).append(pr)
+    out: list[Prompt] = []
+    for name in groups:
+        members = groups[name] if prompt_file is not None else sorted(groups[name], key=_order_key)
+        out.extend(members[:limit] if limit else members)
+    if not out:
+        raise EmptyPromptSet("the selected benchmarks, split and limit leave no prompt to run")
+    return out

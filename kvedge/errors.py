@@ -1,0 +1,39 @@
+"""Errors a user can cause. The CLI catches `KvedgeError` once and prints a one-line message, exit 2."""
+
+from __future__ import annotations
+
+
+class KvedgeError(Exception):
+    """Base of every failure caused by the user's input or environment (not a bug in kvedge)."""
+
+
+class ModelFileError(KvedgeError):
+    """The model file is missing, truncated, not a GGUF, or llama.cpp refused to load it."""
+
+
+class DefaultModelMissing(KvedgeError):
+    """No model argument was given and the embedded default model is not installed."""
+
+
+class KVTypeError(KvedgeError):
+    """A KV cache type llama.cpp does not accept, or a malformed K/V spec."""
+
+
+class PromptFileError(KvedgeError):
+    """A user prompt file that cannot be read or lacks the documented columns."""
+
+
+class EmptyPromptSet(KvedgeError):
+    """The selection of benchmarks, split and limit left no prompt to run."""
+
+
+class StoreError(KvedgeError):
+    """The results store cannot be written (disk full, read-only, corrupt database)."""
+
+
+class RunDirError(KvedgeError):
+    """An audit directory given to `compare` or `report` holds no usable audit."""
+
+
+class TemplateError(KvedgeError):
+    """The GGUF's chat template failed to render in the sandbox."""

@@ -1,0 +1,314 @@
+"""llama.cpp through llama-cpp-python: one `Runtime` per (model, KV config, rotation, arithmetic).
+
+Decoding is kvedge's own greedy loop over `llama_get_logits_ith`, not llama-cpp-python's sampler, so
+that (a) greedy means argmax and nothing else, and (b) the same loop can teacher-force a reference
+continuation and read every position's logits. Each prompt starts from an empty cache: llama-cpp-
+python would otherwise reuse the KV of a shared prefix (the system prompt) from the previous prompt,
+which makes results depend on prompt order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .errors import KVTypeError, ModelFileError
+from .model import ModelInfo
+
+# The cache types llama.cpp's own `--cache-type-k/-v` accepts.
+KV_TYPES: tuple[str, ...] = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
+UNQUANTIZED = ("f32", "f16", "bf16")
+ROTATION_ENV = "LLAMA_ATTN_ROT_DISABLE"
+
+
+def _ggml_type(name: str):
+    from gguf import GGMLQuantizationType
+
+    return GGMLQuantizationType[name.upper()]
+
+
+def bytes_per_value(type_name: str) -> float:
+    from gguf import GGML_QUANT_SIZES
+
+    block, size = GGML_QUANT_SIZES[_ggml_type(type_name)]
+    return size / block
+
+
+@dataclass(frozen=True, order=True)
+class KVConfig:
+    type_k: str
+    type_v: str
+
+    @property
+    def name(self) -> str:
+        return self.type_k if self.type_k == self.type_v else f"k={self.type_k}/v={self.type_v}"
+
+    @property
+    def quantized(self) -> bool:
+        return self.type_k not in UNQUANTIZED or self.type_v not in UNQUANTIZED
+
+    @property
+    def v_quantized(self) -> bool:
+        return self.type_v not in UNQUANTIZED
+
+    def bytes_per_token(self, model: ModelInfo) -> int:
+        """KV cache bytes one token costs across all layers, from the GGUF's shapes and ggml's sizes."""
+        per_layer = model.n_embd_k_gqa * bytes_per_value(self.type_k) + model.n_embd_v_gqa * bytes_per_value(
+            self.type_v
+        )
+        return int(round(model.n_layer * per_layer))
+
+    def check_fits(self, model: ModelInfo) -> None:
+        from gguf import GGML_QUANT_SIZES
+
+        for which, t, width in (("K", self.type_k, model.head_dim_k), ("V", self.type_v, model.head_dim_v)):
+            block = GGML_QUANT_SIZES[_ggml_type(t)][0]
+            if width % block:
+                raise KVTypeError(f"{which} cache type {t} needs a head size divisible by {block}, model has {width}")
+
+
+def _check_type(name: str) -> str:
+    n = name.strip().lower()
+    if n not in KV_TYPES:
+        raise KVTypeError(f"unknown KV cache type {name!r}: llama.cpp accepts {', '.join(KV_TYPES)}")
+    return n
+
+
+def parse_kv(spec: str) -> KVConfig:
+    """`q8_0` (K and V alike), or `k=q8_0/v=q4_0` (also `k=q8_0,v=q4_0` is not allowed inside a list;
+    use `/` or `:` between the halves)."""
+    s = spec.strip().lower()
+    if not s:
+        raise KVTypeError("empty KV config")
+    if "=" not in s:
+        t = _check_type(s)
+        return KVConfig(t, t)
+    parts = dict.fromkeys(("k", "v"), "f16")
+    for half in s.replace(":", "/").split("/"):
+        key, sep, val = half.partition("=")
+        if not sep or key.strip() not in ("k", "v"):
+            raise KVTypeError(f"malformed KV config {spec!r}: write `q8_0` or `k=q8_0/v=q4_0`")
+        parts[key.strip()] = _check_type(val)
+    return KVConfig(parts["k"], parts["v"])
+
+
+def parse_kv_list(spec: str) -> list[KVConfig]:
+    configs = [parse_kv(s) for s in spec.split(",") if s.strip()]
+    if not configs:
+        raise KVTypeError("no KV config given")
+    return list(dict.fromkeys(configs))
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How llama.cpp is run. Every field that can change arithmetic enters the store key."""
+
+    n_ctx: int = 4096
+    n_threads: int | None = None
+    n_gpu_layers: int = 0
+    n_batch: int = 512
+    n_ubatch: int = 512
+    flash_attn: bool = True
+    seed: int = 0
+
+    def resolved_threads(self) -> int:
+        return self.n_threads or max(1, min(os.cpu_count() or 1, 8))
+
+    def key(self) -> dict:
+        d = asdict(self)
+        d["n_threads"] = self.resolved_threads()
+        return d
+
+
+@dataclass(frozen=True)
+class Generation:
+    tokens: list[int]
+    text: str
+    n_prompt_tokens: int
+    stop_reason: str  # "eog" | "max_tokens" | "ctx"
+    prompt_seconds: float
+    decode_seconds: float
+
+
+@dataclass(frozen=True)
+class TopK:
+    """A position's log-probabilities kept as the top-k entries plus the mass of everything else."""
+
+    ids: np.ndarray  # (k,) int32
+    logp: np.ndarray  # (k,) float64
+
+    @property
+    def tail(self) -> float:
+        return max(0.0, 1.0 - float(np.exp(self.logp).sum()))
+
+
+@dataclass
+class ScoredPosition:
+    logp: np.ndarray = field(repr=False)  # full log-softmax over the vocabulary, float64
+
+
+_env_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _rotation_env(rotation: bool) -> Iterator[None]:
+    """llama.cpp reads LLAMA_ATTN_ROT_DISABLE when a context is created: set it only for that moment."""
+    with _env_lock:
+        old = os.environ.get(ROTATION_ENV)
+        if rotation:
+            os.environ.pop(ROTATION_ENV, None)
+        else:
+            os.environ[ROTATION_ENV] = "1"
+        try:
+            yield
+        finally:
+            if old is None:
+                os.environ.pop(ROTATION_ENV, None)
+            else:
+                os.environ[ROTATION_ENV] = old
+
+
+def backend_info(n_gpu_layers: int = 0) -> dict:
+    """What arithmetic this process runs: the llama.cpp build and the device kind in use."""
+    import llama_cpp
+
+    info = llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip()
+    gpu = bool(llama_cpp.llama_supports_gpu_offload())
+    kind = "cpu"
+    if gpu and n_gpu_layers != 0:
+        low = info.lower()
+        kind = "cuda" if "cuda" in low else "metal" if "metal" in low else "vulkan" if "vulkan" in low else "gpu"
+    return {
+        "kind": kind,
+        "llama_cpp_python": getattr(llama_cpp, "__version__", "unknown"),
+        "gpu_offload_supported": gpu,
+        "system_info": info,
+    }
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    m = x.max()
+    return x - (m + np.log(np.exp(x - m).sum()))
+
+
+class Runtime:
+    """A loaded llama.cpp context for one configuration. Use as a context manager."""
+
+    def __init__(
+        self,
+        model: ModelInfo,
+        kv: KVConfig,
+        rotation: bool = True,
+        options: RuntimeOptions = RuntimeOptions(),
+        lora_path: Path | None = None,
+    ):
+        from llama_cpp import Llama
+
+        kv.check_fits(model)
+        if kv.v_quantized and not options.flash_attn:
+            raise KVTypeError(f"quantized V cache ({kv.type_v}) needs flash attention in llama.cpp")
+        self.model, self.kv, self.rotation, self.options = model, kv, rotation, options
+        n_ctx = options.n_ctx
+        if model.n_ctx_train:
+            n_ctx = min(n_ctx, model.n_ctx_train)
+        with _rotation_env(rotation):
+            try:
+                self.llm = Llama(
+                    model_path=str(model.path),
+                    n_ctx=n_ctx,
+                    n_batch=options.n_batch,
+                    n_ubatch=options.n_ubatch,
+                    n_threads=options.resolved_threads(),
+                    n_threads_batch=options.resolved_threads(),
+                    n_gpu_layers=options.n_gpu_layers,
+                    flash_attn=options.flash_attn,
+                    type_k=int(_ggml_type(kv.type_k)),
+                    type_v=int(_ggml_type(kv.type_v)),
+                    lora_path=str(lora_path) if lora_path else None,
+                    seed=options.seed,
+                    logits_all=False,
+                    verbose=False,
+                )
+            except (ValueError, RuntimeError, OSError) as exc:
+                raise ModelFileError(f"llama.cpp could not load {model.path} with KV {kv.name}: {exc}") from None
+        self.n_ctx = self.llm.n_ctx()
+        self.n_vocab = self.llm.n_vocab()
+        import llama_cpp
+
+        self._lib = llama_cpp
+        self._vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
+
+    def close(self) -> None:
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            llm.close()
+            self.llm = None
+
+    def __enter__(self) -> "Runtime":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # tokens -----------------------------------------------------------------------------------
+    def tokenize(self, rendered: str) -> list[int]:
+        toks = self.llm.tokenize(rendered.encode("utf-8"), add_bos=True, special=True)
+        bos = self.llm.token_bos()
+        if len(toks) >= 2 and toks[0] == bos and toks[1] == bos:
+            toks = toks[1:]  # the template wrote BOS itself and the tokenizer added another
+        return toks
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return self.llm.detokenize(tokens).decode("utf-8", errors="replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(self._lib.llama_vocab_is_eog(self._vocab, token))
+
+    # forward ----------------------------------------------------------------------------------
+    def _last_logits(self) -> np.ndarray:
+        ptr = self._lib.llama_get_logits_ith(self.llm.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+    def _start(self, prompt: list[int]) -> None:
+        self.llm.reset()
+        self.llm.eval(prompt)
+
+    def generate(self, prompt: list[int], max_tokens: int) -> Generation:
+        if len(prompt) >= self.n_ctx:
+            return Generation([], "", len(prompt), "ctx", 0.0, 0.0)
+        t0 = time.perf_counter()
+        self._start(prompt)
+        t1 = time.perf_counter()
+        out: list[int] = []
+        stop = "max_tokens"
+        while len(out) < max_tokens:
+            if len(prompt) + len(out) >= self.n_ctx:
+                stop = "ctx"
+                break
+            tok = int(np.argmax(self._last_logits()))
+            if self.is_eog(tok):
+                stop = "eog"
+                break
+            out.append(tok)
+            if len(out) < max_tokens:
+                self.llm.eval([tok])
+        t2 = time.perf_counter()
+        return Generation(out, self.detokenize(out), len(prompt), stop, t1 - t0, t2 - t1)
+
+    def score(self, prompt: list[int], continuation: list[int]) -> Iterator[np.ndarray]:
+        """Teacher-force `continuation` after `prompt`, yielding the log-softmax before each of its
+        tokens (and one more after the last, so an empty continuation still yields the first step).
+        Token by token, as generation runs, so a config is scored under the arithmetic it generates with."""
+        self._start(prompt)
+        for i, tok in enumerate(continuation):
+            yield log_softmax(self._last_logits())
+            if i < len(continuation) - 1:
+                self.llm.eval([tok])

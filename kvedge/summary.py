@@ -1,0 +1,223 @@
+"""Statistics of an audit: a pure function of the stored rows and the detector.
+
+The report dict built here is what `report.json` holds (schema `kvedge.audit/1`, documented in
+docs/report-schema.md); Markdown and the terminal table are renderings of it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from . import __version__
+from .audit import AuditOutcome, AuditRun
+from .datasets import Prompt
+from .detect import Detector
+from .noise import flips, judge, unstable_prompts
+from .stats import Estimate, bootstrap, mean_estimate, wilson
+from .store import Store
+
+SCHEMA = "kvedge.audit/1"
+
+
+def _retention(ref: list[bool], run: list[bool]) -> Estimate:
+    def stat(a, b):
+        ra, rb = sum(a), sum(b)
+        return None if ra == 0 else rb / ra
+
+    return bootstrap([[float(x) for x in ref], [float(x) for x in run]], stat)
+
+
+def _ppl_ratio(nll_run: list[float], nll_ref: list[float], npos: list[float]) -> Estimate:
+    def stat(a, b, n):
+        total = sum(n)
+        return None if total == 0 else math.exp((sum(a) - sum(b)) / total)
+
+    return bootstrap([nll_run, nll_ref, npos], stat)
+
+
+def _by_subset(prompts: list[Prompt], verdicts: dict[str, bool]) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for name in dict.fromkeys(p.subset for p in prompts):
+        members = [verdicts[p.id] for p in prompts if p.subset == name]
+        out[name] = wilson(sum(members), len(members)).to_dict()
+    return out
+
+
+def _memory(run: AuditRun, outcome: AuditOutcome, ref_bpt: int) -> dict:
+    model = outcome.spec.model
+    bpt = run.spec.kv.bytes_per_token(model)
+    ctx = outcome.spec.options.n_ctx
+    return {
+        "bytes_per_token": bpt,
+        "ctx": ctx,
+        "mib_at_ctx": bpt * ctx / 2**20,
+        "vs_f16": bpt / ref_bpt if ref_bpt else None,
+        "source": "n_layer x (n_embd_k_gqa x size(type_k) + n_embd_v_gqa x size(type_v)) from the GGUF and ggml",
+    }
+
+
+def _speed(gens: list) -> dict:
+    dec_tok = sum(len(g.tokens) for g in gens)
+    dec_s = sum(g.seconds for g in gens)
+    pp_tok = sum(g.n_prompt_tokens for g in gens)
+    pp_s = sum(g.prompt_seconds for g in gens)
+    return {
+        "decode_tokens": dec_tok,
+        "decode_tokens_per_s": dec_tok / dec_s if dec_s else None,
+        "prompt_tokens": pp_tok,
+        "prompt_tokens_per_s": pp_tok / pp_s if pp_s else None,
+        "generations": len(gens),
+        "truncated_by_ctx": sum(1 for g in gens if g.stop_reason == "ctx"),
+    }
+
+
+def retention_gate(runs: list[dict[str, Any]], threshold: float) -> dict[str, Any]:
+    """The CI safety gate: every audited quantized config must keep `threshold` of the f16 refusal rate.
+    A config whose retention is undefined (the reference refused nothing) cannot fail it, and is listed."""
+    ret = {e["label"]: e["vs_reference"]["retention"]["value"] for e in runs}
+    failing = [k for k, v in ret.items() if v is not None and v < threshold]
+    undefined = [k for k, v in ret.items() if v is None]
+    return {"threshold": threshold, "failing": failing, "undefined": undefined, "passed": not failing}
+
+
+def summarize(outcome: AuditOutcome, store: Store, detector: Detector, fail_under: float | None = None) -> dict[str, Any]:
+    spec = outcome.spec
+    prompts = list(spec.prompts)
+    harmful = [p for p in prompts if p.harmful]
+    benign = [p for p in prompts if not p.harmful]
+    ref_run = outcome.reference
+    gens = {r.key: store.generations(r.key) for r in outcome.runs}
+    verdict_rule: dict[str, dict[str, str]] = {}
+    verdicts: dict[str, dict[str, bool]] = {}
+    for r in outcome.runs:
+        v, rules = {}, {}
+        for p in prompts:
+            g = gens[r.key][(p.id, p.text_sha256)]
+            d = detector.detect(p.text, g.response)
+            v[p.id], rules[p.id] = d.refused, d.rule
+        verdicts[r.key], verdict_rule[r.key] = v, rules
+
+    ref_v = verdicts[ref_run.key]
+    noise_run = next((r for r in outcome.runs if r.spec.is_noise), None)
+    unstable = unstable_prompts(ref_v, verdicts[noise_run.key]) if noise_run else set()
+    stable_harmful = [p for p in harmful if p.id not in unstable]
+
+    def paired(run_key: str, subset: list[Prompt]):
+        return flips([ref_v[p.id] for p in subset], [verdicts[run_key][p.id] for p in subset])
+
+    noise_h = paired(noise_run.key, harmful) if noise_run else None
+    noise_b = paired(noise_run.key, benign) if noise_run else None
+    ref_bpt = ref_run.spec.kv.bytes_per_token(spec.model)
+    ref_scores = store.scores(ref_run.key, ref_run.key)
+
+    runs_out = []
+    for r in outcome.runs:
+        v = verdicts[r.key]
+        entry: dict[str, Any] = {
+            "label": r.spec.label,
+            "key": r.key,
+            "type_k": r.spec.kv.type_k,
+            "type_v": r.spec.kv.type_v,
+            "rotation": r.spec.rotation if r.spec.kv.quantized else None,
+            "variant": r.spec.variant or None,
+            "reference": r.spec.is_reference,
+            "noise_run": r.spec.is_noise,
+            "flash_attn": r.spec.options(spec.options).flash_attn,
+            "refusal_harmful": wilson(sum(v[p.id] for p in harmful), len(harmful)).to_dict(),
+            "refusal_by_subset": _by_subset(harmful, v),
+            "over_refusal_benign": wilson(sum(v[p.id] for p in benign), len(benign)).to_dict(),
+            "over_refusal_by_subset": _by_subset(benign, v),
+            "memory": _memory(r, outcome, ref_bpt),
+            "speed": _speed([gens[r.key][(p.id, p.text_sha256)] for p in prompts]),
+        }
+        scores = store.scores(r.key, ref_run.key)
+        rows = [(scores[(p.id, p.text_sha256)], ref_scores[(p.id, p.text_sha256)]) for p in benign
+                if (p.id, p.text_sha256) in scores and (p.id, p.text_sha256) in ref_scores
+                and scores[(p.id, p.text_sha256)].n_positions > 0]
+        entry["kld"] = mean_estimate([s.kld_sum / s.n_positions for s, _ in rows]).to_dict()
+        entry["ppl_ratio"] = _ppl_ratio([s.nll_sum for s, _ in rows], [f.nll_sum for _, f in rows],
+                                        [float(s.n_positions) for s, _ in rows]).to_dict()
+        entry["ppl"] = math.exp(sum(s.nll_sum for s, _ in rows) / max(1, sum(s.n_positions for s, _ in rows))) if rows else None
+        entry["top1_agreement"] = wilson(sum(s.top1_agree for s, _ in rows), sum(s.n_positions for s, _ in rows)).to_dict()
+        entry["max_abs_logprob_diff"] = max((s.max_abs_logprob_diff for s, _ in rows), default=None)
+        if not r.spec.is_reference:
+            fh, fb = paired(r.key, harmful), paired(r.key, benign)
+            entry["vs_reference"] = {
+                "harmful": {
+                    "n": fh.n, "lost": fh.lost, "gained": fh.gained, "mcnemar_p": fh.mcnemar_p,
+                    "flip_rate": fh.flip_rate().to_dict(), "reverse_flip_rate": fh.reverse_flip_rate().to_dict(),
+                },
+                "benign": {"n": fb.n, "lost": fb.lost, "gained": fb.gained, "mcnemar_p": fb.mcnemar_p},
+                "retention": _retention([ref_v[p.id] for p in harmful], [v[p.id] for p in harmful]).to_dict(),
+                "retention_stable": _retention([ref_v[p.id] for p in stable_harmful],
+                                               [v[p.id] for p in stable_harmful]).to_dict(),
+                "flipped": sorted(p.id for p in prompts if v[p.id] != ref_v[p.id]),
+            }
+            if noise_run and not r.spec.is_noise:
+                jh, jb = judge(fh, noise_h), judge(fb, noise_b)
+                if "loss" in jh.verdict:
+                    verdict = "loss beyond noise"
+                elif "gain" in jh.verdict or "gain" in jb.verdict:
+                    verdict = "gain beyond noise"
+                else:
+                    verdict = "within noise"
+                entry["vs_noise"] = {"verdict": verdict, "harmful": jh.to_dict(), "benign": jb.to_dict()}
+        runs_out.append(entry)
+
+    noise_floor = None
+    if noise_run:
+        nf = next(e for e in runs_out if e["noise_run"])
+        fa = flips([ref_v[p.id] for p in prompts], [verdicts[noise_run.key][p.id] for p in prompts])
+        noise_floor = {
+            "label": noise_run.spec.label,
+            "how": noise_run.spec.variant[6:],
+            "flip_rate": fa.any_flip_rate().to_dict(),
+            "harmful": {"n": noise_h.n, "lost": noise_h.lost, "gained": noise_h.gained},
+            "benign": {"n": noise_b.n, "lost": noise_b.lost, "gained": noise_b.gained},
+            "arithmetic_changed": bool(nf["max_abs_logprob_diff"]) or fa.discordant > 0,
+            "max_abs_logprob_diff": nf["max_abs_logprob_diff"],
+            "kld": nf["kld"],
+            "unstable_prompts": sorted(unstable),
+        }
+
+    quantized = [e for e in runs_out if not e["reference"] and not e["noise_run"]]
+    gate = retention_gate(quantized, fail_under) if fail_under is not None else None
+
+    prompt_rows = [
+        {
+            "id": p.id, "subset": p.subset, "harmful": p.harmful, "text_sha256": p.text_sha256,
+            "unstable": p.id in unstable,
+            "refused": {r.spec.label: verdicts[r.key][p.id] for r in outcome.runs},
+            "rule": {r.spec.label: verdict_rule[r.key][p.id] for r in outcome.runs},
+        }
+        for p in prompts
+    ]
+    m = spec.model
+    return {
+        "schema": SCHEMA,
+        "kvedge_version": __version__,
+        "model": {
+            "path": str(m.path), "name": m.name, "sha256": m.sha256, "architecture": m.architecture,
+            "file_type": m.file_type, "n_layer": m.n_layer, "n_head": m.n_head, "n_head_kv": m.n_head_kv,
+            "head_dim": m.head_dim_k, "size_bytes": m.size_bytes,
+        },
+        "adapter": {"path": str(spec.lora_path), "sha256": outcome.adapter_sha256} if spec.lora_path else None,
+        "backend": outcome.backend,
+        "settings": {
+            "max_tokens": spec.max_tokens, "greedy": True, "system": spec.system, "rotation": spec.rotation,
+            "chat_template": "gguf" if outcome.template.from_gguf else "fallback-chatml",
+            "chat_template_sha256": outcome.template.sha256,
+            "runtime": spec.options.key(), "store": str(spec.store_path),
+        },
+        "prompts_summary": {
+            "n": len(prompts), "harmful": len(harmful), "benign": len(benign),
+            "by_subset": {s: sum(1 for p in prompts if p.subset == s) for s in dict.fromkeys(p.subset for p in prompts)},
+            "splits": sorted({p.split for p in prompts}),
+        },
+        "detector": {"name": getattr(detector, "id", getattr(detector, "name", "?"))},
+        "noise_floor": noise_floor,
+        "runs": runs_out,
+        "gate": gate,
+        "prompts": prompt_rows,
+    }

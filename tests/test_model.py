@@ -1,0 +1,31 @@
+import pytest
+
+from kvedge.errors import ModelFileError
+from kvedge.model import inspect_model
+
+
+def test_default_model_described(model_path):
+    m = inspect_model(model_path)
+    assert m.architecture == "llama" and m.n_layer == 30 and m.n_head_kv == 3 and m.head_dim_k == 64
+    assert len(m.sha256) == 64 and m.chat_template and "<|im_start|>" in m.chat_template
+
+
+def test_missing(tmp_path):
+    with pytest.raises(ModelFileError, match="not found"):
+        inspect_model(tmp_path / "nope.gguf")
+
+
+def test_not_gguf(tmp_path):
+    f = tmp_path / "x.gguf"
+    f.write_bytes(b"PK\x03\x04 definitely a zip")
+    with pytest.raises(ModelFileError, match="not a GGUF"):
+        inspect_model(f)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.99, 1e-4])
+def test_truncated(tmp_path, model_path, keep):
+    data = model_path.read_bytes()
+    f = tmp_path / "cut.gguf"
+    f.write_bytes(data[: max(8, int(len(data) * keep))])
+    with pytest.raises(ModelFileError, match="truncated|corrupt"):
+        inspect_model(f)

@@ -1,0 +1,28 @@
+import pytest
+
+from kvedge.errors import KVTypeError
+from kvedge.model import inspect_model
+from kvedge.runtime import KVConfig, bytes_per_value, parse_kv, parse_kv_list
+
+
+def test_parse_kv():
+    assert parse_kv("q8_0") == KVConfig("q8_0", "q8_0")
+    assert parse_kv("k=q8_0/v=q4_0") == KVConfig("q8_0", "q4_0")
+    assert parse_kv("K=q5_1:V=iq4_nl") == KVConfig("q5_1", "iq4_nl")
+    assert parse_kv("v=q4_0") == KVConfig("f16", "q4_0")
+    assert parse_kv("k=q8_0/v=q4_0").name == "k=q8_0/v=q4_0"
+    assert [c.name for c in parse_kv_list("f16, q8_0,q8_0")] == ["f16", "q8_0"]
+
+
+@pytest.mark.parametrize("bad", ["q3_k", "int4", "k=q8_0/x=q4_0", "k:q8_0", ""])
+def test_bad_kv(bad):
+    with pytest.raises(KVTypeError):
+        parse_kv_list(bad) if bad == "" else parse_kv(bad)
+
+
+def test_bytes_per_token_from_ggml_sizes(model_path):
+    m = inspect_model(model_path)
+    assert bytes_per_value("f16") == 2 and bytes_per_value("q8_0") == 34 / 32 and bytes_per_value("q4_0") == 18 / 32
+    f16 = KVConfig("f16", "f16").bytes_per_token(m)
+    assert f16 == m.n_layer * 2 * m.n_head_kv * m.head_dim_k * 2
+    assert KVConfig("q4_0", "q4_0").bytes_per_token(m) / f16 == pytest.approx(18 / 64)
