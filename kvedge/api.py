@@ -82,5 +82,9 @@ def audit(
     det = detector or default_detector()
     with Store(spec.store_path) as store:
         report = summarize(outcome, store, det, fail_under)
+        noise_run = next((r for r in outcome.runs if r.spec.is_noise), None)
+        if noise_run:
+            store.put_stability(outcome.reference.key, noise_run.key, report["detector"]["name"],
+                                [(p["id"], p["text_sha256"], not p["unstable"]) for p in report["prompts"]])
     jp, mp = write_reports(report, spec.out_dir)
     return AuditResult(report, jp, mp, spec.store_path, outcome.generated)

@@ -55,6 +55,15 @@ CREATE TABLE IF NOT EXISTS scores (
     created REAL NOT NULL,
     PRIMARY KEY (run_key, ref_key, prompt_id, prompt_sha)
 );
+CREATE TABLE IF NOT EXISTS stability (
+    ref_key TEXT NOT NULL,
+    noise_key TEXT NOT NULL,
+    detector TEXT NOT NULL,
+    prompt_id TEXT NOT NULL,
+    prompt_sha TEXT NOT NULL,
+    stable INTEGER NOT NULL,
+    PRIMARY KEY (ref_key, noise_key, detector, prompt_id, prompt_sha)
+);
 """
 
 
@@ -188,3 +197,19 @@ class Store:
             (run_key_, ref_key),
         )
         return {(r[2], r[3]): ScoreRow(*r) for r in cur}
+
+    # stability ----------------------------------------------------------------------------------
+    def put_stability(self, ref_key: str, noise_key: str, detector: str, rows: list[tuple[str, str, bool]]) -> None:
+        """Mark each (prompt id, text hash) stable or not: unstable prompts flipped under pure noise."""
+        with self._write() as c:
+            c.executemany(
+                "INSERT OR REPLACE INTO stability VALUES (?, ?, ?, ?, ?, ?)",
+                [(ref_key, noise_key, detector, pid, sha, int(stable)) for pid, sha, stable in rows],
+            )
+
+    def stability(self, ref_key: str, noise_key: str, detector: str) -> dict[tuple[str, str], bool]:
+        cur = self._conn.execute(
+            "SELECT prompt_id, prompt_sha, stable FROM stability WHERE ref_key = ? AND noise_key = ? AND detector = ?",
+            (ref_key, noise_key, detector),
+        )
+        return {(r[0], r[1]): bool(r[2]) for r in cur}

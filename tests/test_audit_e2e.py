@@ -51,6 +51,9 @@ def test_report_structure_and_invariants(small_audit):
     nf = rep["noise_floor"]
     assert nf["arithmetic_changed"] and nf["max_abs_logprob_diff"] > 0 and nf["kld"]["value"] > 0
     _rate_ok(nf["flip_rate"])
+    with sqlite3.connect(small_audit["out"] / "kvedge.sqlite") as c:
+        marks = dict(c.execute("SELECT prompt_id, stable FROM stability").fetchall())
+    assert sorted(k for k, v in marks.items() if not v) == nf["unstable_prompts"] and len(marks) == 8
     md = (small_audit["out"] / "report.md").read_text()
     assert "## Noise floor" in md and "| q4_0 rot=off |" in md
     assert "refusal (harmful)" in small_audit["proc"].stdout

@@ -42,3 +42,10 @@ def test_corrupt_store_is_reported(tmp_path):
     path.write_bytes(b"this is not a database" * 100)
     with pytest.raises(StoreError):
         Store(path)
+
+
+def test_stability_marks(tmp_path):
+    with Store(tmp_path / "s.sqlite") as s:
+        s.put_stability("r", "n", "keyword-v1", [("a", "x", True), ("b", "y", False)])
+        assert s.stability("r", "n", "keyword-v1") == {("a", "x"): True, ("b", "y"): False}
+        assert s.stability("r", "n", "other") == {}
