@@ -30,9 +30,10 @@ F16 = KVConfig("f16", "f16")
 TOPK = 512  # reference positions keep their top-512 log-probs plus a tail bucket (see kld_topk)
 
 # How the noise run perturbs arithmetic without touching precision. Measured on the CPU build
-# (llama-cpp-python 0.3.36, SmolLM2-135M): thread count, n_batch and n_ubatch leave the logits
-# bit-identical, so they cannot serve; switching flash attention off changes the order and rounding of
-# the attention sums (max |d logit| ~0.6) while the cache stays f16. Each audit re-measures this.
+# (llama-cpp-python 0.3.36, SmolLM2-135M; bench/arithmetic_noise.py): thread count leaves the logits
+# bit-identical and batch size changes them only for some sizes, so neither can serve; switching flash
+# attention off changes the order and rounding of every prompt's attention sums (max |d logprob| ~1)
+# while the cache stays f16. Each audit re-measures the change and reports it.
 NOISE_VARIANTS: dict[str, Callable[[RuntimeOptions], RuntimeOptions]] = {
     "flash-attn-off": lambda o: dataclasses.replace(o, flash_attn=False),
 }
