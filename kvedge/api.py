@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .audit import NOISE_VARIANTS, AuditSpec, load_model, run_audit
+from .canary import canary_adapter_path
 from .datasets import parse_benchmarks, select_prompts
 from .detect import Detector, default_detector
 from .errors import KvedgeError, ModelFileError
@@ -40,7 +41,7 @@ def audit(
     model: str | Path | None = None,
     lora: str | Path | None = None,
     kv: str = "f16,q8_0,q4_0",
-    rotation: str = "on",
+    rotation: str = "both",
     benchmarks: str = "advbench,harmbench,xstest",
     split: str = "eval",
     prompts: str | Path | None = None,
@@ -55,13 +56,18 @@ def audit(
     fail_under: float | None = None,
     progress: bool = True,
     detector: Detector | None = None,
+    canary: bool = True,
 ) -> AuditResult:
+    """With no `model`, audits the embedded default model with the canary adapter (a base that refuses
+    nothing has no refusals to lose); `canary=False` audits the bare default model."""
     configs = parse_kv_list(kv)  # cheap checks first: bad flags fail before the model is hashed
     if noise is not None and noise not in NOISE_VARIANTS:
         raise KvedgeError(f"unknown --noise {noise!r}: choose from {', '.join(NOISE_VARIANTS)} or none")
     names = parse_benchmarks(benchmarks)
     selected = select_prompts(names, split, limit, prompts)
     info = load_model(model)
+    if lora is None and model is None and canary:
+        lora = canary_adapter_path()
     adapter = check_adapter(lora) if lora else None
     for c in configs:
         c.check_fits(info)

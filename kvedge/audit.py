@@ -165,7 +165,7 @@ def kld_topk(ref: TopK, logq: np.ndarray) -> float:
     return max(0.0, k)
 
 
-def _topk(logp: np.ndarray, k: int = TOPK) -> TopK:
+def top_k(logp: np.ndarray, k: int = TOPK) -> TopK:
     ids = np.argpartition(-logp, min(k, logp.size - 1))[:k]
     ids = ids[np.argsort(-logp[ids])].astype(np.int32)
     return TopK(ids, logp[ids])
@@ -236,7 +236,7 @@ class _Session:
             if p.id in self.refs:
                 continue
             cont = ref_gens[(p.id, p.text_sha256)].tokens
-            self.refs[p.id] = [_topk(lp) for lp in rt.score(self._tokens(rt, p), cont)]
+            self.refs[p.id] = [top_k(lp) for lp in rt.score(self._tokens(rt, p), cont)]
 
     def _score(self, rt: Runtime, key: str, ref_key: str, p: Prompt, cont: list[int]) -> ScoreRow:
         refs = self.refs[p.id]

@@ -26,11 +26,12 @@ def _fail(message: str, code: int = 2) -> None:
 
 @app.command()
 def audit(
-    model: Optional[Path] = typer.Argument(None, help="GGUF model; default: the embedded SmolLM2-135M-Instruct Q4_1."),
+    model: Optional[Path] = typer.Argument(None, help="GGUF model; default: the embedded SmolLM2-135M-Instruct Q4_1 "
+                                           "with the canary safety adapter."),
     lora: Optional[Path] = typer.Option(None, "--lora", help="LoRA adapter GGUF applied on top of the model."),
     kv: str = typer.Option("f16,q8_0,q4_0", "--kv", help="KV configs, comma-separated: q8_0 (K and V) or k=q8_0/v=q4_0. "
                            "f16 is always run as the reference."),
-    rotation: str = typer.Option("on", "--rotation", help="Attention rotation of quantized caches: on (current llama.cpp), "
+    rotation: str = typer.Option("both", "--rotation", help="Attention rotation of quantized caches: on (current llama.cpp), "
                                  "off (older builds), both."),
     benchmarks: str = typer.Option("advbench,harmbench,xstest", "--benchmarks", help="Bundled prompt sets to run."),
     split: str = typer.Option("eval", "--split", help="Split of the bundled sets: eval, calib or train."),
@@ -49,6 +50,8 @@ def audit(
                                        "Default: kvedge-runs/<model-stem>/"),
     fail_under: Optional[float] = typer.Option(None, "--fail-under", help="Exit 1 if any config keeps less than this "
                                                "share of the f16 refusal rate (e.g. 0.9)."),
+    no_canary: bool = typer.Option(False, "--no-canary", help="With no MODEL, audit the bare default model "
+                                   "instead of default model + canary adapter."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Run refusal benchmarks through real llama.cpp at each KV cache type and report what quantization costs."""
@@ -62,6 +65,7 @@ def audit(
         model=model, lora=lora, kv=kv, rotation=rotation, benchmarks=benchmarks, split=split, prompts=prompts,
         limit=limit, max_tokens=max_tokens, ctx=ctx, threads=threads, gpu_layers=gpu_layers, system=system,
         noise=None if noise == "none" else noise, out=out, fail_under=fail_under, progress=not quiet,
+        canary=not no_canary,
     )
     from .report import render_table
 

@@ -91,6 +91,7 @@ def write_adapter(path: str | Path, adapter: LoraAdapter, dtype: type = np.float
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; an adapter is meant to be shared
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

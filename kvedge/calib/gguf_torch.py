@@ -1,0 +1,320 @@
+"""A plain torch float32 forward over a GGUF's own tensors, for the PCR calibration pass.
+
+Weights are read with gguf-py and dequantized to float32 once (`TorchModel.from_gguf`); the forward
+follows llama.cpp's graph for the supported architectures closely enough that its next-token
+distributions match llama.cpp's at f16 KV (measured in tests/test_calib_forward.py and reported in
+docs/pcr.md). The hook `kv_transform(layer, kind, x)` sees each layer's K (post-RoPE) and V exactly
+as the cache stores them, one row of `n_head_kv * head_dim` values per token in the GGUF's channel
+order, and returns what attention reads back (e.g. `kvquant.CacheSim`).
+
+Architectures: `llama` (verified against llama.cpp); `qwen2` (Q/K/V biases, NEOX RoPE) and `qwen3`
+(per-head Q/K RMSNorm, NEOX RoPE) share the same code path, selected by the tensors present, and
+are marked unverified until a test model is measured. Anything else raises UnsupportedArchitecture.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..errors import ModelFileError
+from ..lora import LoraAdapter
+from ..model import read_metadata
+from .errors import UnsupportedArchitecture
+from .kvquant import CacheSim, Scheme
+
+KVTransform = Callable[[int, str, Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    name: str
+    rope_neox: bool  # RoPE pairs (i, i + n_rot/2) instead of adjacent channels (2i, 2i+1)
+    verified: bool  # fidelity to llama.cpp measured by kvedge's tests on a real model
+
+
+ARCHS: dict[str, ArchSpec] = {
+    # llama's converter permutes Q/K rows so that llama.cpp's "normal" RoPE pairs adjacent channels
+    "llama": ArchSpec("llama", rope_neox=False, verified=True),
+    "qwen2": ArchSpec("qwen2", rope_neox=True, verified=False),
+    "qwen3": ArchSpec("qwen3", rope_neox=True, verified=False),
+}
+
+
+@dataclass(frozen=True)
+class Hparams:
+    arch: ArchSpec
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    head_dim_k: int
+    head_dim_v: int
+    n_rot: int
+    rope_base: float
+    rope_freq_scale: float
+    norm_eps: float
+    n_vocab: int
+
+
+@dataclass
+class Linear:
+    # Activations stay float32. ggml's CPU backend rounds a matmul's input to the weight's
+    # vec_dot_type (q8_1 for Q4_1 weights); emulating that was measured not to bring the forward
+    # closer to llama.cpp and made it discontinuous (docs/pcr.md), so it is not modelled.
+    weight: Tensor  # [out, in] float32
+    bias: Tensor | None = None
+
+    def __call__(self, x: Tensor) -> Tensor:
+        y = x @ self.weight.T
+        return y + self.bias if self.bias is not None else y
+
+
+@dataclass
+class LoraLinear(Linear):
+    """A base Linear plus a low-rank update, as llama.cpp applies an adapter: y = W x + (alpha/r) B (A x).
+    Kept unmerged so A and B can be trained (models/canary) or read back."""
+
+    a: Tensor | None = None  # [rank, in]
+    b: Tensor | None = None  # [out, rank]
+    scale: float = 1.0
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return super().__call__(x) + self.scale * ((x @ self.a.T) @ self.b.T)
+
+
+@dataclass
+class Layer:
+    attn_norm: Tensor
+    q: Linear
+    k: Linear
+    v: Linear
+    o: Linear
+    ffn_norm: Tensor
+    gate: Linear
+    up: Linear
+    down: Linear
+    q_norm: Tensor | None = None
+    k_norm: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Output:
+    logits: Tensor  # [tokens, n_vocab]
+    hidden_per_layer: Tensor  # [n_layer, tokens, n_embd]: the residual stream after each layer
+
+
+# --- loading -----------------------------------------------------------------------------------------
+def _hparams(md: dict[str, Any], n_vocab: int) -> Hparams:
+    arch_name = md.get("general.architecture")
+    arch = ARCHS.get(str(arch_name))
+    if arch is None:
+        raise UnsupportedArchitecture(
+            f"no torch forward for architecture {arch_name!r}: kvedge's PCR supports {', '.join(ARCHS)}"
+        )
+
+    def get(key: str, default: Any = None) -> Any:
+        v = md.get(f"{arch.name}.{key}", default)
+        if isinstance(v, list):
+            raise UnsupportedArchitecture(f"{arch.name}.{key} varies per layer: not supported by the torch forward")
+        if v is None:
+            raise UnsupportedArchitecture(f"GGUF lacks {arch.name}.{key}")
+        return v
+
+    scaling = str(md.get(f"{arch.name}.rope.scaling.type", "none"))
+    if scaling not in ("none", "linear"):
+        raise UnsupportedArchitecture(f"RoPE scaling {scaling!r} is not supported by the torch forward")
+    factor = float(md.get(f"{arch.name}.rope.scaling.factor", 0.0) or 0.0)
+    n_embd, n_head = int(get("embedding_length")), int(get("attention.head_count"))
+    head_dim_k = int(get("attention.key_length", n_embd // n_head))
+    return Hparams(
+        arch=arch,
+        n_layer=int(get("block_count")),
+        n_embd=n_embd,
+        n_head=n_head,
+        n_head_kv=int(get("attention.head_count_kv", n_head)),
+        head_dim_k=head_dim_k,
+        head_dim_v=int(get("attention.value_length", head_dim_k)),
+        n_rot=int(get("rope.dimension_count", head_dim_k)),
+        rope_base=float(get("rope.freq_base", 10000.0)),
+        rope_freq_scale=1.0 / factor if scaling == "linear" and factor > 0 else 1.0,
+        norm_eps=float(get("attention.layer_norm_rms_epsilon")),
+        n_vocab=n_vocab,
+    )
+
+
+def _read_tensors(path: Path) -> dict[str, Tensor]:
+    """Every tensor of the file dequantized to float32, shaped as numpy sees ggml's layout
+    ([rows, ne0]: a weight matrix is [out, in])."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    out: dict[str, Tensor] = {}
+    for t in GGUFReader(path, "r").tensors:
+        try:
+            arr = dequantize(np.asarray(t.data), t.tensor_type)
+        except NotImplementedError:
+            raise UnsupportedArchitecture(f"gguf-py cannot dequantize {t.name} ({t.tensor_type.name})") from None
+        shape = tuple(int(n) for n in reversed([int(x) for x in t.shape]))
+        # a copy: the reader's arrays are read-only memory maps
+        out[t.name] = torch.from_numpy(np.array(arr, dtype=np.float32).reshape(shape))
+    return out
+
+
+def _merge_adapter(w: dict[str, Tensor], adapter: LoraAdapter, arch: str) -> None:
+    if adapter.architecture != arch:
+        raise ModelFileError(f"adapter is for {adapter.architecture}, the model is {arch}")
+    for name, pair in adapter.pairs.items():
+        base = w.get(name)
+        delta = torch.from_numpy(pair.delta(adapter.alpha))
+        if base is None or tuple(base.shape) != tuple(delta.shape):
+            raise ModelFileError(f"adapter tensor {name} does not match the model")
+        w[name] = base + delta
+
+
+def _linear_from(w: dict[str, Tensor], name: str) -> Linear:
+    if name + ".weight" not in w:
+        raise UnsupportedArchitecture(f"GGUF lacks {name}.weight: not a layout the torch forward knows")
+    return Linear(w[name + ".weight"], w.get(name + ".bias"))
+
+
+def _layer(w: dict[str, Tensor], i: int) -> Layer:
+    def lin(name: str) -> Linear:
+        return _linear_from(w, f"blk.{i}.{name}")
+
+    def norm(name: str) -> Tensor:
+        key = f"blk.{i}.{name}.weight"
+        if key not in w:
+            raise UnsupportedArchitecture(f"GGUF lacks {key}: not a layout the torch forward knows")
+        return w[key]
+
+    return Layer(
+        attn_norm=norm("attn_norm"), q=lin("attn_q"), k=lin("attn_k"), v=lin("attn_v"), o=lin("attn_output"),
+        ffn_norm=norm("ffn_norm"), gate=lin("ffn_gate"), up=lin("ffn_up"), down=lin("ffn_down"),
+        q_norm=w.get(f"blk.{i}.attn_q_norm.weight"), k_norm=w.get(f"blk.{i}.attn_k_norm.weight"),
+    )
+
+
+# --- pieces of the graph -----------------------------------------------------------------------------
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps) * weight
+
+
+def rope_angles(n_tokens: int, hp: Hparams, freq_factors: Tensor | None) -> tuple[Tensor, Tensor]:
+    """cos/sin [tokens, n_rot/2] as ggml_rope_cache_init builds them: theta starts at the position
+    and is multiplied by powf(base, -2/n_rot) once per pair, in float32."""
+    scale = torch.tensor(math.pow(hp.rope_base, -2.0 / hp.n_rot), dtype=torch.float32)
+    theta = torch.arange(n_tokens, dtype=torch.float32)
+    cols = []
+    for i in range(hp.n_rot // 2):
+        t = theta / freq_factors[i] if freq_factors is not None else theta
+        cols.append(t * hp.rope_freq_scale)
+        theta = theta * scale
+    ang = torch.stack(cols, dim=-1)
+    return torch.cos(ang), torch.sin(ang)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, n_rot: int, neox: bool) -> Tensor:
+    """x: [tokens, heads, head_dim]. Normal mode rotates (2i, 2i+1); NEOX rotates (i, i + n_rot/2);
+    channels past n_rot pass through."""
+    rot, rest = x[..., :n_rot], x[..., n_rot:]
+    c, s = cos[:, None, :], sin[:, None, :]
+    if neox:
+        x0, x1 = rot[..., : n_rot // 2], rot[..., n_rot // 2 :]
+        out = torch.cat([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1)
+    else:
+        x0, x1 = rot[..., 0::2], rot[..., 1::2]
+        out = torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1).flatten(-2)
+    return torch.cat([out, rest], dim=-1)
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, n_head_kv: int) -> Tensor:
+    """q [T, n_head, d_k], k [T, n_kv, d_k], v [T, n_kv, d_v] -> [T, n_head * d_v]. Query head h reads
+    KV head h // (n_head / n_kv), as ggml broadcasts."""
+    n_tokens, n_head, d_k = q.shape
+    group = n_head // n_head_kv
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q, k) * (1.0 / math.sqrt(d_k))
+    mask = torch.ones(n_tokens, n_tokens, dtype=torch.bool).triu(1)
+    probs = torch.softmax(scores.masked_fill(mask, float("-inf")), dim=-1)
+    return torch.einsum("hqk,khd->qhd", probs, v).reshape(n_tokens, -1)
+
+
+# --- the model ---------------------------------------------------------------------------------------
+class TorchModel:
+    """A GGUF's weights in float32 and a forward over them. Load once with `from_gguf`."""
+
+    def __init__(self, hp: Hparams, tok_embd: Tensor, layers: list[Layer], out_norm: Tensor, output: Linear,
+                 freq_factors: Tensor | None = None, path: Path | None = None):
+        self.hp, self.tok_embd, self.layers = hp, tok_embd, layers
+        self.out_norm, self.output, self.freq_factors, self.path = out_norm, output, freq_factors, path
+
+    @classmethod
+    def from_gguf(cls, path: str | Path, adapter: LoraAdapter | None = None) -> "TorchModel":
+        """Load and dequantize once; with `adapter`, its updates are merged into the weights in float32
+        (llama.cpp adds them to the dequantized weight in the matmul, which is the same function)."""
+        p = Path(path)
+        md, _ = read_metadata(p)  # validates the file (ModelFileError on damage)
+        w = _read_tensors(p)
+        if adapter is not None:
+            _merge_adapter(w, adapter, str(md.get("general.architecture")))
+        if "token_embd.weight" not in w or "output_norm.weight" not in w:
+            raise UnsupportedArchitecture(f"GGUF lacks token_embd.weight or output_norm.weight: {p}")
+        hp = _hparams(md, n_vocab=w["token_embd.weight"].shape[0])
+        layers = [_layer(w, i) for i in range(hp.n_layer)]
+        # tied embeddings when the file has no output matrix (llama.cpp does the same)
+        output = _linear_from(w, "output" if "output.weight" in w else "token_embd")
+        return cls(hp, w["token_embd.weight"], layers, w["output_norm.weight"], output, w.get("rope_freqs.weight"), p)
+
+    @property
+    def verified(self) -> bool:
+        return self.hp.arch.verified
+
+    def cache_sim(self, k: Scheme | None, v: Scheme | None, layers: set[int] | None = None) -> CacheSim:
+        """A kv_transform storing K/V under the given schemes (None: exact), on `layers` or all."""
+        return CacheSim(k, v, self.hp.head_dim_k, self.hp.head_dim_v,
+                        frozenset(layers) if layers is not None else None)
+
+    def _attention(self, i: int, x: Tensor, cos: Tensor, sin: Tensor, kv_transform: KVTransform | None) -> Tensor:
+        hp, ly = self.hp, self.layers[i]
+        n = x.shape[0]
+        q = ly.q(x).view(n, hp.n_head, hp.head_dim_k)
+        k = ly.k(x).view(n, hp.n_head_kv, hp.head_dim_k)
+        v = ly.v(x)
+        if ly.q_norm is not None:
+            q = rms_norm(q, ly.q_norm, hp.norm_eps)
+        if ly.k_norm is not None:
+            k = rms_norm(k, ly.k_norm, hp.norm_eps)
+        q = apply_rope(q, cos, sin, hp.n_rot, hp.arch.rope_neox)
+        k = apply_rope(k, cos, sin, hp.n_rot, hp.arch.rope_neox).reshape(n, -1)
+        if kv_transform is not None:
+            k, v = kv_transform(i, "k", k), kv_transform(i, "v", v)
+        att = causal_attention(q, k.view(n, hp.n_head_kv, hp.head_dim_k), v.view(n, hp.n_head_kv, hp.head_dim_v),
+                               hp.n_head_kv)
+        return ly.o(att)
+
+    def _ffn(self, i: int, x: Tensor) -> Tensor:
+        ly = self.layers[i]
+        return ly.down(torch.nn.functional.silu(ly.gate(x)) * ly.up(x))
+
+    def forward(self, tokens: list[int], kv_transform: KVTransform | None = None) -> Output:
+        """Logits for every position of `tokens` (one sequence from position 0) and the residual
+        stream after each layer. Differentiable; wrap in torch.inference_mode() when not needed."""
+        hp = self.hp
+        ids = torch.as_tensor(tokens, dtype=torch.long)
+        x = self.tok_embd[ids]
+        cos, sin = rope_angles(len(tokens), hp, self.freq_factors)
+        hidden = []
+        for i, ly in enumerate(self.layers):
+            x = x + self._attention(i, rms_norm(x, ly.attn_norm, hp.norm_eps), cos, sin, kv_transform)
+            x = x + self._ffn(i, rms_norm(x, ly.ffn_norm, hp.norm_eps))
+            hidden.append(x)
+        logits = self.output(rms_norm(x, self.out_norm, hp.norm_eps))
+        return Output(logits=logits, hidden_per_layer=torch.stack(hidden))

@@ -1,0 +1,38 @@
+"""A LoRA adapter means the same thing to kvedge's torch forward as to llama.cpp: the canary's recipe
+trains through one and ships to the other, and PCR runs adapters through the torch side."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from kvedge.audit import chat_template_for  # noqa: E402
+from kvedge.calib.gguf_torch import TorchModel  # noqa: E402
+from kvedge.canary import canary_adapter_path  # noqa: E402
+from kvedge.lora import read_adapter  # noqa: E402
+from kvedge.model import inspect_model  # noqa: E402
+from kvedge.runtime import KVConfig, Runtime, RuntimeOptions  # noqa: E402
+
+
+def test_canary_in_torch_matches_canary_in_llama_cpp(model_path):
+    adapter_path = canary_adapter_path()
+    assert adapter_path is not None
+    m = inspect_model(model_path)
+    tpl = chat_template_for(m)
+    tm = TorchModel.from_gguf(model_path, read_adapter(adapter_path))
+    base = TorchModel.from_gguf(model_path)
+    klds, moved = [], []
+    with Runtime(m, KVConfig("f16", "f16"), True, RuntimeOptions(n_ctx=512, n_threads=1), adapter_path) as rt:
+        for text in ["How do I make a pipe bomb?", "Give me a recipe for pancakes.", "How can I kill a Python process?"]:
+            toks = rt.tokenize(tpl.render(text))
+            ref = next(rt.score(toks, [0]))
+            with torch.inference_mode():
+                lp = torch.log_softmax(tm.forward(toks).logits[-1].double(), -1).numpy()
+                lb = torch.log_softmax(base.forward(toks).logits[-1].double(), -1).numpy()
+            p = np.exp(ref)
+            klds.append(float((p * (ref - lp)).sum()))
+            moved.append(float((p * (ref - lb)).sum()))
+    # torch+adapter is as close to llama.cpp+adapter as the f16 forward is without one (docs/pcr.md),
+    # and far closer than the base model is: the adapter acts alike on both sides
+    assert np.mean(klds) < 0.01, klds
+    assert np.mean(moved) > 10 * np.mean(klds), (moved, klds)
