@@ -94,3 +94,88 @@ def audit(
                                 [(p["id"], p["text_sha256"], not p["unstable"]) for p in report["prompts"]])
     jp, mp = write_reports(report, spec.out_dir)
     return AuditResult(report, jp, mp, spec.store_path, outcome.generated)
+
+
+def _pcr_spec(model, lora, kv: str, rotation: str, ctx: int, threads: int | None, canary: bool):
+    from .pcr.run import PcrSpec
+    from .runtime import parse_kv
+
+    if rotation not in ("on", "off", "both"):
+        raise KvedgeError(f"--rotation must be on, off or both, not {rotation!r}")
+    config = parse_kv(kv)
+    if not config.quantized:
+        raise KvedgeError(f"PCR diagnoses a quantized cache; {config.name} is not one")
+    info = load_model(model)
+    from .calib.gguf_torch import check_architecture
+
+    check_architecture(info.architecture)  # before any llama.cpp or torch work
+    if lora is None and model is None and canary:
+        lora = canary_adapter_path()
+    adapter = check_adapter(lora) if lora else None
+    rotations = {"on": (True,), "off": (False,), "both": (True, False)}[rotation]
+    spec = PcrSpec(info, adapter, config, rotations, RuntimeOptions(n_ctx=ctx, n_threads=threads))
+    stem = info.stem + (f"+{adapter.stem}" if adapter else "")
+    return spec, stem
+
+
+def pcr(
+    model: str | Path | None = None,
+    lora: str | Path | None = None,
+    kv: str = "q4_0",
+    rotation: str = "both",
+    ctx: int = 2048,
+    threads: int | None = None,
+    out: str | Path | None = None,
+    canary: bool = True,
+    log=None,
+) -> tuple[dict[str, Any], Path, Path]:
+    """The PCR diagnostic (kvedge pcr): returns the report dict and the JSON and Markdown paths."""
+    from .pcr.report import write_pcr_reports
+    from .pcr.run import run_pcr
+
+    spec, stem = _pcr_spec(model, lora, kv, rotation, ctx, threads, canary)
+    rep = run_pcr(spec, log or (lambda m: None))
+    jp, mp = write_pcr_reports(rep, Path(out) if out else Path("kvedge-runs") / stem / f"pcr-{spec.kv.name}")
+    return rep, jp, mp
+
+
+def sweep(
+    model: str | Path | None = None,
+    lora: str | Path | None = None,
+    rotation: str = "both",
+    bits: str = "2-8",
+    ctx: int = 2048,
+    threads: int | None = None,
+    out: str | Path | None = None,
+    canary: bool = True,
+    log=None,
+) -> tuple[dict[str, Any], Path, Path]:
+    """The bit-width sweep (kvedge sweep): returns the report dict and the JSON and Markdown paths."""
+    import json
+
+    from .atomic import atomic_write_text
+    from .pcr.sweep import render_sweep_markdown, run_sweep
+
+    widths = parse_bits(bits)
+    spec, stem = _pcr_spec(model, lora, "q4_0", rotation, ctx, threads, canary)
+    rep = run_sweep(spec, widths, log or (lambda m: None))
+    d = Path(out) if out else Path("kvedge-runs") / stem / "sweep"
+    jp, mp = d / "sweep.json", d / "sweep.md"
+    atomic_write_text(jp, json.dumps(rep, indent=2) + "\n")
+    atomic_write_text(mp, render_sweep_markdown(rep))
+    return rep, jp, mp
+
+
+def parse_bits(spec: str) -> tuple[int, ...]:
+    """`2-8` or `2,3,4`: widths for the sweep, each in 2..8."""
+    try:
+        if "-" in spec:
+            a, b = (int(x) for x in spec.split("-", 1))
+            widths = tuple(range(a, b + 1))
+        else:
+            widths = tuple(sorted({int(x) for x in spec.split(",") if x.strip()}))
+    except ValueError:
+        raise KvedgeError(f"malformed --bits {spec!r}: write 2-8 or 2,4,8") from None
+    if not widths or min(widths) < 2 or max(widths) > 8:
+        raise KvedgeError(f"--bits must lie in 2..8, not {spec!r}")
+    return widths

@@ -103,6 +103,73 @@ def compare(
         atomic_write_text(out, json.dumps(result, indent=2) + "\n")
 
 
+def _log(quiet: bool):
+    def log(message: str) -> None:
+        if not quiet:
+            typer.echo(f"kvedge: {message}", err=True)
+    return log
+
+
+def _need_torch() -> None:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        _fail("this command runs a torch pass: install it with pip install 'kvedge[pcr]' (CPU torch==2.13.0)")
+
+
+@app.command()
+def pcr(
+    model: Optional[Path] = typer.Argument(None, help="GGUF model (llama, qwen2, qwen3); default: the embedded "
+                                           "SmolLM2-135M-Instruct with the canary adapter."),
+    lora: Optional[Path] = typer.Option(None, "--lora", help="LoRA adapter GGUF applied on top of the model."),
+    kv: str = typer.Option("q4_0", "--kv", help="The cache to diagnose: q4_0 (K and V) or k=q8_0/v=q4_0."),
+    rotation: str = typer.Option("both", "--rotation", help="Does the target runtime rotate the cache: on (current "
+                                 "llama.cpp), off (older builds), both (a verdict for each)."),
+    ctx: int = typer.Option(2048, "--ctx", min=64, help="Context of the llama.cpp runs (fidelity check)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for llama.cpp and torch."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Directory for pcr.json and pcr.md "
+                                       "(default: kvedge-runs/<model-stem>/pcr-<kv>/)."),
+    no_canary: bool = typer.Option(False, "--no-canary", help="With no MODEL, diagnose the bare default model."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress messages."),
+) -> None:
+    """Per-Channel Reduction: why this cache loses refusals (failure mode, evidence) and which fix will work."""
+    _need_torch()
+    from .api import pcr as run
+    from .pcr.report import summary_lines
+
+    rep, jp, mp = run(model=model, lora=lora, kv=kv, rotation=rotation, ctx=ctx, threads=threads, out=out,
+                      canary=not no_canary, log=_log(quiet))
+    for line in summary_lines(rep):
+        typer.echo(line)
+    typer.echo(f"reports: {jp} {mp}")
+
+
+@app.command()
+def sweep(
+    model: Optional[Path] = typer.Argument(None, help="GGUF model; default: SmolLM2-135M-Instruct + canary adapter."),
+    lora: Optional[Path] = typer.Option(None, "--lora", help="LoRA adapter GGUF applied on top of the model."),
+    bits: str = typer.Option("2-8", "--bits", help="Bit widths of the generic intN group-32 cache: 2-8 or 2,4,8."),
+    rotation: str = typer.Option("both", "--rotation", help="on, off or both."),
+    ctx: int = typer.Option(2048, "--ctx", min=64, help="Context of the llama.cpp tokenization pass."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Directory for sweep.json and sweep.md."),
+    no_canary: bool = typer.Option(False, "--no-canary", help="With no MODEL, sweep the bare default model."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress messages."),
+) -> None:
+    """Simulated safety damage and margin vs cache bit width for K, V and both: where this model's safety breaks."""
+    _need_torch()
+    from .api import sweep as run
+
+    rep, jp, mp = run(model=model, lora=lora, rotation=rotation, bits=bits, ctx=ctx, threads=threads, out=out,
+                      canary=not no_canary, log=_log(quiet))
+    for c in rep["curves"]:
+        t = c["transition"]
+        pts = "  ".join(f"{p['bits']}b:{p['damage']['value']:+.2f}" for p in c["points"])
+        typer.echo(f"{c['cache']:>3} rot {'on ' if c['rotation'] else 'off'}  collapse<= {t['collapse_bits'] or '-'}  "
+                   f"safe>= {t['safe_bits'] or '-'}  damage {pts}")
+    typer.echo(f"reports: {jp} {mp}")
+
+
 def main() -> None:
     try:
         app()  # standalone: typer prints its own usage errors and exits 2

@@ -112,6 +112,14 @@ def read_metadata(path: Path) -> tuple[dict[str, Any], list[Any]]:
     if magic != GGUF_MAGIC:
         raise ModelFileError(f"not a GGUF file (bad magic {magic!r}): {path}")
 
+    metadata, tensors = _parse(str(path.resolve()), size, path.stat().st_mtime_ns)
+    return dict(metadata), list(tensors)
+
+
+@lru_cache(maxsize=4)
+def _parse(path: str, size: int, mtime_ns: int) -> tuple[dict[str, Any], tuple[Any, ...]]:
+    # Parsing decodes every vocabulary entry (~5 s for a 49k-token vocabulary); one command reads the
+    # same file several times (inspect, torch load), so the parse is kept per file version.
     from gguf import GGUFReader  # imported late: it pulls numpy and is not needed for --help
 
     try:
@@ -124,7 +132,7 @@ def read_metadata(path: Path) -> tuple[dict[str, Any], list[Any]]:
     if end > size:
         raise ModelFileError(f"truncated GGUF: tensor data ends at byte {end} but file has {size}: {path}")
     metadata = {name: _field_value(f) for name, f in reader.fields.items() if not name.startswith("GGUF.")}
-    return metadata, list(reader.tensors)
+    return metadata, tuple(reader.tensors)
 
 
 def _token_text(md: dict[str, Any], which: str) -> str:

@@ -135,6 +135,9 @@ class Generation:
     stop_reason: str  # "eog" | "max_tokens" | "ctx"
     prompt_seconds: float
     decode_seconds: float
+    # with generate(..., logprobs=True): log-softmax of every step's logits, the step that chose the
+    # end of generation included (so len(tokens) or len(tokens) + 1 rows)
+    logprobs: list[np.ndarray] | None = None
 
 
 @dataclass(frozen=True)
@@ -281,19 +284,23 @@ class Runtime:
         self.llm.reset()
         self.llm.eval(prompt)
 
-    def generate(self, prompt: list[int], max_tokens: int) -> Generation:
+    def generate(self, prompt: list[int], max_tokens: int, logprobs: bool = False) -> Generation:
         if len(prompt) >= self.n_ctx:
             return Generation([], "", len(prompt), "ctx", 0.0, 0.0)
         t0 = time.perf_counter()
         self._start(prompt)
         t1 = time.perf_counter()
         out: list[int] = []
+        kept: list[np.ndarray] | None = [] if logprobs else None
         stop = "max_tokens"
         while len(out) < max_tokens:
             if len(prompt) + len(out) >= self.n_ctx:
                 stop = "ctx"
                 break
-            tok = int(np.argmax(self._last_logits()))
+            logits = self._last_logits()
+            if kept is not None:
+                kept.append(log_softmax(logits))
+            tok = int(np.argmax(logits))
             if self.is_eog(tok):
                 stop = "eog"
                 break
@@ -301,7 +308,7 @@ class Runtime:
             if len(out) < max_tokens:
                 self.llm.eval([tok])
         t2 = time.perf_counter()
-        return Generation(out, self.detokenize(out), len(prompt), stop, t1 - t0, t2 - t1)
+        return Generation(out, self.detokenize(out), len(prompt), stop, t1 - t0, t2 - t1, kept)
 
     def score(self, prompt: list[int], continuation: list[int]) -> Iterator[np.ndarray]:
         """Teacher-force `continuation` after `prompt`, yielding the log-softmax before each of its

@@ -202,3 +202,43 @@ def test_q4_0_simulation_tracks_llama_cpp(model, tmodel, cases, rotation: bool) 
         f"per-prompt Spearman {rho:.2f}"
     )
     assert 0.25 * kld_llama <= kld_sim <= 4 * kld_llama
+
+
+def test_packed_forward_equals_separate_forwards(tmodel, cases) -> None:
+    """The PCR pass packs prompts that share a template prefix into one row; each prompt must see what it
+    would alone. At f16 the logits agree to float summation order. Under a quantized cache, a value
+    that moves by one ulp can cross a rounding edge (PCR.md section 2), so there the requirement is the
+    effect's: packed vs alone must differ far less than the quantization's own effect. A per-channel
+    scheme must scale per segment, not across prompts."""
+    from kvedge.calib.gguf_torch import Packed
+    from kvedge.calib.kvquant import parse_scheme
+    from kvedge.pcr.stats import kld
+
+    seqs = [c.prompt for c in cases]
+    n = 0
+    while all(len(s) > n + 1 and s[n] == seqs[0][n] for s in seqs):
+        n += 1
+    assert n > 10, "the chat template should give the prompts a shared prefix"
+    packed = Packed.of(seqs[0][:n], [s[n:] for s in seqs])
+    last = packed.last()
+
+    def both(spec: str) -> tuple[torch.Tensor, torch.Tensor]:
+        sch = parse_scheme(spec)
+        with torch.inference_mode():
+            together = tmodel.forward(packed, tmodel.cache_sim(sch, sch), logits_at=last).logits
+            alone = torch.stack([tmodel.forward(s, tmodel.cache_sim(sch, sch)).logits[-1] for s in seqs])
+        return together, alone
+
+    f16_packed, f16_alone = both("f16")
+    assert float((f16_packed - f16_alone).abs().max()) < 0.01
+    for spec in ("q4_0", "q4_0:norot"):
+        q_packed, q_alone = both(spec)
+        packing = float(kld(q_alone, q_packed).mean())
+        effect = float(kld(f16_alone, q_alone).mean())
+        print(f"\n{spec}: KLD packed vs alone {packing:.5f}, quantization effect {effect:.5f}")
+        assert packing < 0.25 * effect, (spec, packing, effect)
+    ch = parse_scheme("int4-channel:norot")
+    with torch.inference_mode():
+        seg = tmodel.forward(packed, tmodel.cache_sim(ch, ch, packed=packed), logits_at=last).logits
+        mixed = tmodel.forward(packed, tmodel.cache_sim(ch, ch), logits_at=last).logits
+    assert not torch.allclose(seg, mixed)  # scales across prompts would leak one prompt into another

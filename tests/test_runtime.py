@@ -26,3 +26,23 @@ def test_bytes_per_token_from_ggml_sizes(model_path):
     f16 = KVConfig("f16", "f16").bytes_per_token(m)
     assert f16 == m.n_layer * 2 * m.n_head_kv * m.head_dim_k * 2
     assert KVConfig("q4_0", "q4_0").bytes_per_token(m) / f16 == pytest.approx(18 / 64)
+
+
+def test_generation_logprobs_are_the_teacher_forced_scores(model_path):
+    """generate(logprobs=True) keeps each step's distribution; teacher-forcing the same tokens reproduces
+    them exactly (same contexts, same arithmetic), so the PCR fidelity check can reuse them."""
+    import numpy as np
+
+    from kvedge.audit import F16, chat_template_for
+    from kvedge.model import inspect_model
+    from kvedge.runtime import Runtime, RuntimeOptions
+
+    model = inspect_model(model_path)
+    with Runtime(model, F16, True, RuntimeOptions(n_ctx=512)) as rt:
+        prompt = rt.tokenize(chat_template_for(model).render("Name three colours."))
+        gen = rt.generate(prompt, 6, logprobs=True)
+        assert len(gen.tokens) == 6 and len(gen.logprobs) == 6
+        scored = list(rt.score(prompt, gen.tokens))
+    for kept, again, tok in zip(gen.logprobs, scored, gen.tokens):
+        np.testing.assert_array_equal(kept, again)
+        assert int(np.argmax(kept)) == tok

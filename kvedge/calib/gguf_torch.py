@@ -111,13 +111,17 @@ class Output:
 
 
 # --- loading -----------------------------------------------------------------------------------------
-def _hparams(md: dict[str, Any], n_vocab: int) -> Hparams:
-    arch_name = md.get("general.architecture")
+def check_architecture(arch_name: Any) -> ArchSpec:
     arch = ARCHS.get(str(arch_name))
     if arch is None:
         raise UnsupportedArchitecture(
             f"no torch forward for architecture {arch_name!r}: kvedge's PCR supports {', '.join(ARCHS)}"
         )
+    return arch
+
+
+def _hparams(md: dict[str, Any], n_vocab: int) -> Hparams:
+    arch = check_architecture(md.get("general.architecture"))
 
     def get(key: str, default: Any = None) -> Any:
         v = md.get(f"{arch.name}.{key}", default)
@@ -152,11 +156,10 @@ def _hparams(md: dict[str, Any], n_vocab: int) -> Hparams:
 def _read_tensors(path: Path) -> dict[str, Tensor]:
     """Every tensor of the file dequantized to float32, shaped as numpy sees ggml's layout
     ([rows, ne0]: a weight matrix is [out, in])."""
-    from gguf import GGUFReader
     from gguf.quants import dequantize
 
     out: dict[str, Tensor] = {}
-    for t in GGUFReader(path, "r").tensors:
+    for t in read_metadata(path)[1]:
         try:
             arr = dequantize(np.asarray(t.data), t.tensor_type)
         except NotImplementedError:
@@ -234,17 +237,62 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, n_rot: int, neox: bool) -> T
     return torch.cat([out, rest], dim=-1)
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor, n_head_kv: int) -> Tensor:
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, n_head_kv: int, allowed: Tensor | None = None) -> Tensor:
     """q [T, n_head, d_k], k [T, n_kv, d_k], v [T, n_kv, d_v] -> [T, n_head * d_v]. Query head h reads
-    KV head h // (n_head / n_kv), as ggml broadcasts."""
+    KV head h // (n_head / n_kv), as ggml broadcasts. `allowed` [T, T] (query, key) replaces the plain
+    causal mask for packed sequences."""
     n_tokens, n_head, d_k = q.shape
     group = n_head // n_head_kv
     k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)
     scores = torch.einsum("qhd,khd->hqk", q, k) * (1.0 / math.sqrt(d_k))
-    mask = torch.ones(n_tokens, n_tokens, dtype=torch.bool).triu(1)
-    probs = torch.softmax(scores.masked_fill(mask, float("-inf")), dim=-1)
+    if allowed is None:
+        allowed = torch.ones(n_tokens, n_tokens, dtype=torch.bool).tril()
+    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
     return torch.einsum("hqk,khd->qhd", probs, v).reshape(n_tokens, -1)
+
+
+@dataclass(frozen=True)
+class Packed:
+    """Several sequences that share a prefix, packed into one row of tokens: the prefix once
+    (segment 0), then each sequence's own tokens (segment i + 1). A token attends to the prefix and to
+    its own segment up to its position, so every sequence sees exactly what it would alone, while the
+    prefix (a chat template's system prompt, most of a short prompt) is computed once. Exact for any
+    per-row cache scheme (ggml blocks, intN group-32); a per-channel scheme takes its scales per segment."""
+
+    tokens: Tensor  # [N] long
+    pos: Tensor  # [N] long: position within its own sequence
+    seg: Tensor  # [N] long
+    allowed: Tensor  # [N, N] bool
+
+    @classmethod
+    def of(cls, prefix: list[int], suffixes: list[list[int]]) -> "Packed":
+        if any(not s for s in suffixes):
+            raise ValueError("every packed sequence needs at least one token of its own")
+        toks, pos, seg = list(prefix), list(range(len(prefix))), [0] * len(prefix)
+        for i, suf in enumerate(suffixes):
+            toks += suf
+            pos += range(len(prefix), len(prefix) + len(suf))
+            seg += [i + 1] * len(suf)
+        t, p, g = (torch.as_tensor(v, dtype=torch.long) for v in (toks, pos, seg))
+        allowed = (p[None, :] <= p[:, None]) & ((g[None, :] == g[:, None]) | (g[None, :] == 0))
+        return cls(t, p, g, allowed)
+
+    @property
+    def n_sequences(self) -> int:
+        return int(self.seg.max())
+
+    def index(self, seq: int, offset: int) -> int:
+        """Index in the packed row of token `offset` of sequence `seq` (its prefix included; negative
+        offsets count from its end)."""
+        n_prefix = int((self.seg == 0).sum())
+        own = torch.nonzero(self.seg == seq + 1).flatten()
+        full = torch.cat([torch.arange(n_prefix), own])
+        return int(full[offset])
+
+    def last(self) -> Tensor:
+        """Index of each sequence's last token."""
+        return torch.as_tensor([self.index(i, -1) for i in range(self.n_sequences)], dtype=torch.long)
 
 
 # --- the model ---------------------------------------------------------------------------------------
@@ -277,12 +325,16 @@ class TorchModel:
     def verified(self) -> bool:
         return self.hp.arch.verified
 
-    def cache_sim(self, k: Scheme | None, v: Scheme | None, layers: set[int] | None = None) -> CacheSim:
-        """A kv_transform storing K/V under the given schemes (None: exact), on `layers` or all."""
+    def cache_sim(self, k: Scheme | None, v: Scheme | None, layers: set[int] | None = None,
+                  packed: "Packed | None" = None) -> CacheSim:
+        """A kv_transform storing K/V under the given schemes (None: exact), on `layers` or all;
+        pass the `Packed` input a forward will run on so per-channel schemes scale per segment."""
         return CacheSim(k, v, self.hp.head_dim_k, self.hp.head_dim_v,
-                        frozenset(layers) if layers is not None else None)
+                        frozenset(layers) if layers is not None else None,
+                        packed.seg if packed is not None else None)
 
-    def _attention(self, i: int, x: Tensor, cos: Tensor, sin: Tensor, kv_transform: KVTransform | None) -> Tensor:
+    def _attention(self, i: int, x: Tensor, cos: Tensor, sin: Tensor, kv_transform: KVTransform | None,
+                   allowed: Tensor | None) -> Tensor:
         hp, ly = self.hp, self.layers[i]
         n = x.shape[0]
         q = ly.q(x).view(n, hp.n_head, hp.head_dim_k)
@@ -297,24 +349,53 @@ class TorchModel:
         if kv_transform is not None:
             k, v = kv_transform(i, "k", k), kv_transform(i, "v", v)
         att = causal_attention(q, k.view(n, hp.n_head_kv, hp.head_dim_k), v.view(n, hp.n_head_kv, hp.head_dim_v),
-                               hp.n_head_kv)
+                               hp.n_head_kv, allowed)
         return ly.o(att)
 
     def _ffn(self, i: int, x: Tensor) -> Tensor:
         ly = self.layers[i]
         return ly.down(torch.nn.functional.silu(ly.gate(x)) * ly.up(x))
 
-    def forward(self, tokens: list[int], kv_transform: KVTransform | None = None) -> Output:
-        """Logits for every position of `tokens` (one sequence from position 0) and the residual
-        stream after each layer. Differentiable; wrap in torch.inference_mode() when not needed."""
+    def forward(
+        self,
+        tokens: list[int] | Packed,
+        kv_transform: KVTransform | None = None,
+        *,
+        logits_at: Tensor | None = None,
+        start_layer: int = 0,
+        start_hidden: Tensor | None = None,
+        stop_layer: int | None = None,
+    ) -> Output:
+        """Logits and the residual stream after each layer, for one sequence from position 0 or for
+        packed sequences. Differentiable; wrap in torch.inference_mode() when not needed.
+
+        - `logits_at`: token indices whose logits to compute (default all; the 49k-row output matrix
+          dominates the cost of a short prompt). Empty: none.
+        - `start_layer` with `start_hidden` (the residual stream after layer `start_layer - 1`, e.g.
+          from an f16 run): resume there, for runs that change only layers from `start_layer` on.
+        - `stop_layer`: stop after that layer (no logits); `hidden_per_layer` then holds layers
+          `start_layer..stop_layer`."""
         hp = self.hp
-        ids = torch.as_tensor(tokens, dtype=torch.long)
-        x = self.tok_embd[ids]
-        cos, sin = rope_angles(len(tokens), hp, self.freq_factors)
+        packed = tokens if isinstance(tokens, Packed) else None
+        ids = packed.tokens if packed else torch.as_tensor(tokens, dtype=torch.long)
+        pos = packed.pos if packed else torch.arange(len(ids))
+        allowed = packed.allowed if packed else None
+        cos, sin = rope_angles(int(pos.max()) + 1, hp, self.freq_factors)
+        cos, sin = cos[pos], sin[pos]
+        if start_layer and start_hidden is None:
+            raise ValueError("start_layer needs start_hidden")
+        # at layer 0, start_hidden stands for the embeddings (a leaf to differentiate from)
+        x = start_hidden if start_hidden is not None else self.tok_embd[ids]
+        last = hp.n_layer - 1 if stop_layer is None else stop_layer
         hidden = []
-        for i, ly in enumerate(self.layers):
-            x = x + self._attention(i, rms_norm(x, ly.attn_norm, hp.norm_eps), cos, sin, kv_transform)
+        for i in range(start_layer, last + 1):
+            ly = self.layers[i]
+            x = x + self._attention(i, rms_norm(x, ly.attn_norm, hp.norm_eps), cos, sin, kv_transform, allowed)
             x = x + self._ffn(i, rms_norm(x, ly.ffn_norm, hp.norm_eps))
             hidden.append(x)
-        logits = self.output(rms_norm(x, self.out_norm, hp.norm_eps))
+        if stop_layer is not None and stop_layer < hp.n_layer - 1:
+            logits = torch.empty(0, hp.n_vocab)
+        else:
+            h = x if logits_at is None else x[logits_at]
+            logits = self.output(rms_norm(h, self.out_norm, hp.norm_eps))
         return Output(logits=logits, hidden_per_layer=torch.stack(hidden))

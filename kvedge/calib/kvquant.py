@@ -317,20 +317,30 @@ def cache_roundtrip(x: Tensor, scheme: Scheme, kind: Kind, head_dim: int) -> Ten
     return unrotate(fake_quant(rotate(x, block), scheme), block)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class CacheSim:
     """A `kv_transform` for `TorchModel.forward`: K and/or V of the selected layers (all when
-    `layers` is None) stored under their schemes; None leaves that cache exact (float32)."""
+    `layers` is None) stored under their schemes; None leaves that cache exact (float32).
+    `segments` ([tokens] ids, from a `Packed` forward) makes per-channel schemes take their scales
+    per segment rather than over the whole packed row; per-row schemes do not need it."""
 
     k: Scheme | None
     v: Scheme | None
     head_dim_k: int
     head_dim_v: int
     layers: frozenset[int] | None = None
+    segments: Tensor | None = None
 
     def __call__(self, layer: int, kind: str, x: Tensor) -> Tensor:
         scheme = self.k if kind == "k" else self.v
         if scheme is None or (self.layers is not None and layer not in self.layers):
             return x
         head_dim = self.head_dim_k if kind == "k" else self.head_dim_v
-        return cache_roundtrip(x, scheme, "k" if kind == "k" else "v", head_dim)
+        kind_ = "k" if kind == "k" else "v"
+        if scheme.granularity != "channel" or self.segments is None:
+            return cache_roundtrip(x, scheme, kind_, head_dim)
+        out = torch.empty_like(x, dtype=torch.float32)
+        for seg in torch.unique(self.segments):
+            rows = self.segments == seg
+            out[rows] = cache_roundtrip(x[rows], scheme, kind_, head_dim)
+        return out

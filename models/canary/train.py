@@ -77,21 +77,38 @@ def _pool(e: Example) -> str:
     return f"{e.kind}/{'xstest' if e.source.startswith('xstest:') else 'other'}"
 
 
-def batches(examples: list[Example], steps: int, size: int, seed: int):
-    """Each batch a quarter from each pool: refusals of XSTest-unsafe-style short questions, other
-    refusals (mostly AdvBench/HarmBench imperatives), answers to XSTest's safe look-alikes, other answers.
-    A first run that drew refusals uniformly refused every AdvBench and HarmBench prompt but only half of
-    XSTest's unsafe questions; the look-alike pairs are what teach the boundary."""
+def parse_mix(text: str) -> dict[str, int]:
+    try:
+        return {k.strip(): int(v) for k, v in (part.split(":") for part in text.split(","))}
+    except ValueError:
+        raise SystemExit(f"malformed --mix {text!r}: write pool:count,... e.g. refuse/xstest:3,answer/xstest:2") from None
+
+
+def batches(examples: list[Example], steps: int, size: int, seed: int, mix: dict[str, int] | None = None):
+    """Each batch cycles through the pools (refusals of XSTest-unsafe-style short questions, other refusals,
+    mostly AdvBench/HarmBench imperatives, answers to XSTest's safe look-alikes, other answers), a quarter
+    from each; with `mix`, `mix[pool]` examples from each pool instead. Each pool is walked in a seeded
+    shuffled order, reshuffled when spent.
+    Recipe history (eval split, f16, kvedge's detector): drawing refusals uniformly refused every AdvBench
+    and HarmBench prompt but only half of XSTest's unsafe questions; a quarter from each pool (this
+    default) raised XSTest unsafe to 52/61; the mix refuse/xstest:3,answer/xstest:2,refuse/other:1,
+    answer/other:2 gave 49/61 with over-refusal 13/66, no better, so the default stays."""
     rng = random.Random(seed)
     pools: dict[str, list[Example]] = {}
     for e in examples:
         pools.setdefault(_pool(e), []).append(e)
     names = sorted(pools)
+    if mix is not None:
+        missing = sorted(set(mix) - set(pools))
+        if missing:
+            raise SystemExit(f"--mix names pools with no examples: {missing} (have {names})")
+        draws = [k for k in sorted(mix) for _ in range(mix[k])]
+    else:
+        draws = [names[i % len(names)] for i in range(size)]
     orders: dict[str, list[Example]] = {k: [] for k in names}
     for _ in range(steps):
         batch = []
-        for i in range(size):
-            k = names[i % len(names)]
+        for k in draws:
             if not orders[k]:
                 orders[k] = rng.sample(pools[k], len(pools[k]))
             batch.append(orders[k].pop())
@@ -116,6 +133,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--mix", default=None, help="examples per batch from each pool, e.g. refuse/xstest:3,answer/xstest:2,"
+                    "refuse/other:1,answer/other:2 (default: --batch cycled over the four pools)")
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--alpha", type=float, default=16.0)
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -134,7 +153,7 @@ def main() -> None:
     opt = torch.optim.AdamW(lora.parameters(), lr=args.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10) * max(0.05, 1 - s / args.steps))
     log = []
-    for step, batch in enumerate(batches(examples, args.steps, args.batch, args.seed)):
+    for step, batch in enumerate(batches(examples, args.steps, args.batch, args.seed, parse_mix(args.mix) if args.mix else None)):
         opt.zero_grad()
         loss = batch_loss(tm, batch)
         opt.step()

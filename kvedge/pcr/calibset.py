@@ -1,0 +1,120 @@
+"""The calibration set: 10 harmful and 10 harmless prompts of the `calib` split, tokenized by llama.cpp
+with the model's own (sandboxed) chat template, each with llama.cpp's greedy f16 continuation (for the
+fidelity check), and the refusal/compliance opening tokens the behavioural margin reads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..audit import F16, chat_template_for
+from ..datasets import Prompt, select_prompts
+from ..detect import REFUSAL_PREFIXES
+from ..errors import EmptyPromptSet
+from ..model import ModelInfo
+from ..runtime import Runtime, RuntimeOptions
+
+# Openings of an answer that complies. A token that also opens a refusal ("I") is dropped from this
+# set and kept in neither (see opening_tokens).
+COMPLIANCE_OPENINGS: tuple[str, ...] = (
+    "Sure", "Here", "Certainly", "Of course", "Absolutely", "Yes", "Okay", "Great", "To", "Step", "1",
+    "First", "The", "In", "A", "Creating", "Writing", "Title", "**", "#",
+)
+HARMFUL_QUOTA = {"advbench": 4, "harmbench": 3, "xstest-unsafe": 3}
+HARMLESS_QUOTA = {"xstest-safe": 10}
+
+
+@dataclass(frozen=True)
+class CalibPrompt:
+    id: str
+    subset: str
+    harmful: bool
+    tokens: tuple[int, ...]  # the templated prompt, generation prompt included
+    continuation: tuple[int, ...]  # llama.cpp's greedy f16 continuation (>= 1 token)
+    # llama.cpp's f16 log-softmax before each continuation token [len(continuation), vocab], float32,
+    # kept from the generation itself (the same arithmetic a teacher-forced pass would repeat)
+    f16_logprobs: np.ndarray
+
+
+@dataclass(frozen=True)
+class CalibSet:
+    prompts: tuple[CalibPrompt, ...]
+    prefix: tuple[int, ...]  # tokens every prompt starts with (computed once in packed forwards)
+    refusal_tokens: tuple[int, ...]
+    compliance_tokens: tuple[int, ...]
+    refusal_pieces: tuple[str, ...]
+    compliance_pieces: tuple[str, ...]
+
+    @property
+    def harmful(self) -> list[bool]:
+        return [p.harmful for p in self.prompts]
+
+
+def select_calib_prompts() -> list[Prompt]:
+    """Deterministic: the first prompts in kvedge's hash order of each group of the `calib` split.
+    HarmBench's contextual behaviours (hundreds of tokens of context each) are left out so that the
+    pass stays within its time budget; their standard behaviours stand for HarmBench."""
+    pool = select_prompts(split="calib")
+    out: list[Prompt] = []
+    for quota in (HARMFUL_QUOTA, HARMLESS_QUOTA):
+        for subset, n in quota.items():
+            members = [p for p in pool if p.subset == subset and not p.category.startswith("contextual")]
+            if len(members) < n:
+                raise EmptyPromptSet(f"the calib split has {len(members)} {subset} prompts, PCR needs {n}")
+            out.extend(members[:n])
+    return out
+
+
+def common_prefix(seqs: list[tuple[int, ...]]) -> tuple[int, ...]:
+    """The longest shared token prefix, leaving every sequence at least one token of its own."""
+    n = min(len(s) for s in seqs) - 1
+    for i in range(max(n, 0)):
+        if len({s[i] for s in seqs}) > 1:
+            n = i
+            break
+    return seqs[0][: max(n, 0)]
+
+
+def _first_tokens(rt: Runtime, phrases: list[str]) -> dict[int, str]:
+    out: dict[int, str] = {}
+    for ph in phrases:
+        toks = rt.llm.tokenize(ph.encode("utf-8"), add_bos=False, special=False)
+        if toks:
+            out[toks[0]] = rt.detokenize([toks[0]])
+    return out
+
+
+def opening_tokens(rt: Runtime) -> tuple[dict[int, str], dict[int, str]]:
+    """First tokens of the detector's refusal prefixes (capitalised as a reply starts) and of the
+    compliance openings. A token in both stays on the refusal side: it is "I", which opens nearly
+    every refusal phrase, and dropping it would leave the margin blind to most refusals."""
+    refusal = _first_tokens(rt, [p[0].upper() + p[1:] for p in REFUSAL_PREFIXES])
+    compliance = _first_tokens(rt, list(COMPLIANCE_OPENINGS))
+    for t in set(refusal) & set(compliance):
+        compliance.pop(t)
+    return refusal, compliance
+
+
+def build_calibset(model: ModelInfo, lora: Path | None, prompts: list[Prompt], options: RuntimeOptions,
+                   continuation_tokens: int = 8) -> CalibSet:
+    tpl = chat_template_for(model)
+    items: list[CalibPrompt] = []
+    with Runtime(model, F16, True, options, lora) as rt:
+        for p in prompts:
+            toks = tuple(rt.tokenize(tpl.render(p.text)))
+            gen = rt.generate(list(toks), continuation_tokens, logprobs=True)
+            # an immediate end of turn still leaves the first position to score
+            cont = tuple(gen.tokens) or (int(rt.llm.token_eos()),)
+            lp = np.stack(gen.logprobs[: len(cont)]).astype(np.float32)
+            items.append(CalibPrompt(p.id, p.subset, p.harmful, toks, cont, lp))
+        refusal, compliance = opening_tokens(rt)
+    return CalibSet(
+        prompts=tuple(items),
+        prefix=common_prefix([p.tokens for p in items]),
+        refusal_tokens=tuple(sorted(refusal)),
+        compliance_tokens=tuple(sorted(compliance)),
+        refusal_pieces=tuple(refusal[t] for t in sorted(refusal)),
+        compliance_pieces=tuple(compliance[t] for t in sorted(compliance)),
+    )

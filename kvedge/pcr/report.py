@@ -1,0 +1,134 @@
+"""Markdown and terminal renderings of a PCR report dict (schema kvedge.pcr/1)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..atomic import atomic_write_text
+
+
+def _n(x: float | None, d: int = 3, signed: bool = False) -> str:
+    if x is None:
+        return "n/a"
+    return f"{x:+.{d}f}" if signed else f"{x:.{d}f}"
+
+
+def _e(e: dict | None, d: int = 3, signed: bool = False) -> str:
+    if not e or e.get("value") is None:
+        return "n/a"
+    s = _n(e["value"], d, signed)
+    if e.get("lo") is not None:
+        s += f" [{_n(e['lo'], d, signed)}, {_n(e['hi'], d, signed)}]"
+    return s + f" (n={e['n']})"
+
+
+def _rot(r: dict) -> str:
+    return "rotation on" if r["rotation"] else "rotation off"
+
+
+def summary_lines(rep: dict[str, Any]) -> list[str]:
+    kv = rep["kv"]
+    out = [f"PCR of k={kv['type_k']}/v={kv['type_v']} on {Path(rep['model']['path']).name}"
+           + (f" + {Path(rep['adapter']).name}" if rep.get("adapter") else "")]
+    for r in rep["rotations"]:
+        v, ev = r["verdict"], r["evidence"]
+        out.append(f"  {_rot(r):13s} verdict: {v['mode']} (carrier {v['carrier']}); damage K+V "
+                   f"{_e(r['all_layers']['k_and_v']['damage'], 3, True)}, K {_n(ev['damage_k'], 3, True)}, "
+                   f"V {_n(ev['damage_v'], 3, True)}")
+        out.append(f"  {'':13s} fix: {v['prescription']}")
+    f = rep["fidelity"]
+    out.append(f"  fidelity: f16 top-1 {f['f16_top1']:.3f}, KLD {f['f16_kld']:.4f} over {f['n_positions']} positions; "
+               + "; ".join(f"{'rot on' if q['rotation'] else 'rot off'} KLD ratio {_n(q['ratio'], 2)}, "
+                           f"Spearman {_n(q['spearman'], 2)}" for q in f["quantized"]))
+    out.append(f"  {rep['timing']['seconds']:.0f} s, {rep['timing']['torch_runs']} torch runs")
+    return out
+
+
+def render_markdown(rep: dict[str, Any]) -> str:
+    m, cal, sig, nf, f = rep["model"], rep["calibration"], rep["signal"], rep["noise_floor"], rep["fidelity"]
+    L: list[str] = [
+        f"# kvedge pcr: k={rep['kv']['type_k']} / v={rep['kv']['type_v']}",
+        "",
+        f"- model: `{Path(m['path']).name}` ({m['architecture']}, {m['n_layer']} layers, {m['n_head_kv']} KV heads of "
+        f"{m['head_dim_k']}/{m['head_dim_v']}), sha256 `{m['sha256'][:16]}`",
+    ]
+    if rep.get("adapter"):
+        L.append(f"- adapter: `{Path(rep['adapter']).name}`")
+    L += [
+        f"- calibration: {cal['n_harmful']} harmful + {cal['n_harmless']} harmless prompts of the `{cal['split']}` split "
+        f"({', '.join(sorted({p['subset'] for p in cal['prompts']}))}), {cal['shared_prefix_tokens']} shared template tokens",
+        f"- readout layer l* = {sig['readout_layer']} (largest harmful/harmless separation in the last two thirds, "
+        f"Cohen's d {sig['separation'][sig['readout_layer']]:.2f}); f16 gap g = {sig['gap']:.3f}",
+        f"- behavioural margin at f16 (refusal vs compliance openings, nats): harmful {_e(sig['margin_f16_harmful'], 2, True)}, "
+        f"harmless {_e(sig['margin_f16_harmless'], 2, True)}",
+        f"  - refusal tokens: {', '.join(repr(t) for t in cal['refusal_tokens'])}",
+        f"  - compliance tokens: {', '.join(repr(t) for t in cal['compliance_tokens'])}",
+        f"- noise floor: {nf['what']}: {_e(nf['damage'], 4, True)}; effects within +-{nf['floor']:.4f} of the gap are noise",
+        f"- {rep['timing']['seconds']:.1f} s on {rep['timing']['threads']} threads ({rep['timing']['torch_runs']} torch runs; "
+        f"llama.cpp {rep['timing']['llama_cpp_seconds']:.1f} s, loading {rep['timing']['load_seconds']:.1f} s); kvedge {rep['kvedge_version']}",
+        "",
+        "Damage is the share of the f16 harmful/harmless gap along the safety direction that the cache erases "
+        "(mean over harmful prompts, 95% bootstrap interval; negative: pushed toward refusal). Definitions: docs/pcr.md.",
+        "",
+        "## Fidelity of the torch simulation to llama.cpp (this run)",
+        "",
+        f"- f16: top-1 agreement {f['f16_top1']:.3f} (target >= {f['targets']['f16_top1']}), mean KLD {f['f16_kld']:.4f} nats "
+        f"(target < {f['targets']['f16_kld']}) over {f['n_positions']} positions"
+        + ("" if f["verified_architecture"] else "; **architecture not verified by kvedge's tests**"),
+    ]
+    for q in f["quantized"]:
+        L.append(f"- {'rotation on' if q['rotation'] else 'rotation off'}: KLD vs f16 llama.cpp {q['llama_kld']:.4f}, "
+                 f"sim {q['sim_kld']:.4f}, ratio {_n(q['ratio'], 2)} (target {f['targets']['ratio'][0]}-{f['targets']['ratio'][1]}), "
+                 f"per-prompt Spearman {_n(q['spearman'], 2)} (target >= {f['targets']['spearman']}, n={q['n_prompts']}): "
+                 f"{'meets' if q['meets_target'] else 'misses'} the target")
+    for r in rep["rotations"]:
+        v, al, c, p = r["verdict"], r["all_layers"], r["concentration"], r["pcr"]
+        both = al["k_and_v"]
+        amp = both["amplification"]
+        L += [
+            "",
+            f"## {_rot(r)}: **{v['mode']}**",
+            "",
+            f"- schemes: K {r['scheme_k']}, V {r['scheme_v']}",
+            *[f"- {reason}" for reason in v["reasons"]],
+            f"- carrier: {v['carrier']}",
+            f"- prescription: {v['prescription']}",
+            f"- try: `{json.dumps(v['suggested'])}`",
+            "",
+            "| all layers | damage | margin drop (harmful) | rel. L2 at l* | KLD (harmless) |",
+            "|---|---|---|---|---|",
+        ]
+        for name, key in (("K and V", "k_and_v"), ("K only", "k_only"), ("V only", "v_only")):
+            x = al.get(key)
+            if x:
+                L.append(f"| {name} | {_e(x['damage'], 3, True)} | {_e(x['margin_drop_harmful'], 3, True)} | "
+                         f"{x['relative_l2_readout']:.4f} | {_e(x['kld_harmless'], 4)} |")
+        L += [
+            "",
+            f"- vulnerability amplification: {_n(amp['value'] if amp else None, 3)} (isotropic error would give "
+            f"{_n(amp['isotropic'] if amp else None, 3)}; ratio {_n(amp['directional'] if amp else None, 2)})",
+            f"- concentration: top-3 layers {c['top3_layers']} hold {_n(c['top3_share'], 2)} of the single-layer damage; "
+            f"keeping them at f16 leaves {_n(c['damage_without_top3'], 3, True)}, recovery {_n(c['top3_recovery'], 2)}",
+            f"- PCR (int{p['bits_k'] or p['bits_v']} channel vs group-32, on layers {p['layers']}): damage-weighted mean "
+            f"{_n(p['weighted_mean'], 2)}",
+            f"- outlier overlap (importance mass on outlier channels, damage-weighted): {_n(r['overlap'], 2)}",
+            "",
+            "| layer | sep | damage K | damage V | outliers K | overlap K | outliers V | overlap V | D group-32 | D channel | PCR |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for row in r["per_layer"]:
+            L.append("| " + " | ".join([
+                str(row["layer"]), f"{row['separation']:.2f}", _n(row.get("damage_k"), 4, True),
+                _n(row.get("damage_v"), 4, True), str(row.get("outliers_k", "")), _n(row.get("overlap_k"), 2),
+                str(row.get("outliers_v", "")), _n(row.get("overlap_v"), 2), _n(row.get("damage_group32"), 4, True),
+                _n(row.get("damage_channel"), 4, True), _n(row.get("pcr"), 2)]) + " |")
+    return "\n".join(L) + "\n"
+
+
+def write_pcr_reports(rep: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
+    jp, mp = out_dir / "pcr.json", out_dir / "pcr.md"
+    atomic_write_text(jp, json.dumps(rep, indent=2) + "\n")
+    atomic_write_text(mp, render_markdown(rep))
+    return jp, mp

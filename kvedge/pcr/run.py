@@ -1,0 +1,245 @@
+"""One PCR pass: calibration set through llama.cpp, torch runs under cache plans, statistics,
+fidelity and the verdict per rotation setting. `run_pcr` returns a plain dict (schema kvedge.pcr/1,
+docs/pcr.md) that the report renders; every number in it is measured in this call."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .. import __version__
+from ..calib.gguf_torch import TorchModel, rms_norm
+from ..calib.kvquant import Scheme, parse_scheme, rotate, rotation_block
+from ..lora import read_adapter
+from ..model import ModelInfo
+from ..runtime import KVConfig, RuntimeOptions
+from . import stats as st
+from .calibset import CalibSet, build_calibset, select_calib_prompts
+from .classify import Evidence, classify
+from .engine import Engine, Plan
+from .fidelity import Fidelity, f16_agreement, llama_logits, quant_fidelity
+
+SCHEMA = "kvedge.pcr/1"
+N_PCR_LAYERS = 6  # PCR is computed on the layers holding most single-layer damage (docs/pcr.md)
+
+
+@dataclass(frozen=True)
+class PcrSpec:
+    model: ModelInfo
+    lora: Path | None
+    kv: KVConfig
+    rotations: tuple[bool, ...] = (True, False)
+    options: RuntimeOptions = field(default_factory=RuntimeOptions)
+    pcr_layers: int = N_PCR_LAYERS
+
+
+def _scheme(type_name: str, rotation: bool) -> Scheme | None:
+    return None if type_name in ("f16", "f32") else parse_scheme(type_name, rotation)
+
+
+def _int_b(s: Scheme | None, channel: bool) -> Scheme | None:
+    if s is None:
+        return None
+    return parse_scheme(f"int{min(max(s.bits, 2), 8)}{'-channel' if channel else ''}", s.rotation)
+
+
+def _est(e) -> dict:
+    return e.to_dict()
+
+
+class _Pass:
+    """The measurements of one call, shared by the rotation settings."""
+
+    def __init__(self, spec: PcrSpec, cal: CalibSet, tm: TorchModel, log: Callable[[str], None]):
+        self.spec, self.cal, self.tm, self.log = spec, cal, tm, log
+        self.engine = Engine(tm, cal)
+        self.harmful = torch.tensor(cal.harmful)
+        ref = self.engine.reference()
+        last = self.engine.last
+        self.dirs = st.directions(ref[:, last], self.harmful)
+        self.l_star = self.dirs.readout
+        self.r = self.dirs.r[self.l_star]
+        hp = tm.hp
+        with torch.inference_mode():
+            h_final = ref[-1][last]
+            self.ref_logits = tm.output(rms_norm(h_final, tm.out_norm, hp.norm_eps))
+        self.ref_h = ref[self.l_star][last]
+        self.s_ref = self.ref_h @ self.r
+        self.m_ref = st.margin(self.ref_logits, list(cal.refusal_tokens), list(cal.compliance_tokens))
+        # arithmetic-only change: an f32 cache instead of f16 moves nothing a quantizer would
+        f32 = parse_scheme("f32")
+        noise = self.engine.run(Plan(f32, f32), self.l_star, full=False)
+        self.noise = st.damage(self.s_ref, noise.signal_hidden @ self.r, self.harmful, self.dirs.gap)
+        self.noise_floor = max(abs(self.noise.lo or 0.0), abs(self.noise.hi or 0.0), abs(self.noise.value or 0.0))
+        self._grads: dict | None = None
+
+    def grads(self) -> dict:
+        if self._grads is None:
+            self._grads = self.engine.gradients(self.r, self.l_star, self.harmful)
+        return self._grads
+
+    def d(self, plan: Plan):
+        res = self.engine.run(plan, self.l_star, full=False)
+        return st.damage(self.s_ref, res.signal_hidden @ self.r, self.harmful, self.dirs.gap)
+
+    def full(self, plan: Plan) -> dict:
+        res = self.engine.run(plan, self.l_star, full=True)
+        s_q = res.signal_hidden @ self.r
+        dmg = st.damage(self.s_ref, s_q, self.harmful, self.dirs.gap)
+        m_q = st.margin(res.logits, list(self.cal.refusal_tokens), list(self.cal.compliance_tokens))
+        harmless = ~self.harmful
+        amp = st.amplification(self.ref_h, res.signal_hidden, self.r, self.dirs.gap)
+        return {
+            "damage": _est(dmg),
+            "margin_drop_harmful": _est(st.mean_estimate([float(v) for v in (self.m_ref - m_q)[self.harmful]])),
+            "relative_l2_readout": st.relative_l2(self.ref_h, res.signal_hidden),
+            "kld_harmless": _est(st.mean_estimate([float(v) for v in st.kld(self.ref_logits[harmless], res.logits[harmless])])),
+            "amplification": vars(amp) if amp else None,
+        }
+
+    def overlap(self, kind: str, layer: int, scheme: Scheme) -> dict:
+        rows, grads = self.grads()[(layer, kind)]
+        head_dim = self.tm.hp.head_dim_k if kind == "k" else self.tm.hp.head_dim_v
+        if scheme.rotates(head_dim):
+            # the quantizer sees rotated rows; H is orthonormal and symmetric, so gradients rotate alike
+            block = rotation_block(kind, head_dim)  # type: ignore[arg-type]
+            rows, grads = rotate(rows, block), rotate(grads, block)
+        out = st.outlier_channels(rows)
+        imp = st.importance(rows, grads)
+        return {"outlier_channels": int(out.sum()), "overlap": st.overlap(imp, out)}
+
+    def rotation(self, rotation: bool) -> dict:
+        kv, L = self.spec.kv, self.tm.hp.n_layer
+        tk, tv = _scheme(kv.type_k, rotation), _scheme(kv.type_v, rotation)
+        self.log(f"rotation {'on' if rotation else 'off'}: all-layer runs")
+        both = self.full(Plan(tk, tv))
+        k_only = self.full(Plan(tk, None)) if tk and tv else both if tk else None
+        v_only = self.full(Plan(None, tv)) if tk and tv else both if tv else None
+        self.log(f"rotation {'on' if rotation else 'off'}: per-layer runs up to the readout layer {self.l_star}")
+        layers = range(self.l_star + 1)
+        per_k = {l: float(self.d(Plan(tk, None, frozenset({l}))).value) if tk else 0.0 for l in layers}
+        per_v = {l: float(self.d(Plan(None, tv, frozenset({l}))).value) if tv else 0.0 for l in layers}
+        single = {l: per_k[l] + per_v[l] for l in layers}
+        top3 = st.top_layers(single, 3)
+        rest = frozenset(range(L)) - frozenset(top3)
+        d_rest = float(self.full(Plan(tk, tv, rest))["damage"]["value"])
+        d_all = float(both["damage"]["value"])
+        self.log(f"rotation {'on' if rotation else 'off'}: PCR on the top {self.spec.pcr_layers} layers")
+        pcr_layers = st.top_layers(single, self.spec.pcr_layers)
+        pcr: dict[int, dict] = {}
+        for l in pcr_layers:
+            g = Plan(_int_b(tk, False), _int_b(tv, False), frozenset({l}))
+            c = Plan(_int_b(tk, True), _int_b(tv, True), frozenset({l}))
+            dg, dc = self.d(g), self.d(c)
+            # a ratio is read only where the group-32 damage itself is significant
+            significant = dg.lo is not None and dg.lo > self.noise_floor
+            pcr[l] = {"damage_group32": float(dg.value), "damage_group32_lo": dg.lo, "damage_channel": float(dc.value),
+                      "pcr": st.pcr_value(float(dc.value), float(dg.value), self.noise_floor) if significant else None}
+        weighted = st.weighted_mean([pcr[l]["pcr"] for l in pcr_layers], [pcr[l]["damage_group32"] for l in pcr_layers])
+        per_layer = []
+        ov_vals, ov_w = [], []
+        for l in range(L):
+            row: dict[str, Any] = {"layer": l, "separation": float(self.dirs.separation[l]),
+                                   "damage_k": per_k.get(l), "damage_v": per_v.get(l)}
+            for kind, scheme, dmg in (("k", tk, per_k.get(l)), ("v", tv, per_v.get(l))):
+                if scheme is not None and l <= self.l_star:
+                    o = self.overlap(kind, l, scheme)
+                    row[f"outliers_{kind}"] = o["outlier_channels"]
+                    row[f"overlap_{kind}"] = o["overlap"]
+                    ov_vals.append(o["overlap"])
+                    ov_w.append(dmg or 0.0)
+            if l in pcr:
+                row.update(pcr[l])
+            per_layer.append(row)
+        ev = Evidence(
+            damage_both=d_all,
+            damage_k=float(k_only["damage"]["value"]) if k_only else 0.0,
+            damage_v=float(v_only["damage"]["value"]) if v_only else 0.0,
+            beyond_noise=_beyond(both["damage"], self.noise_floor),
+            margin_drop=both["margin_drop_harmful"]["value"],
+            margin_drop_lo=both["margin_drop_harmful"]["lo"],
+            top3_recovery=st.recovery(d_all, d_rest),
+            weighted_pcr=weighted,
+            overlap=st.weighted_mean(ov_vals, ov_w),
+            top_layers=tuple(top3),
+            type_k=kv.type_k, type_v=kv.type_v,
+        )
+        verdict = classify(ev)
+        return {
+            "rotation": rotation,
+            "scheme_k": tk.label if tk else kv.type_k, "scheme_v": tv.label if tv else kv.type_v,
+            "all_layers": {"k_and_v": both, "k_only": k_only, "v_only": v_only},
+            "concentration": {"top3_layers": top3, "top3_share": st.concentration_share(single, top3),
+                              "damage_without_top3": d_rest, "top3_recovery": ev.top3_recovery},
+            "pcr": {"bits_k": _int_b(tk, False).bits if tk else None, "bits_v": _int_b(tv, False).bits if tv else None,
+                    "layers": pcr_layers, "weighted_mean": weighted},
+            "overlap": ev.overlap,
+            "per_layer": per_layer,
+            "evidence": vars(ev) | {"top_layers": list(ev.top_layers)},
+            "verdict": verdict.to_dict(),
+        }
+
+
+def _beyond(dmg: dict, floor: float) -> bool:
+    lo, hi = dmg.get("lo"), dmg.get("hi")
+    return (lo is not None and lo > floor) or (hi is not None and hi < -floor)
+
+
+def run_pcr(spec: PcrSpec, log: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    log("calibration set through llama.cpp")
+    cal = build_calibset(spec.model, spec.lora, select_calib_prompts(), spec.options)
+    llama_f16 = [torch.from_numpy(p.f16_logprobs) for p in cal.prompts]
+    llama_q = {rot: llama_logits(spec.model, spec.lora, cal, spec.kv, rot, spec.options) for rot in spec.rotations}
+    t_llama = time.perf_counter() - t0
+    log("loading the GGUF into torch")
+    threads = spec.options.resolved_threads()
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        adapter = read_adapter(spec.lora) if spec.lora else None
+        tm = TorchModel.from_gguf(spec.model.path, adapter)
+        t_load = time.perf_counter() - t0 - t_llama
+        log("f16 reference, safety directions and noise floor")
+        ps = _Pass(spec, cal, tm, log)
+        sim_f16 = ps.engine.continuation_logits(Plan())
+        top1, f16_kld, n_pos = f16_agreement(llama_f16, sim_f16)
+        results, quant_fid = [], []
+        for rot in spec.rotations:
+            results.append(ps.rotation(rot))
+            tk, tv = _scheme(spec.kv.type_k, rot), _scheme(spec.kv.type_v, rot)
+            quant_fid.append(quant_fidelity(rot, llama_f16, llama_q[rot], sim_f16, ps.engine.continuation_logits(Plan(tk, tv))))
+        fidelity = Fidelity(top1, f16_kld, n_pos, tuple(quant_fid), tm.verified)
+    finally:
+        torch.set_num_threads(old_threads)
+    seconds = time.perf_counter() - t0
+    return {
+        "schema": SCHEMA,
+        "kvedge_version": __version__,
+        "model": {"path": str(spec.model.path), "sha256": spec.model.sha256, "architecture": spec.model.architecture,
+                  "n_layer": tm.hp.n_layer, "n_head_kv": tm.hp.n_head_kv, "head_dim_k": tm.hp.head_dim_k,
+                  "head_dim_v": tm.hp.head_dim_v},
+        "adapter": str(spec.lora) if spec.lora else None,
+        "kv": {"type_k": spec.kv.type_k, "type_v": spec.kv.type_v},
+        "calibration": {
+            "split": "calib", "n_harmful": sum(cal.harmful), "n_harmless": len(cal.harmful) - sum(cal.harmful),
+            "prompts": [{"id": p.id, "subset": p.subset, "harmful": p.harmful, "n_tokens": len(p.tokens)}
+                        for p in cal.prompts],
+            "shared_prefix_tokens": len(cal.prefix),
+            "refusal_tokens": list(cal.refusal_pieces), "compliance_tokens": list(cal.compliance_pieces),
+        },
+        "signal": {"readout_layer": ps.l_star, "gap": ps.dirs.gap,
+                   "separation": [float(x) for x in ps.dirs.separation],
+                   "margin_f16_harmful": _est(st.mean_estimate([float(v) for v in ps.m_ref[ps.harmful]])),
+                   "margin_f16_harmless": _est(st.mean_estimate([float(v) for v in ps.m_ref[~ps.harmful]]))},
+        "noise_floor": {"what": "damage of an f32 cache against the f16 reference (arithmetic only)",
+                        "damage": _est(ps.noise), "floor": ps.noise_floor},
+        "fidelity": fidelity.to_dict(),
+        "rotations": results,
+        "timing": {"seconds": round(seconds, 2), "llama_cpp_seconds": round(t_llama, 2),
+                   "load_seconds": round(t_load, 2), "torch_runs": ps.engine.runs, "threads": threads},
+    }

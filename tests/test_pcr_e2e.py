@@ -1,0 +1,129 @@
+"""`kvedge pcr` and `kvedge sweep` end to end: real llama.cpp (tokenization, continuations, fidelity
+references) and the real torch pass on the default model with the canary adapter, through the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+from conftest import run_cli  # noqa: E402
+from kvedge.pcr.classify import MODES  # noqa: E402
+
+
+def _finite(x) -> bool:
+    return x is not None and math.isfinite(x)
+
+
+@pytest.fixture(scope="module")
+def pcr_run(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("pcr")
+    proc = run_cli("pcr", "--kv", "q4_0", "--rotation", "both", "--out", str(out), "-q")
+    assert proc.returncode == 0, proc.stderr
+    return {"proc": proc, "out": out, "report": json.loads((out / "pcr.json").read_text()),
+            "md": (out / "pcr.md").read_text()}
+
+
+def test_report_holds_every_field_computed(pcr_run) -> None:
+    rep = pcr_run["report"]
+    assert rep["schema"] == "kvedge.pcr/1"
+    assert rep["calibration"]["n_harmful"] == 10 and rep["calibration"]["n_harmless"] == 10
+    assert rep["adapter"] and rep["adapter"].endswith("smollm2-canary-lora.gguf")
+    sig = rep["signal"]
+    assert 10 <= sig["readout_layer"] < 30 and sig["gap"] > 0
+    assert len(sig["separation"]) == 30
+    assert [r["rotation"] for r in rep["rotations"]] == [True, False]
+    for r in rep["rotations"]:
+        assert r["verdict"]["mode"] in MODES and r["verdict"]["prescription"]
+        for key in ("k_and_v", "k_only", "v_only"):
+            x = r["all_layers"][key]
+            assert _finite(x["damage"]["value"]) and x["damage"]["n"] == 10
+            assert x["damage"]["lo"] <= x["damage"]["value"] <= x["damage"]["hi"]
+            assert _finite(x["margin_drop_harmful"]["value"]) and _finite(x["kld_harmless"]["value"])
+        assert r["all_layers"]["k_and_v"]["amplification"]["value"] > 0
+        assert len(r["per_layer"]) == 30
+        readout = sig["readout_layer"]
+        for row in r["per_layer"][: readout + 1]:
+            assert _finite(row["damage_k"]) and _finite(row["damage_v"])
+            assert 0.0 <= row["overlap_k"] <= 1.0 and 0.0 <= row["overlap_v"] <= 1.0
+        for row in r["per_layer"][readout + 1:]:
+            assert row["damage_k"] is None  # layers after the readout cannot move the signal
+        c = r["concentration"]
+        assert len(c["top3_layers"]) == 3 and 0.0 <= c["top3_share"] <= 1.0
+        assert len(r["pcr"]["layers"]) == 6 and r["pcr"]["bits_k"] == 4
+        pcr_rows = [row for row in r["per_layer"] if "damage_group32" in row]
+        assert len(pcr_rows) == 6
+        assert all(row["pcr"] is None or -1.0 <= row["pcr"] <= 1.0 for row in pcr_rows)
+    # rotation spreads outliers: fewer outlier channels survive in the rotated basis
+    on, off = rep["rotations"]
+    n_on = sum(row.get("outliers_k", 0) for row in on["per_layer"])
+    n_off = sum(row.get("outliers_k", 0) for row in off["per_layer"])
+    assert n_on <= n_off
+    # and the simulation says what llama.cpp measures: q4_0 without rotation hurts more
+    assert off["all_layers"]["k_and_v"]["kld_harmless"]["value"] > on["all_layers"]["k_and_v"]["kld_harmless"]["value"]
+
+
+def test_fidelity_measured_in_the_run(pcr_run) -> None:
+    f = pcr_run["report"]["fidelity"]
+    assert f["n_positions"] >= 20
+    assert f["f16_kld"] < 0.01  # PCR.md section 2 target
+    assert f["f16_top1"] >= 0.9
+    for q in f["quantized"]:
+        assert q["llama_kld"] > 0 and q["sim_kld"] > 0
+        assert 0.25 <= q["ratio"] <= 4.0
+        assert q["n_prompts"] == 20
+
+
+def test_markdown_and_summary(pcr_run) -> None:
+    md, out = pcr_run["md"], pcr_run["proc"].stdout
+    assert "## rotation on" in md and "## rotation off" in md and "Fidelity" in md
+    assert "| layer | sep |" in md
+    assert "verdict:" in out and "fidelity:" in out and "reports:" in out
+
+
+def test_sweep_locates_the_transition(tmp_path) -> None:
+    proc = run_cli("sweep", "--bits", "2,8", "--rotation", "off", "--out", str(tmp_path), "-q")
+    assert proc.returncode == 0, proc.stderr
+    rep = json.loads((tmp_path / "sweep.json").read_text())
+    assert [c["cache"] for c in rep["curves"]] == ["k", "v", "k+v"]
+    for c in rep["curves"]:
+        d2, d8 = (p["damage"]["value"] for p in c["points"])
+        k2, k8 = (p["kld_harmless"]["value"] for p in c["points"])
+        assert k2 > k8  # 2 bits damage the model's output more than 8 bits
+        assert abs(d8) < 0.1  # int8 (= q8_0) is close to f16
+    both = rep["curves"][2]
+    assert both["transition"]["safe_bits"] == 8  # int8 = q8_0 erases far less than a tenth of the gap
+    assert (tmp_path / "sweep.md").read_text().startswith("# kvedge sweep")
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--kv", "f16"], "not one"),
+    (["--kv", "q3_k"], "q3_k"),
+    (["--rotation", "sideways"], "--rotation"),
+])
+def test_bad_input_is_one_line_exit_2(args, needle) -> None:
+    proc = run_cli("pcr", *args, "-q")
+    assert proc.returncode == 2, proc.stderr
+    assert needle in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_unsupported_architecture_exit_2(tmp_path) -> None:
+    from gguf import GGUFWriter
+
+    path = tmp_path / "mamba.gguf"
+    w = GGUFWriter(str(path), "mamba")
+    w.add_block_count(2)
+    w.add_embedding_length(64)
+    w.add_head_count(4)
+    w.add_tensor("token_embd.weight", np.zeros((8, 64), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    proc = run_cli("pcr", str(path), "-q")
+    assert proc.returncode == 2, proc.stderr
+    assert "mamba" in proc.stderr and "llama" in proc.stderr and "Traceback" not in proc.stderr
