@@ -214,10 +214,10 @@ def test_packed_forward_equals_separate_forwards(tmodel, cases) -> None:
     from kvedge.calib.kvquant import parse_scheme
     from kvedge.pcr.stats import kld
 
+    from kvedge.pcr.calibset import common_prefix
+
     seqs = [c.prompt for c in cases]
-    n = 0
-    while all(len(s) > n + 1 and s[n] == seqs[0][n] for s in seqs):
-        n += 1
+    n = len(common_prefix([tuple(s) for s in seqs]))
     assert n > 10, "the chat template should give the prompts a shared prefix"
     packed = Packed.of(seqs[0][:n], [s[n:] for s in seqs])
     last = packed.last()

@@ -352,6 +352,10 @@ class TorchModel:
                                hp.n_head_kv, allowed)
         return ly.o(att)
 
+    def logits(self, hidden: Tensor) -> Tensor:
+        """The output head over residual-stream rows after the last layer."""
+        return self.output(rms_norm(hidden, self.out_norm, self.hp.norm_eps))
+
     def _ffn(self, i: int, x: Tensor) -> Tensor:
         ly = self.layers[i]
         return ly.down(torch.nn.functional.silu(ly.gate(x)) * ly.up(x))
@@ -396,6 +400,5 @@ class TorchModel:
         if stop_layer is not None and stop_layer < hp.n_layer - 1:
             logits = torch.empty(0, hp.n_vocab)
         else:
-            h = x if logits_at is None else x[logits_at]
-            logits = self.output(rms_norm(h, self.out_norm, hp.norm_eps))
+            logits = self.logits(x if logits_at is None else x[logits_at])
         return Output(logits=logits, hidden_per_layer=torch.stack(hidden))

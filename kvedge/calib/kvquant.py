@@ -317,6 +317,18 @@ def cache_roundtrip(x: Tensor, scheme: Scheme, kind: Kind, head_dim: int) -> Ten
     return unrotate(fake_quant(rotate(x, block), scheme), block)
 
 
+def cache_roundtrip_segments(x: Tensor, scheme: Scheme, kind: Kind, head_dim: int, segments: Tensor | None) -> Tensor:
+    """`cache_roundtrip` for packed rows (`segments`: [tokens] ids from a `Packed` forward): a per-channel
+    scheme takes its scales per segment; per-row schemes never look across rows, so they need none."""
+    if scheme.granularity != "channel" or segments is None:
+        return cache_roundtrip(x, scheme, kind, head_dim)
+    out = torch.empty_like(x, dtype=torch.float32)
+    for seg in torch.unique(segments):
+        rows = segments == seg
+        out[rows] = cache_roundtrip(x[rows], scheme, kind, head_dim)
+    return out
+
+
 @dataclass(frozen=True, eq=False)
 class CacheSim:
     """A `kv_transform` for `TorchModel.forward`: K and/or V of the selected layers (all when
@@ -336,11 +348,4 @@ class CacheSim:
         if scheme is None or (self.layers is not None and layer not in self.layers):
             return x
         head_dim = self.head_dim_k if kind == "k" else self.head_dim_v
-        kind_ = "k" if kind == "k" else "v"
-        if scheme.granularity != "channel" or self.segments is None:
-            return cache_roundtrip(x, scheme, kind_, head_dim)
-        out = torch.empty_like(x, dtype=torch.float32)
-        for seg in torch.unique(self.segments):
-            rows = self.segments == seg
-            out[rows] = cache_roundtrip(x[rows], scheme, kind_, head_dim)
-        return out
+        return cache_roundtrip_segments(x, scheme, "k" if kind == "k" else "v", head_dim, self.segments)

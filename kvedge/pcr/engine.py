@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ..calib.gguf_torch import Packed, TorchModel
-from ..calib.kvquant import Scheme, cache_roundtrip, parse_scheme
+from ..calib.kvquant import Scheme, cache_roundtrip_segments, parse_scheme
 from .calibset import CalibSet
 
 F16 = parse_scheme("f16")
@@ -53,13 +53,7 @@ class _Transform:
         if self.keep is not None:
             x.retain_grad()
             self.keep[(layer, kind)] = x
-        if scheme.granularity != "channel":
-            return cache_roundtrip(x, scheme, kind, head_dim)  # type: ignore[arg-type]
-        out = torch.empty_like(x)
-        for seg in torch.unique(self.segments):
-            rows = self.segments == seg
-            out[rows] = cache_roundtrip(x[rows], scheme, kind, head_dim)  # type: ignore[arg-type]
-        return out
+        return cache_roundtrip_segments(x, scheme, kind, head_dim, self.segments)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)

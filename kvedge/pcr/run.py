@@ -12,7 +12,7 @@ from typing import Any, Callable
 import torch
 
 from .. import __version__
-from ..calib.gguf_torch import TorchModel, rms_norm
+from ..calib.gguf_torch import TorchModel
 from ..calib.kvquant import Scheme, parse_scheme, rotate, rotation_block
 from ..lora import read_adapter
 from ..model import ModelInfo
@@ -47,10 +47,6 @@ def _int_b(s: Scheme | None, channel: bool) -> Scheme | None:
     return parse_scheme(f"int{min(max(s.bits, 2), 8)}{'-channel' if channel else ''}", s.rotation)
 
 
-def _est(e) -> dict:
-    return e.to_dict()
-
-
 class _Pass:
     """The measurements of one call, shared by the rotation settings."""
 
@@ -63,10 +59,8 @@ class _Pass:
         self.dirs = st.directions(ref[:, last], self.harmful)
         self.l_star = self.dirs.readout
         self.r = self.dirs.r[self.l_star]
-        hp = tm.hp
         with torch.inference_mode():
-            h_final = ref[-1][last]
-            self.ref_logits = tm.output(rms_norm(h_final, tm.out_norm, hp.norm_eps))
+            self.ref_logits = tm.logits(ref[-1][last])
         self.ref_h = ref[self.l_star][last]
         self.s_ref = self.ref_h @ self.r
         self.m_ref = st.margin(self.ref_logits, list(cal.refusal_tokens), list(cal.compliance_tokens))
@@ -94,10 +88,10 @@ class _Pass:
         harmless = ~self.harmful
         amp = st.amplification(self.ref_h, res.signal_hidden, self.r, self.dirs.gap)
         return {
-            "damage": _est(dmg),
-            "margin_drop_harmful": _est(st.mean_estimate([float(v) for v in (self.m_ref - m_q)[self.harmful]])),
+            "damage": dmg.to_dict(),
+            "margin_drop_harmful": st.mean_estimate([float(v) for v in (self.m_ref - m_q)[self.harmful]]).to_dict(),
             "relative_l2_readout": st.relative_l2(self.ref_h, res.signal_hidden),
-            "kld_harmless": _est(st.mean_estimate([float(v) for v in st.kld(self.ref_logits[harmless], res.logits[harmless])])),
+            "kld_harmless": st.mean_estimate([float(v) for v in st.kld(self.ref_logits[harmless], res.logits[harmless])]).to_dict(),
             "amplification": vars(amp) if amp else None,
         }
 
@@ -234,10 +228,10 @@ def run_pcr(spec: PcrSpec, log: Callable[[str], None] = lambda m: None) -> dict[
         },
         "signal": {"readout_layer": ps.l_star, "gap": ps.dirs.gap,
                    "separation": [float(x) for x in ps.dirs.separation],
-                   "margin_f16_harmful": _est(st.mean_estimate([float(v) for v in ps.m_ref[ps.harmful]])),
-                   "margin_f16_harmless": _est(st.mean_estimate([float(v) for v in ps.m_ref[~ps.harmful]]))},
+                   "margin_f16_harmful": st.mean_estimate([float(v) for v in ps.m_ref[ps.harmful]]).to_dict(),
+                   "margin_f16_harmless": st.mean_estimate([float(v) for v in ps.m_ref[~ps.harmful]]).to_dict()},
         "noise_floor": {"what": "damage of an f32 cache against the f16 reference (arithmetic only)",
-                        "damage": _est(ps.noise), "floor": ps.noise_floor},
+                        "damage": ps.noise.to_dict(), "floor": ps.noise_floor},
         "fidelity": fidelity.to_dict(),
         "rotations": results,
         "timing": {"seconds": round(seconds, 2), "llama_cpp_seconds": round(t_llama, 2),

@@ -14,7 +14,7 @@ from ..calib.kvquant import parse_scheme
 from ..lora import read_adapter
 from .calibset import build_calibset, select_calib_prompts
 from .engine import Plan
-from .run import SCHEMA, PcrSpec, _Pass
+from .run import PcrSpec, _Pass
 
 SWEEP_SCHEMA = "kvedge.sweep/1"
 BITS = tuple(range(2, 9))
