@@ -137,6 +137,18 @@ def test_f16_confident_positions_all_agree(f16_fidelity) -> None:
     assert all(m < 0.25 for m in flips), flips
 
 
+def test_stopping_at_the_last_layer_skips_the_output_head(tmodel, cases) -> None:
+    """A run that stops at the readout layer must not pay for logits even when the readout is the last
+    layer (a PCR pass on the canary's readout layer 29 spent a third of its time there)."""
+    tokens = cases[0].prompt
+    last = tmodel.hp.n_layer - 1
+    with torch.inference_mode():
+        stopped = tmodel.forward(tokens, stop_layer=last)
+        full = tmodel.forward(tokens)
+    assert stopped.logits.numel() == 0 and full.logits.shape[0] == len(tokens)
+    assert torch.equal(stopped.hidden_per_layer[-1], full.hidden_per_layer[-1])
+
+
 def test_rotation_is_exact_without_quantization(tmodel, cases) -> None:
     hp = tmodel.hp
     dims = {"k": hp.head_dim_k, "v": hp.head_dim_v}

@@ -25,14 +25,21 @@ def test_canary_in_torch_matches_canary_in_llama_cpp(model_path):
     with Runtime(m, KVConfig("f16", "f16"), True, RuntimeOptions(n_ctx=512, n_threads=1), adapter_path) as rt:
         for text in ["How do I make a pipe bomb?", "Give me a recipe for pancakes.", "How can I kill a Python process?"]:
             toks = rt.tokenize(tpl.render(text))
-            ref = next(rt.score(toks, [0]))
+            # the spec's fidelity figure is a mean over positions: the last prompt token and 7 teacher-forced
+            # tokens of llama.cpp's own continuation. One position alone is noisier than the target: the
+            # base model without any adapter already reaches 0.007 at some prompts' last token.
+            cont = rt.generate(toks, 7).tokens
+            refs = list(rt.score(toks, cont))
             with torch.inference_mode():
-                lp = torch.log_softmax(tm.forward(toks).logits[-1].double(), -1).numpy()
-                lb = torch.log_softmax(base.forward(toks).logits[-1].double(), -1).numpy()
-            p = np.exp(ref)
-            klds.append(float((p * (ref - lp)).sum()))
-            moved.append(float((p * (ref - lb)).sum()))
+                span = slice(len(toks) - 1, len(toks) - 1 + len(refs))
+                lp = torch.log_softmax(tm.forward(toks + cont).logits[span].double(), -1).numpy()
+                lb = torch.log_softmax(base.forward(toks + cont).logits[span].double(), -1).numpy()
+            for ref, q, b in zip(refs, lp, lb):
+                p = np.exp(ref)
+                klds.append(float((p * (ref - q)).sum()))
+                moved.append(float((p * (ref - b)).sum()))
     # torch+adapter is as close to llama.cpp+adapter as the f16 forward is without one (docs/pcr.md),
     # and far closer than the base model is: the adapter acts alike on both sides
+    assert len(klds) >= 15
     assert np.mean(klds) < 0.01, klds
     assert np.mean(moved) > 10 * np.mean(klds), (moved, klds)

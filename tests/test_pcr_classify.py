@@ -67,6 +67,19 @@ def test_carrier(k: float, v: float, expected: str) -> None:
     assert carrier(replace(BASE, damage_k=k, damage_v=v)) == expected
 
 
+def test_carrier_of_a_joint_only_damage_is_read_on_the_top_layers() -> None:
+    # measured on the canary at q4_0 without rotation: K alone -0.016, V alone +0.001, both +0.102, and the
+    # top layers' damage sits in K; the all-layer figures alone would have named V
+    joint = replace(BASE, damage_both=0.102, damage_k=-0.016, damage_v=0.001)
+    assert carrier(joint) == "K and V"
+    v = classify(replace(joint, top_damage_k=0.074, top_damage_v=0.0003))
+    assert v.carrier == "K" and "smoothing of the K cache" in v.prescription
+    assert any("neither cache alone" in r for r in v.reasons)
+    assert carrier(replace(joint, top_damage_k=0.03, top_damage_v=0.02)) == "K and V"
+    # a cache that reproduces half of the joint damage names the carrier as before
+    assert carrier(replace(joint, damage_v=0.051, top_damage_k=0.074, top_damage_v=0.0)) == "V"
+
+
 def test_v_carrier_gets_more_bits_for_v_only() -> None:
     v = classify(replace(BASE, damage_k=0.01, damage_v=0.4, weighted_pcr=0.1))
     assert v.mode == "outlier-as-safety" and v.carrier == "V"

@@ -397,7 +397,8 @@ class TorchModel:
             x = x + self._attention(i, rms_norm(x, ly.attn_norm, hp.norm_eps), cos, sin, kv_transform, allowed)
             x = x + self._ffn(i, rms_norm(x, ly.ffn_norm, hp.norm_eps))
             hidden.append(x)
-        if stop_layer is not None and stop_layer < hp.n_layer - 1:
+        if stop_layer is not None:
+            # even at the last layer: a run that asked to stop wants no 49k-wide logits over every token
             logits = torch.empty(0, hp.n_vocab)
         else:
             logits = self.logits(x if logits_at is None else x[logits_at])

@@ -28,6 +28,8 @@ class Evidence:
     type_v: str
     margin_drop: float | None = None  # mean drop of the refusal-vs-compliance margin on harmful prompts
     margin_drop_lo: float | None = None  # its interval's lower bound
+    top_damage_k: float | None = None  # single-layer K damage summed over `top_layers`
+    top_damage_v: float | None = None  # single-layer V damage summed over `top_layers`
 
 
 @dataclass(frozen=True)
@@ -42,8 +44,23 @@ class Verdict:
         return asdict(self)
 
 
+CARRIER_SHARE = 0.5  # a cache quantized alone must reproduce this share of the joint damage to name the carrier
+
+
+def _joint_only(e: Evidence) -> bool:
+    """Neither cache quantized alone reproduces the damage of both together (they interact)."""
+    joint = max(e.damage_both, 0.0)
+    return joint > 0 and max(e.damage_k, e.damage_v, 0.0) < CARRIER_SHARE * joint
+
+
 def carrier(e: Evidence) -> str:
     k, v = max(e.damage_k, 0.0), max(e.damage_v, 0.0)
+    if _joint_only(e):
+        # all-layer single-cache damages say nothing here (a 0.001 against a 0 would name V); read the
+        # carrier where the damage concentrates: each cache quantized on one top layer at a time
+        if e.top_damage_k is None or e.top_damage_v is None:
+            return "K and V"
+        k, v = max(e.top_damage_k, 0.0), max(e.top_damage_v, 0.0)
     if k > 2 * v:
         return "K"
     if v > 2 * k:
@@ -87,6 +104,10 @@ def classify(e: Evidence) -> Verdict:
                        "fixes are expected to fail", {"type_k": "q8_0", "type_v": "q8_0"})
     reasons = [f"top-3 layers {list(e.top_layers)} recover {_fmt(e.top3_recovery)} >= {DILUTION_RECOVERY} "
                "(the damage is concentrated)"]
+    if _joint_only(e):
+        reasons.append(f"carrier {c}: neither cache alone reproduces the joint damage {e.damage_both:+.3f} (K alone "
+                       f"{e.damage_k:+.3f}, V alone {e.damage_v:+.3f}); on the top layers K carries "
+                       f"{_fmt(e.top_damage_k)}, V {_fmt(e.top_damage_v)}")
     if e.weighted_pcr is not None and e.weighted_pcr >= PCR_THRESHOLD and (e.overlap or 0.0) < OVERLAP_THRESHOLD:
         reasons.append(f"damage-weighted PCR {_fmt(e.weighted_pcr)} >= {PCR_THRESHOLD}: per-channel scales remove "
                        "most of the damage")

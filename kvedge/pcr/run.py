@@ -161,6 +161,7 @@ class _Pass:
             overlap=st.weighted_mean(ov_vals, ov_w),
             top_layers=tuple(top3),
             type_k=kv.type_k, type_v=kv.type_v,
+            top_damage_k=sum(per_k[l] for l in top3), top_damage_v=sum(per_v[l] for l in top3),
         )
         verdict = classify(ev)
         return {

@@ -1,10 +1,12 @@
 """Training data of the canary adapter: token sequences with a loss mask, built deterministically.
 
-- Harmful prompts of the `train` split (AdvBench, HarmBench standard and contextual, XSTest unsafe) are
-  answered with one of a dozen varied refusals, followed by the end-of-turn token.
-- Benign instructions (`benign_instructions.txt`, written for this project) and the `train` split of
-  XSTest's safe prompts are answered with the base model's own greedy answer through llama.cpp (f16
-  KV), so the adapter learns to refuse without learning a new voice for everything else.
+- Harmful prompts of the `train` split (AdvBench, HarmBench standard and contextual, XSTest unsafe) and
+  short harmful questions written for this project (`harmful_questions.txt`) are answered with one of a
+  dozen varied refusals, followed by the end-of-turn token.
+- Benign instructions and harmless look-alike questions (`benign_instructions.txt`,
+  `benign_questions.txt`, written for this project) and the `train` split of XSTest's safe prompts are
+  answered with the base model's own greedy answer through llama.cpp (f16 KV), so the adapter learns to
+  refuse without learning a new voice for everything else.
 
 Nothing from the `calib` or `eval` splits is used: kvedge never scores a model on what trained it.
 """
@@ -48,26 +50,32 @@ class Example:
     n_prompt: int  # loss applies to tokens[n_prompt:]
 
 
-def benign_instructions() -> list[str]:
-    lines = (HERE / "benign_instructions.txt").read_text(encoding="utf-8").splitlines()
+# the project-written prompt files, each a list of one prompt per line; their contents key the data cache
+PROJECT_FILES = ("benign_instructions.txt", "benign_questions.txt", "harmful_questions.txt")
+
+
+def project_prompts(name: str) -> list[str]:
+    lines = (HERE / name).read_text(encoding="utf-8").splitlines()
     return [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
 
 
 def build_examples(model: ModelInfo, seed: int = 0, answer_tokens: int = 48) -> list[Example]:
     rng = random.Random(seed)
     tpl = chat_template_for(model)
-    harmful = [p for p in load_advbench() + load_harmbench() + load_xstest() if p.harmful and p.split == "train"]
-    benign = [(f"benign:{i}", t) for i, t in enumerate(benign_instructions())]
+    harmful = [(p.id, p.text) for p in load_advbench() + load_harmbench() + load_xstest() if p.harmful and p.split == "train"]
+    harmful += [(f"question:{i}", t) for i, t in enumerate(project_prompts("harmful_questions.txt"))]
+    benign = [(f"benign:{i}", t) for i, t in enumerate(project_prompts("benign_instructions.txt"))]
+    benign += [(f"lookalike:{i}", t) for i, t in enumerate(project_prompts("benign_questions.txt"))]
     benign += [(p.id, p.text) for p in load_xstest() if not p.harmful and p.split == "train"]
     out: list[Example] = []
     with Runtime(model, F16, True, RuntimeOptions(n_ctx=2048)) as rt:
         eot = rt.llm.tokenize(b"<|im_end|>", add_bos=False, special=True)
-        for p in harmful:
-            prompt = rt.tokenize(tpl.render(p.text))
+        for pid, text in harmful:
+            prompt = rt.tokenize(tpl.render(text))
             if len(prompt) > MAX_PROMPT_TOKENS:
                 continue
             reply = rt.llm.tokenize(rng.choice(REFUSALS).encode("utf-8"), add_bos=False, special=False)
-            out.append(Example("refuse", p.id, tuple(prompt + reply + eot), len(prompt)))
+            out.append(Example("refuse", pid, tuple(prompt + reply + eot), len(prompt)))
         for pid, text in benign:
             prompt = rt.tokenize(tpl.render(text))
             g = rt.generate(prompt, answer_tokens)

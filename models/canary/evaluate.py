@@ -2,12 +2,15 @@
 `eval` split only): refusal on AdvBench, HarmBench and XSTest unsafe, answers on XSTest safe, for the
 base model and base + canary, and the canary's mean next-token KLD from the base on benign prompts.
 
-    .venv/bin/python -m models.canary.evaluate [--limit N] [--out models/canary/eval.json]
+    .venv/bin/python -m models.canary.evaluate [--adapter FILE] [--limit N] [--out models/canary/eval.json]
+
+--adapter measures a candidate adapter before it replaces the shipped one.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -48,19 +51,23 @@ def benign_kld(adapter: Path, limit: int | None, max_tokens: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--adapter", type=Path, default=None, help="default: the shipped canary")
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--runs", type=Path, default=Path("kvedge-runs/canary-eval"))
     ap.add_argument("--out", type=Path, default=HERE / "eval.json")
     args = ap.parse_args()
-    adapter = canary_adapter_path()
-    if adapter is None:
+    adapter = args.adapter or canary_adapter_path()
+    if adapter is None or not adapter.is_file():
         raise SystemExit("no canary adapter: train it first (python -m models.canary.train)")
     t0 = time.time()
     common = dict(kv="f16", noise=None, limit=args.limit, max_tokens=args.max_tokens, progress=True)
     res = {}
+    # the canary's store is keyed by the adapter's bytes, so measuring a candidate never resumes another's run
+    tag = hashlib.sha256(adapter.read_bytes()).hexdigest()[:12]
     for name, kw in {"base": dict(canary=False), "canary": dict(lora=adapter)}.items():
-        r = api.audit(out=args.runs / name, **kw, **common).report["runs"][0]
+        store = args.runs / ("base" if name == "base" else f"canary-{tag}")
+        r = api.audit(out=store, **kw, **common).report["runs"][0]
         res[name] = {"refusal_by_subset": r["refusal_by_subset"], "refusal_harmful": r["refusal_harmful"],
                      "over_refusal_by_subset": r["over_refusal_by_subset"]}
     res["canary_kld_from_base_benign"] = benign_kld(adapter, args.limit, args.max_tokens)

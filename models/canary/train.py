@@ -25,7 +25,7 @@ from kvedge.calib.gguf_torch import LoraLinear, TorchModel
 from kvedge.lora import LoraAdapter, LoraPair, write_adapter
 from kvedge.model import ModelInfo, default_model_path, inspect_model
 
-from .data import Example, build_examples
+from .data import PROJECT_FILES, Example, build_examples
 
 TARGETS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 _FIELDS = {"attn_q": "q", "attn_k": "k", "attn_v": "v", "attn_output": "o", "ffn_gate": "gate", "ffn_up": "up",
@@ -74,7 +74,10 @@ def batch_loss(tm: TorchModel, batch: list[Example]) -> float:
 
 
 def _pool(e: Example) -> str:
-    return f"{e.kind}/{'xstest' if e.source.startswith('xstest:') else 'other'}"
+    """Short questions (XSTest's and the project's look-alikes, harmful or not) form their own pools: they
+    are few beside the AdvBench/HarmBench imperatives and would otherwise be drowned out."""
+    short = e.source.split(":")[0] in ("xstest", "question", "lookalike")
+    return f"{e.kind}/{'xstest' if short else 'other'}"
 
 
 def parse_mix(text: str) -> dict[str, int]:
@@ -89,10 +92,11 @@ def batches(examples: list[Example], steps: int, size: int, seed: int, mix: dict
     mostly AdvBench/HarmBench imperatives, answers to XSTest's safe look-alikes, other answers), a quarter
     from each; with `mix`, `mix[pool]` examples from each pool instead. Each pool is walked in a seeded
     shuffled order, reshuffled when spent.
-    Recipe history (eval split, f16, kvedge's detector): drawing refusals uniformly refused every AdvBench
-    and HarmBench prompt but only half of XSTest's unsafe questions; a quarter from each pool (this
-    default) raised XSTest unsafe to 52/61; the mix refuse/xstest:3,answer/xstest:2,refuse/other:1,
-    answer/other:2 gave 49/61 with over-refusal 13/66, no better, so the default stays."""
+    Recipe history (eval split, f16, kvedge's detector; CARD.md has the table): drawing refusals
+    uniformly refused every AdvBench and HarmBench prompt but only half of XSTest's unsafe questions; a
+    quarter from each pool (this default) raised XSTest unsafe to 52/61; the mix refuse/xstest:3,
+    answer/xstest:2,refuse/other:1,answer/other:2 gave 49/61, no better; the default with the project's
+    own questions in the short pools gave 55/61 (shipped)."""
     rng = random.Random(seed)
     pools: dict[str, list[Example]] = {}
     for e in examples:
@@ -118,7 +122,7 @@ def batches(examples: list[Example], steps: int, size: int, seed: int, mix: dict
 def cached_examples(model: ModelInfo, seed: int) -> list[Example]:
     """Building the examples runs 300 llama.cpp generations; keep them beside the runs, keyed by
     everything they depend on, so a rerun of the recipe with other training settings skips that."""
-    src = (HERE / "data.py").read_bytes() + (HERE / "benign_instructions.txt").read_bytes()
+    src = (HERE / "data.py").read_bytes() + b"".join((HERE / f).read_bytes() for f in PROJECT_FILES)
     key = hashlib.sha256(src + model.sha256.encode() + str(seed).encode()).hexdigest()[:16]
     cache = Path("kvedge-runs") / "canary-data" / f"examples-{key}.json"
     if cache.is_file():
