@@ -130,12 +130,13 @@ def pcr(
     log=None,
 ) -> tuple[dict[str, Any], Path, Path]:
     """The PCR diagnostic (kvedge pcr): returns the report dict and the JSON and Markdown paths."""
-    from .pcr.report import write_pcr_reports
+    from .pcr.report import render_markdown, write_reports
     from .pcr.run import run_pcr
 
     spec, stem = _pcr_spec(model, lora, kv, rotation, ctx, threads, canary)
     rep = run_pcr(spec, log or (lambda m: None))
-    jp, mp = write_pcr_reports(rep, Path(out) if out else Path("kvedge-runs") / stem / f"pcr-{spec.kv.name}")
+    out_dir = Path(out) if out else Path("kvedge-runs") / stem / f"pcr-{spec.kv.name}"
+    jp, mp = write_reports(rep, render_markdown(rep), out_dir, "pcr")
     return rep, jp, mp
 
 
@@ -151,18 +152,14 @@ def sweep(
     log=None,
 ) -> tuple[dict[str, Any], Path, Path]:
     """The bit-width sweep (kvedge sweep): returns the report dict and the JSON and Markdown paths."""
-    import json
-
-    from .atomic import atomic_write_text
+    from .pcr.report import write_reports
     from .pcr.sweep import render_sweep_markdown, run_sweep
 
     widths = parse_bits(bits)
     spec, stem = _pcr_spec(model, lora, "q4_0", rotation, ctx, threads, canary)
     rep = run_sweep(spec, widths, log or (lambda m: None))
-    d = Path(out) if out else Path("kvedge-runs") / stem / "sweep"
-    jp, mp = d / "sweep.json", d / "sweep.md"
-    atomic_write_text(jp, json.dumps(rep, indent=2) + "\n")
-    atomic_write_text(mp, render_sweep_markdown(rep))
+    out_dir = Path(out) if out else Path("kvedge-runs") / stem / "sweep"
+    jp, mp = write_reports(rep, render_sweep_markdown(rep), out_dir, "sweep")
     return rep, jp, mp
 
 

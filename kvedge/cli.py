@@ -159,14 +159,12 @@ def sweep(
     """Simulated safety damage and margin vs cache bit width for K, V and both: where this model's safety breaks."""
     _need_torch()
     from .api import sweep as run
+    from .pcr.sweep import sweep_summary_lines
 
     rep, jp, mp = run(model=model, lora=lora, rotation=rotation, bits=bits, ctx=ctx, threads=threads, out=out,
                       canary=not no_canary, log=_log(quiet))
-    for c in rep["curves"]:
-        t = c["transition"]
-        pts = "  ".join(f"{p['bits']}b:{p['damage']['value']:+.2f}" for p in c["points"])
-        typer.echo(f"{c['cache']:>3} rot {'on ' if c['rotation'] else 'off'}  collapse<= {t['collapse_bits'] or '-'}  "
-                   f"safe>= {t['safe_bits'] or '-'}  damage {pts}")
+    for line in sweep_summary_lines(rep):
+        typer.echo(line)
     typer.echo(f"reports: {jp} {mp}")
 
 

@@ -1,4 +1,5 @@
-"""Markdown and terminal renderings of a PCR report dict (schema kvedge.pcr/1)."""
+"""Markdown and terminal renderings of a PCR report dict (schema kvedge.pcr/1), and the atomic writing of a
+report pair that pcr and sweep share."""
 
 from __future__ import annotations
 
@@ -127,8 +128,9 @@ def render_markdown(rep: dict[str, Any]) -> str:
     return "\n".join(L) + "\n"
 
 
-def write_pcr_reports(rep: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
-    jp, mp = out_dir / "pcr.json", out_dir / "pcr.md"
+def write_reports(rep: dict[str, Any], markdown: str, out_dir: Path, name: str) -> tuple[Path, Path]:
+    """`name`.json and `name`.md in `out_dir`, each written atomically (pcr and sweep alike)."""
+    jp, mp = out_dir / f"{name}.json", out_dir / f"{name}.md"
     atomic_write_text(jp, json.dumps(rep, indent=2) + "\n")
-    atomic_write_text(mp, render_markdown(rep))
+    atomic_write_text(mp, markdown)
     return jp, mp

@@ -5,6 +5,7 @@ docs/pcr.md) that the report renders; every number in it is measured in this cal
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -35,6 +36,20 @@ class PcrSpec:
     rotations: tuple[bool, ...] = (True, False)
     options: RuntimeOptions = field(default_factory=RuntimeOptions)
     pcr_layers: int = N_PCR_LAYERS
+
+    def torch_model(self) -> TorchModel:
+        return TorchModel.from_gguf(self.model.path, read_adapter(self.lora) if self.lora else None)
+
+
+@contextmanager
+def torch_threads(n: int):
+    """torch's intra-op threads at `n` for a pass, the caller's setting restored after (a notebook keeps its own)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def _scheme(type_name: str, rotation: bool) -> Scheme | None:
@@ -193,11 +208,8 @@ def run_pcr(spec: PcrSpec, log: Callable[[str], None] = lambda m: None) -> dict[
     t_llama = time.perf_counter() - t0
     log("loading the GGUF into torch")
     threads = spec.options.resolved_threads()
-    old_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        adapter = read_adapter(spec.lora) if spec.lora else None
-        tm = TorchModel.from_gguf(spec.model.path, adapter)
+    with torch_threads(threads):
+        tm = spec.torch_model()
         t_load = time.perf_counter() - t0 - t_llama
         log("f16 reference, safety directions and noise floor")
         ps = _Pass(spec, cal, tm, log)
@@ -209,8 +221,6 @@ def run_pcr(spec: PcrSpec, log: Callable[[str], None] = lambda m: None) -> dict[
             tk, tv = _scheme(spec.kv.type_k, rot), _scheme(spec.kv.type_v, rot)
             quant_fid.append(quant_fidelity(rot, llama_f16, llama_q[rot], sim_f16, ps.engine.continuation_logits(Plan(tk, tv))))
         fidelity = Fidelity(top1, f16_kld, n_pos, tuple(quant_fid), tm.verified)
-    finally:
-        torch.set_num_threads(old_threads)
     seconds = time.perf_counter() - t0
     return {
         "schema": SCHEMA,

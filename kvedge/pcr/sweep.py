@@ -6,15 +6,11 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
-import torch
-
 from .. import __version__
-from ..calib.gguf_torch import TorchModel
 from ..calib.kvquant import parse_scheme
-from ..lora import read_adapter
 from .calibset import build_calibset, select_calib_prompts
 from .engine import Plan
-from .run import PcrSpec, _Pass
+from .run import PcrSpec, _Pass, torch_threads
 
 SWEEP_SCHEMA = "kvedge.sweep/1"
 BITS = tuple(range(2, 9))
@@ -43,11 +39,8 @@ def run_sweep(spec: PcrSpec, bits: tuple[int, ...] = BITS, log: Callable[[str], 
     t0 = time.perf_counter()
     cal = build_calibset(spec.model, spec.lora, select_calib_prompts(), spec.options)
     threads = spec.options.resolved_threads()
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        tm = TorchModel.from_gguf(spec.model.path, read_adapter(spec.lora) if spec.lora else None)
-        ps = _Pass(spec, cal, tm, log)
+    with torch_threads(threads):
+        ps = _Pass(spec, cal, spec.torch_model(), log)
         curves = []
         for rot in spec.rotations:
             for kind in ("k", "v", "k+v"):
@@ -63,8 +56,6 @@ def run_sweep(spec: PcrSpec, bits: tuple[int, ...] = BITS, log: Callable[[str], 
                                    "relative_l2_readout": res["relative_l2_readout"]})
                 curves.append({"rotation": rot, "cache": kind, "points": points,
                                "transition": transition(points)})
-    finally:
-        torch.set_num_threads(old)
     return {
         "schema": SWEEP_SCHEMA,
         "kvedge_version": __version__,
@@ -77,6 +68,17 @@ def run_sweep(spec: PcrSpec, bits: tuple[int, ...] = BITS, log: Callable[[str], 
         "curves": curves,
         "timing": {"seconds": round(time.perf_counter() - t0, 2), "torch_runs": ps.engine.runs, "threads": threads},
     }
+
+
+def sweep_summary_lines(rep: dict[str, Any]) -> list[str]:
+    """One terminal line per curve: transition and damage per width."""
+    lines = []
+    for c in rep["curves"]:
+        t = c["transition"]
+        pts = "  ".join(f"{p['bits']}b:{p['damage']['value']:+.2f}" for p in c["points"])
+        lines.append(f"{c['cache']:>3} rot {'on ' if c['rotation'] else 'off'}  collapse<= {t['collapse_bits'] or '-'}  "
+                     f"safe>= {t['safe_bits'] or '-'}  damage {pts}")
+    return lines
 
 
 def render_sweep_markdown(rep: dict[str, Any]) -> str:

@@ -52,6 +52,10 @@ class Example:
 
 # the project-written prompt files, each a list of one prompt per line; their contents key the data cache
 PROJECT_FILES = ("benign_instructions.txt", "benign_questions.txt", "harmful_questions.txt")
+# source prefixes of the short first-person questions (XSTest's and the project's harmful questions and
+# look-alikes), which the recipe batches apart from the long imperatives
+QUESTION, LOOKALIKE = "question", "lookalike"
+SHORT_QUESTION_SOURCES = ("xstest", QUESTION, LOOKALIKE)
 
 
 def project_prompts(name: str) -> list[str]:
@@ -63,9 +67,9 @@ def build_examples(model: ModelInfo, seed: int = 0, answer_tokens: int = 48) -> 
     rng = random.Random(seed)
     tpl = chat_template_for(model)
     harmful = [(p.id, p.text) for p in load_advbench() + load_harmbench() + load_xstest() if p.harmful and p.split == "train"]
-    harmful += [(f"question:{i}", t) for i, t in enumerate(project_prompts("harmful_questions.txt"))]
+    harmful += [(f"{QUESTION}:{i}", t) for i, t in enumerate(project_prompts("harmful_questions.txt"))]
     benign = [(f"benign:{i}", t) for i, t in enumerate(project_prompts("benign_instructions.txt"))]
-    benign += [(f"lookalike:{i}", t) for i, t in enumerate(project_prompts("benign_questions.txt"))]
+    benign += [(f"{LOOKALIKE}:{i}", t) for i, t in enumerate(project_prompts("benign_questions.txt"))]
     benign += [(p.id, p.text) for p in load_xstest() if not p.harmful and p.split == "train"]
     out: list[Example] = []
     with Runtime(model, F16, True, RuntimeOptions(n_ctx=2048)) as rt:

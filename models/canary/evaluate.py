@@ -10,7 +10,6 @@ base model and base + canary, and the canary's mean next-token KLD from the base
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from kvedge import api
 from kvedge.audit import F16, chat_template_for, kld_topk, top_k
 from kvedge.canary import canary_adapter_path
 from kvedge.datasets import select_prompts
-from kvedge.model import default_model_path, inspect_model
+from kvedge.model import default_model_path, inspect_model, sha256_file
 from kvedge.runtime import Runtime, RuntimeOptions
 from kvedge.stats import mean_estimate
 
@@ -63,11 +62,11 @@ def main() -> None:
     t0 = time.time()
     common = dict(kv="f16", noise=None, limit=args.limit, max_tokens=args.max_tokens, progress=True)
     res = {}
-    # the canary's store is keyed by the adapter's bytes, so measuring a candidate never resumes another's run
-    tag = hashlib.sha256(adapter.read_bytes()).hexdigest()[:12]
-    for name, kw in {"base": dict(canary=False), "canary": dict(lora=adapter)}.items():
-        store = args.runs / ("base" if name == "base" else f"canary-{tag}")
-        r = api.audit(out=store, **kw, **common).report["runs"][0]
+    # the canary's store is named by the adapter's hash, so measuring a candidate never resumes another's run
+    runs = {"base": (dict(canary=False), "base"),
+            "canary": (dict(lora=adapter), f"canary-{sha256_file(adapter)[:12]}")}
+    for name, (kw, store) in runs.items():
+        r = api.audit(out=args.runs / store, **kw, **common).report["runs"][0]
         res[name] = {"refusal_by_subset": r["refusal_by_subset"], "refusal_harmful": r["refusal_harmful"],
                      "over_refusal_by_subset": r["over_refusal_by_subset"]}
     res["canary_kld_from_base_benign"] = benign_kld(adapter, args.limit, args.max_tokens)

@@ -25,7 +25,7 @@ from kvedge.calib.gguf_torch import LoraLinear, TorchModel
 from kvedge.lora import LoraAdapter, LoraPair, write_adapter
 from kvedge.model import ModelInfo, default_model_path, inspect_model
 
-from .data import PROJECT_FILES, Example, build_examples
+from .data import PROJECT_FILES, SHORT_QUESTION_SOURCES, Example, build_examples
 
 TARGETS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 _FIELDS = {"attn_q": "q", "attn_k": "k", "attn_v": "v", "attn_output": "o", "ffn_gate": "gate", "ffn_up": "up",
@@ -76,7 +76,7 @@ def batch_loss(tm: TorchModel, batch: list[Example]) -> float:
 def _pool(e: Example) -> str:
     """Short questions (XSTest's and the project's look-alikes, harmful or not) form their own pools: they
     are few beside the AdvBench/HarmBench imperatives and would otherwise be drowned out."""
-    short = e.source.split(":")[0] in ("xstest", "question", "lookalike")
+    short = e.source.split(":")[0] in SHORT_QUESTION_SOURCES
     return f"{e.kind}/{'xstest' if short else 'other'}"
 
 
