@@ -14,7 +14,9 @@ import time
 
 import numpy as np
 
-from kvedge.audit import F16, chat_template_for, load_model
+from kvedge.model import load_model
+from kvedge.runtime import F16
+from kvedge.template import chat_template_for
 from kvedge.datasets import select_prompts
 from kvedge.detect import default_detector
 from kvedge.noise import flips, judge

@@ -9,7 +9,8 @@ import argparse
 import os
 import platform
 
-from kvedge.audit import chat_template_for, load_model
+from kvedge.model import load_model
+from kvedge.template import chat_template_for
 from kvedge.datasets import select_prompts
 from kvedge.runtime import Runtime, RuntimeOptions, parse_kv_list
 

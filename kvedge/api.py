@@ -1,22 +1,27 @@
 """The library API the CLI calls, usable from a notebook: `kvedge.api.audit(...)` does what
-`kvedge audit` does and returns the report dict with the paths it wrote."""
+`kvedge audit` does and returns the report dict with the paths it wrote. All validation happens here,
+cheapest first and before any model is hashed or run; the CLI only parses and renders."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from .audit import NOISE_VARIANTS, AuditSpec, load_model, run_audit
+from .audit import AuditSpec, run_audit
 from .canary import canary_adapter_path
-from .datasets import parse_benchmarks, select_prompts
+from .datasets import DEFAULT_BENCHMARKS, parse_benchmarks, select_prompts
 from .detect import Detector, default_detector
-from .errors import KvedgeError, ModelFileError
-from .model import read_metadata
-from .report import write_reports
-from .runtime import RuntimeOptions, parse_kv_list
+from .errors import KvedgeError
+from .lora import check_adapter
+from .model import ModelInfo, load_model
+from .registry import NOISE_VARIANTS
+from .report import write_pair
+from .runtime import LLAMA_CPP, RuntimeFactory, RuntimeOptions, parse_kv, parse_kv_list, parse_rotation
 from .store import Store
 from .summary import summarize
+
+Log = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -28,13 +33,16 @@ class AuditResult:
     generated: int
 
 
-def check_adapter(path: str | Path) -> Path:
-    """A LoRA adapter must be a complete GGUF that says it is one."""
-    p = Path(path)
-    md, _ = read_metadata(p)
-    if md.get("general.type") != "adapter":
-        raise ModelFileError(f"{p} is not a LoRA adapter GGUF (general.type is {md.get('general.type')!r})")
-    return p.resolve()
+def _adapter_for(model: str | Path | None, lora: str | Path | None, canary: bool) -> Path | None:
+    """With no model and no adapter, the default model is audited with the canary (a base that refuses
+    nothing has no refusals to lose); `canary=False` audits the bare default model."""
+    if lora is None and model is None and canary:
+        lora = canary_adapter_path()
+    return check_adapter(lora) if lora else None
+
+
+def _stem(info: ModelInfo, adapter: Path | None) -> str:
+    return info.stem + (f"+{adapter.stem}" if adapter else "")
 
 
 def audit(
@@ -42,7 +50,7 @@ def audit(
     lora: str | Path | None = None,
     kv: str = "f16,q8_0,q4_0",
     rotation: str = "both",
-    benchmarks: str = "advbench,harmbench,xstest",
+    benchmarks: str = ",".join(DEFAULT_BENCHMARKS),
     split: str = "eval",
     prompts: str | Path | None = None,
     limit: int | None = None,
@@ -57,21 +65,25 @@ def audit(
     progress: bool = True,
     detector: Detector | None = None,
     canary: bool = True,
+    runtimes: RuntimeFactory = LLAMA_CPP,
 ) -> AuditResult:
-    """With no `model`, audits the embedded default model with the canary adapter (a base that refuses
-    nothing has no refusals to lose); `canary=False` audits the bare default model."""
+    """With no `model`, audits the embedded default model with the canary adapter; `canary=False`
+    audits the bare default model. `runtimes` is where llama.cpp contexts come from (a test can pass a
+    fake). The report's `gate` says whether `fail_under` was met; the CLI turns a miss into exit 1."""
     configs = parse_kv_list(kv)  # cheap checks first: bad flags fail before the model is hashed
+    parse_rotation(rotation)
     if noise is not None and noise not in NOISE_VARIANTS:
-        raise KvedgeError(f"unknown --noise {noise!r}: choose from {', '.join(NOISE_VARIANTS)} or none")
+        raise KvedgeError(f"unknown --noise {noise!r}: choose from {', '.join(NOISE_VARIANTS.names())} or none")
+    if fail_under is not None and not 0 <= fail_under <= 1:
+        raise KvedgeError(f"--fail-under takes a share between 0 and 1, not {fail_under}")
+    if max_tokens < 1 or ctx < 64:
+        raise KvedgeError("--max-tokens must be at least 1 and --ctx at least 64")
     names = parse_benchmarks(benchmarks)
     selected = select_prompts(names, split, limit, prompts)
     info = load_model(model)
-    if lora is None and model is None and canary:
-        lora = canary_adapter_path()
-    adapter = check_adapter(lora) if lora else None
+    adapter = _adapter_for(model, lora, canary)
     for c in configs:
         c.check_fits(info)
-    stem = info.stem + (f"+{adapter.stem}" if adapter else "")
     spec = AuditSpec(
         model=info,
         prompts=tuple(selected),
@@ -81,41 +93,56 @@ def audit(
         max_tokens=max_tokens,
         options=RuntimeOptions(n_ctx=ctx, n_threads=threads, n_gpu_layers=gpu_layers),
         system=system,
-        out_dir=Path(out) if out else Path("kvedge-runs") / stem,
+        out_dir=Path(out) if out else Path("kvedge-runs") / _stem(info, adapter),
         noise=noise,
     )
-    outcome = run_audit(spec, progress=progress)
+    outcome = run_audit(spec, progress=progress, runtimes=runtimes)
     det = detector or default_detector()
     with Store(spec.store_path) as store:
-        report = summarize(outcome, store, det, fail_under)
-        noise_run = next((r for r in outcome.runs if r.spec.is_noise), None)
-        if noise_run:
-            store.put_stability(outcome.reference.key, noise_run.key, report["detector"]["name"],
-                                [(p["id"], p["text_sha256"], not p["unstable"]) for p in report["prompts"]])
-    jp, mp = write_reports(report, spec.out_dir)
-    return AuditResult(report, jp, mp, spec.store_path, outcome.generated)
+        summary = summarize(outcome, store.audit_rows([r.key for r in outcome.runs], outcome.reference.key),
+                            det, fail_under)
+        if summary.stability:
+            s = summary.stability
+            store.put_stability(s.ref_key, s.noise_key, s.detector, list(s.marks))
+    from .report.audit import render_markdown
+
+    jp, mp = write_pair(summary.report, render_markdown(summary.report), spec.out_dir, "report")
+    return AuditResult(summary.report, jp, mp, spec.store_path, outcome.generated)
+
+
+def compare(run_a: str | Path, run_b: str | Path, out: str | Path | None = None) -> dict[str, Any]:
+    """Verdict agreement between two audits of one model and its prompts (kvedge compare); with `out`,
+    the comparison is also written there as JSON."""
+    import json
+
+    from .atomic import atomic_write_text
+    from .compare import compare_runs
+
+    result = compare_runs(run_a, run_b)
+    if out is not None:
+        atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+    return result
 
 
 def _pcr_spec(model, lora, kv: str, rotation: str, ctx: int, threads: int | None, canary: bool):
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise KvedgeError("this command runs a torch pass: install it with pip install 'kvedge[pcr]' "
+                          "(CPU torch==2.13.0)") from None
+    from .calib.gguf_torch import check_architecture
     from .pcr.run import PcrSpec
-    from .runtime import parse_kv
 
-    if rotation not in ("on", "off", "both"):
-        raise KvedgeError(f"--rotation must be on, off or both, not {rotation!r}")
+    rotations = parse_rotation(rotation)
     config = parse_kv(kv)
     if not config.quantized:
         raise KvedgeError(f"PCR diagnoses a quantized cache; {config.name} is not one")
     info = load_model(model)
-    from .calib.gguf_torch import check_architecture
-
     check_architecture(info.architecture)  # before any llama.cpp or torch work
-    if lora is None and model is None and canary:
-        lora = canary_adapter_path()
-    adapter = check_adapter(lora) if lora else None
-    rotations = {"on": (True,), "off": (False,), "both": (True, False)}[rotation]
+    config.check_fits(info)
+    adapter = _adapter_for(model, lora, canary)
     spec = PcrSpec(info, adapter, config, rotations, RuntimeOptions(n_ctx=ctx, n_threads=threads))
-    stem = info.stem + (f"+{adapter.stem}" if adapter else "")
-    return spec, stem
+    return spec, _stem(info, adapter)
 
 
 def pcr(
@@ -127,16 +154,16 @@ def pcr(
     threads: int | None = None,
     out: str | Path | None = None,
     canary: bool = True,
-    log=None,
+    log: Log | None = None,
 ) -> tuple[dict[str, Any], Path, Path]:
     """The PCR diagnostic (kvedge pcr): returns the report dict and the JSON and Markdown paths."""
-    from .pcr.report import render_markdown, write_reports
     from .pcr.run import run_pcr
+    from .report.pcr import render_markdown
 
     spec, stem = _pcr_spec(model, lora, kv, rotation, ctx, threads, canary)
     rep = run_pcr(spec, log or (lambda m: None))
     out_dir = Path(out) if out else Path("kvedge-runs") / stem / f"pcr-{spec.kv.name}"
-    jp, mp = write_reports(rep, render_markdown(rep), out_dir, "pcr")
+    jp, mp = write_pair(rep, render_markdown(rep), out_dir, "pcr")
     return rep, jp, mp
 
 
@@ -149,17 +176,17 @@ def sweep(
     threads: int | None = None,
     out: str | Path | None = None,
     canary: bool = True,
-    log=None,
+    log: Log | None = None,
 ) -> tuple[dict[str, Any], Path, Path]:
     """The bit-width sweep (kvedge sweep): returns the report dict and the JSON and Markdown paths."""
-    from .pcr.report import write_reports
-    from .pcr.sweep import render_sweep_markdown, run_sweep
+    from .pcr.sweep import run_sweep
+    from .report.sweep import render_sweep_markdown
 
     widths = parse_bits(bits)
     spec, stem = _pcr_spec(model, lora, "q4_0", rotation, ctx, threads, canary)
     rep = run_sweep(spec, widths, log or (lambda m: None))
     out_dir = Path(out) if out else Path("kvedge-runs") / stem / "sweep"
-    jp, mp = write_reports(rep, render_sweep_markdown(rep), out_dir, "sweep")
+    jp, mp = write_pair(rep, render_sweep_markdown(rep), out_dir, "sweep")
     return rep, jp, mp
 
 

@@ -5,38 +5,26 @@ statistics. Splitting the two is what makes a rerun free: the second run finds e
 goes straight to the summary, which is a pure function of the stored rows.
 
 Runs, in order: the f16 reference; the f16 noise run (same cache precision, flash attention off, so
-the attention arithmetic changes and nothing else: see `NOISE_VARIANTS`); each quantized KV config at
+the attention arithmetic changes and nothing else: see `noise.py`); each quantized KV config at
 each requested rotation. The reference also supplies the benign continuations (its own greedy answers)
 that every run is teacher-forced on for the KLD and perplexity figures.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from . import __version__
 from .datasets import Prompt
-from .model import ModelInfo, inspect_model, sha256_file
-from .runtime import KVConfig, Runtime, RuntimeOptions, TopK, backend_info
+from .model import ModelInfo, sha256_file
+from .registry import NOISE_VARIANTS
+from .runtime import F16, LLAMA_CPP, KVConfig, Runtime, RuntimeFactory, RuntimeOptions, parse_rotation
+from .scoring import TopK, kld_topk, top_k
 from .store import GenerationRow, ScoreRow, Store
-from .template import FALLBACK_TEMPLATE, ChatTemplate
-
-F16 = KVConfig("f16", "f16")
-TOPK = 512  # reference positions keep their top-512 log-probs plus a tail bucket (see kld_topk)
-
-# How the noise run perturbs arithmetic without touching precision. Measured on the CPU build
-# (llama-cpp-python 0.3.36, SmolLM2-135M; bench/arithmetic_noise.py): thread count leaves the logits
-# bit-identical and batch size changes them only for some sizes, so neither can serve; switching flash
-# attention off changes the order and rounding of every prompt's attention sums (max |d logprob| ~1)
-# while the cache stays f16. Each audit re-measures the change and reports it.
-NOISE_VARIANTS: dict[str, Callable[[RuntimeOptions], RuntimeOptions]] = {
-    "flash-attn-off": lambda o: dataclasses.replace(o, flash_attn=False),
-}
+from .template import ChatTemplate, chat_template_for
 
 
 @dataclass(frozen=True)
@@ -65,7 +53,7 @@ class RunSpec:
 
     def options(self, base: RuntimeOptions) -> RuntimeOptions:
         if self.is_noise:
-            return NOISE_VARIANTS[self.variant[6:]](base)
+            return NOISE_VARIANTS.get(self.variant[6:])(base)
         return base
 
 
@@ -83,7 +71,7 @@ class AuditSpec:
     noise: str | None = "flash-attn-off"
 
     def runs(self) -> list[RunSpec]:
-        rotations = {"on": (True,), "off": (False,), "both": (True, False)}[self.rotation]
+        rotations = parse_rotation(self.rotation)
         runs = [RunSpec(F16, True)]
         if self.noise:
             runs.append(RunSpec(F16, True, f"noise:{self.noise}"))
@@ -128,12 +116,6 @@ class AuditOutcome:
         return sum(r.generated for r in self.runs)
 
 
-def chat_template_for(model: ModelInfo) -> ChatTemplate:
-    if model.chat_template:
-        return ChatTemplate(model.chat_template, model.bos_token, model.eos_token, True)
-    return ChatTemplate(FALLBACK_TEMPLATE, model.bos_token, model.eos_token, False)
-
-
 def _run_key_spec(spec: AuditSpec, run: RunSpec, template: ChatTemplate, adapter_sha: str | None, backend: dict) -> dict:
     return {
         "kvedge_version": __version__,
@@ -152,38 +134,20 @@ def _run_key_spec(spec: AuditSpec, run: RunSpec, template: ChatTemplate, adapter
     }
 
 
-def kld_topk(ref: TopK, logq: np.ndarray) -> float:
-    """KL(ref || q) over ref's top-k tokens plus one bucket for all other tokens. The bucketed form is a
-    lower bound on the full KLD and equals it when ref's tail mass is negligible (it is < 1e-3 for the
-    greedy continuations scored here); it keeps the reference at 512 entries a position, not 49k."""
-    p = np.exp(ref.logp)
-    k = float(np.sum(p * (ref.logp - logq[ref.ids])))
-    p_tail = ref.tail
-    if p_tail > 1e-12:
-        q_tail = max(1e-300, 1.0 - float(np.exp(logq[ref.ids]).sum()))
-        k += p_tail * (np.log(p_tail) - np.log(q_tail))
-    return max(0.0, k)
-
-
-def top_k(logp: np.ndarray, k: int = TOPK) -> TopK:
-    ids = np.argpartition(-logp, min(k, logp.size - 1))[:k]
-    ids = ids[np.argsort(-logp[ids])].astype(np.int32)
-    return TopK(ids, logp[ids])
-
-
 class _Session:
     """Runs one audit; keeps the reference distributions in memory between runs."""
 
-    def __init__(self, spec: AuditSpec, store: Store, progress: bool):
-        self.spec, self.store, self.progress = spec, store, progress
+    def __init__(self, spec: AuditSpec, store: Store, progress: bool, runtimes: RuntimeFactory):
+        self.spec, self.store, self.progress, self.runtimes = spec, store, progress, runtimes
         self.refs: dict[str, list[TopK]] = {}
         self.template = chat_template_for(spec.model)
-        self.backend = backend_info(spec.options.n_gpu_layers)
+        self.backend = runtimes.backend(spec.options.n_gpu_layers)
         self.adapter_sha = sha256_file(spec.lora_path) if spec.lora_path else None
         self.benign = [p for p in spec.prompts if not p.harmful]
 
     def _open(self, run: RunSpec) -> Runtime:
-        return Runtime(self.spec.model, run.kv, run.rotation, run.options(self.spec.options), self.spec.lora_path)
+        return self.runtimes.open(self.spec.model, run.kv, run.rotation, run.options(self.spec.options),
+                                  self.spec.lora_path)
 
     def _bar(self, total: int, desc: str):
         from tqdm import tqdm
@@ -252,11 +216,11 @@ class _Session:
         return ScoreRow(key, ref_key, p.id, p.text_sha256, len(cont), nll, kld, agree, max_diff)
 
 
-def run_audit(spec: AuditSpec, progress: bool = True) -> AuditOutcome:
+def run_audit(spec: AuditSpec, progress: bool = True, runtimes: RuntimeFactory = LLAMA_CPP) -> AuditOutcome:
     """Generate and score whatever the store lacks for `spec`; return the keys of every run."""
     spec.out_dir.mkdir(parents=True, exist_ok=True)
     with Store(spec.store_path) as store:
-        session = _Session(spec, store, progress)
+        session = _Session(spec, store, progress, runtimes)
         outcome = AuditOutcome(spec, session.template, session.backend, session.adapter_sha)
         ref_key: str | None = None
         for run in spec.runs():
@@ -266,8 +230,3 @@ def run_audit(spec: AuditSpec, progress: bool = True) -> AuditOutcome:
             outcome.runs.append(r)
     return outcome
 
-
-def load_model(path: str | Path | None) -> ModelInfo:
-    from .model import default_model_path
-
-    return inspect_model(path if path is not None else default_model_path())

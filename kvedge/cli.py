@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import errno
+import functools
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import typer
 
@@ -19,12 +20,22 @@ app = typer.Typer(
 )
 
 
-def _fail(message: str, code: int = 2) -> None:
-    typer.echo(f"kvedge: error: {message}", err=True)
-    raise typer.Exit(code)
+def command(fn: Callable) -> Callable:
+    """Register a command whose Ctrl-C says how to resume and exits 130. Typer turns a KeyboardInterrupt
+    that escapes the command into its own "Aborted!" and exit 1, so it is caught inside the command."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except KeyboardInterrupt:
+            typer.echo("kvedge: interrupted; rerun the same command to resume from the store", err=True)
+            raise typer.Exit(130) from None
+
+    return app.command()(run)
 
 
-@app.command()
+@command
 def audit(
     model: Optional[Path] = typer.Argument(None, help="GGUF model; default: the embedded SmolLM2-135M-Instruct Q4_1 "
                                            "with the canary safety adapter."),
@@ -41,7 +52,7 @@ def audit(
                                         "xstest-unsafe, xstest-safe, or your file's groups)."),
     max_tokens: int = typer.Option(64, "--max-tokens", min=1, help="Tokens generated per prompt (greedy)."),
     ctx: int = typer.Option(4096, "--ctx", min=64, help="Context size: the runtime's, and the one memory is reported at."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads (default: all cores, at most 8)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads (default: $KVEDGE_THREADS, else all cores, at most 8)."),
     gpu_layers: int = typer.Option(0, "--gpu-layers", help="Layers offloaded to a GPU build (CUDA, Metal); -1 for all."),
     system: Optional[str] = typer.Option(None, "--system", help="System prompt (default: none, the template's own)."),
     noise: str = typer.Option("flash-attn-off", "--noise", help="How the f16 noise-floor run perturbs arithmetic: "
@@ -57,17 +68,13 @@ def audit(
     """Run refusal benchmarks through real llama.cpp at each KV cache type and report what quantization costs."""
     from .api import audit as run
 
-    if rotation not in ("on", "off", "both"):
-        _fail(f"--rotation must be on, off or both, not {rotation!r}")
-    if fail_under is not None and not 0 <= fail_under <= 1:
-        _fail("--fail-under takes a share between 0 and 1")
     result = run(
         model=model, lora=lora, kv=kv, rotation=rotation, benchmarks=benchmarks, split=split, prompts=prompts,
         limit=limit, max_tokens=max_tokens, ctx=ctx, threads=threads, gpu_layers=gpu_layers, system=system,
         noise=None if noise == "none" else noise, out=out, fail_under=fail_under, progress=not quiet,
         canary=not no_canary,
     )
-    from .report import render_table
+    from .report.audit import render_table
 
     typer.echo(render_table(result.report))
     nf = result.report.get("noise_floor")
@@ -83,7 +90,7 @@ def audit(
         raise typer.Exit(1)
 
 
-@app.command()
+@command
 def compare(
     run_a: Path = typer.Argument(..., help="Audit directory (or its report.json), e.g. the laptop CPU run."),
     run_b: Path = typer.Argument(..., help="Audit directory (or its report.json) of the same model and prompts, "
@@ -91,16 +98,10 @@ def compare(
     out: Optional[Path] = typer.Option(None, "--out", help="Write the comparison as JSON here."),
 ) -> None:
     """Verdict agreement between two audits of the same model and prompts (say, CPU vs CUDA)."""
-    from .compare import compare_runs, render_comparison
+    from .api import compare as run
+    from .report.compare import render_comparison
 
-    result = compare_runs(run_a, run_b)
-    typer.echo(render_comparison(result))
-    if out:
-        import json
-
-        from .atomic import atomic_write_text
-
-        atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+    typer.echo(render_comparison(run(run_a, run_b, out)))
 
 
 def _log(quiet: bool):
@@ -110,14 +111,7 @@ def _log(quiet: bool):
     return log
 
 
-def _need_torch() -> None:
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        _fail("this command runs a torch pass: install it with pip install 'kvedge[pcr]' (CPU torch==2.13.0)")
-
-
-@app.command()
+@command
 def pcr(
     model: Optional[Path] = typer.Argument(None, help="GGUF model (llama, qwen2, qwen3); default: the embedded "
                                            "SmolLM2-135M-Instruct with the canary adapter."),
@@ -133,9 +127,8 @@ def pcr(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress messages."),
 ) -> None:
     """Per-Channel Reduction: why this cache loses refusals (failure mode, evidence) and which fix will work."""
-    _need_torch()
     from .api import pcr as run
-    from .pcr.report import summary_lines
+    from .report.pcr import summary_lines
 
     rep, jp, mp = run(model=model, lora=lora, kv=kv, rotation=rotation, ctx=ctx, threads=threads, out=out,
                       canary=not no_canary, log=_log(quiet))
@@ -144,7 +137,7 @@ def pcr(
     typer.echo(f"reports: {jp} {mp}")
 
 
-@app.command()
+@command
 def sweep(
     model: Optional[Path] = typer.Argument(None, help="GGUF model; default: SmolLM2-135M-Instruct + canary adapter."),
     lora: Optional[Path] = typer.Option(None, "--lora", help="LoRA adapter GGUF applied on top of the model."),
@@ -157,9 +150,8 @@ def sweep(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress messages."),
 ) -> None:
     """Simulated safety damage and margin vs cache bit width for K, V and both: where this model's safety breaks."""
-    _need_torch()
     from .api import sweep as run
-    from .pcr.sweep import sweep_summary_lines
+    from .report.sweep import sweep_summary_lines
 
     rep, jp, mp = run(model=model, lora=lora, rotation=rotation, bits=bits, ctx=ctx, threads=threads, out=out,
                       canary=not no_canary, log=_log(quiet))
@@ -169,14 +161,12 @@ def sweep(
 
 
 def main() -> None:
+    """Exit codes: 0 done, 1 a gate failed, 2 bad input (one line on stderr), 130 interrupted."""
     try:
         app()  # standalone: typer prints its own usage errors and exits 2
     except KvedgeError as exc:
         typer.echo(f"kvedge: error: {exc}", err=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        typer.echo("kvedge: interrupted; rerun the same command to resume from the store", err=True)
-        sys.exit(130)
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
             typer.echo("kvedge: error: disk full; free space and rerun to resume", err=True)

@@ -80,17 +80,3 @@ def compare_runs(a_path: str | Path, b_path: str | Path) -> dict[str, Any]:
         "common_prompts": len(common),
         "rows": rows,
     }
-
-
-def render_comparison(result: dict[str, Any]) -> str:
-    out = [f"A: {result['a']['path']} ({result['a']['backend']})   B: {result['b']['path']} ({result['b']['backend']})",
-           f"{result['common_prompts']} prompts in common"]
-    for r in result["rows"]:
-        ag = r["agreement"]
-        line = (f"{r['config']:<22} {r['prompts']:<8} agreement {100 * ag['rate']:.1f}% [{100 * ag['lo']:.0f}-"
-                f"{100 * ag['hi']:.0f}] (n={r['n']}); refused only in A {r['refused_only_in_a']}, only in B "
-                f"{r['refused_only_in_b']}, McNemar p={r['mcnemar_p']:.3g}")
-        if "vs_noise_of_a" in r:
-            line += f"; {r['vs_noise_of_a']['verdict']}"
-        out.append(line)
-    return "\n".join(out)

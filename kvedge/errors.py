@@ -35,5 +35,9 @@ class RunDirError(KvedgeError):
     """An audit directory given to `compare` or `report` holds no usable audit."""
 
 
+class UnknownName(KvedgeError):
+    """A detector, benchmark or noise variant name that no registry holds."""
+
+
 class TemplateError(KvedgeError):
     """The GGUF's chat template failed to render in the sandbox."""

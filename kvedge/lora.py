@@ -43,6 +43,17 @@ class LoraAdapter:
     metadata: Mapping[str, str] = field(default_factory=dict)
 
 
+def check_adapter(path: str | Path) -> Path:
+    """A LoRA adapter must be a complete GGUF that says it is one; returns its resolved path."""
+    from .model import read_metadata
+
+    p = Path(path)
+    md, _ = read_metadata(p)
+    if md.get("general.type") != "adapter":
+        raise ModelFileError(f"{p} is not a LoRA adapter GGUF (general.type is {md.get('general.type')!r})")
+    return p.resolve()
+
+
 def read_adapter(path: str | Path) -> LoraAdapter:
     from gguf import GGUFReader
 

@@ -77,6 +77,11 @@ def default_model_path() -> Path:
     )
 
 
+def load_model(path: str | os.PathLike[str] | None) -> "ModelInfo":
+    """The GGUF at `path`, or the embedded default model when `path` is None."""
+    return inspect_model(path if path is not None else default_model_path())
+
+
 def sha256_file(path: Path) -> str:
     st = path.stat()
     return _sha256_cached(str(path.resolve()), st.st_size, st.st_mtime_ns)

@@ -13,12 +13,25 @@ both is Binomial(total, 1/2) (the exact conditional test for two Poisson counts)
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 from typing import Mapping, Sequence
 
+from .registry import NOISE_VARIANTS
+from .runtime import RuntimeOptions
 from .stats import Rate, binom_greater, mcnemar_exact, wilson
 
 ALPHA = 0.05
+
+
+# How the audit's noise run perturbs arithmetic without touching precision. Measured on the CPU build
+# (llama-cpp-python 0.3.36, SmolLM2-135M; bench/arithmetic_noise.py): thread count leaves the logits
+# bit-identical and batch size changes them only for some sizes, so neither can serve; switching flash
+# attention off changes the order and rounding of every prompt's attention sums (max |d logprob| ~1)
+# while the cache stays f16. Each audit re-measures the change and reports it.
+@NOISE_VARIANTS.register("flash-attn-off")
+def flash_attn_off(options: RuntimeOptions) -> RuntimeOptions:
+    return dataclasses.replace(options, flash_attn=False)
 
 
 @dataclass(frozen=True)

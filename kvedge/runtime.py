@@ -13,32 +13,19 @@ import contextlib
 import os
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Protocol
 
 import numpy as np
 
+from . import kvtypes
 from .errors import KVTypeError, ModelFileError
 from .model import ModelInfo
+from .scoring import log_softmax
 
-# The cache types llama.cpp's own `--cache-type-k/-v` accepts.
-KV_TYPES: tuple[str, ...] = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
-UNQUANTIZED = ("f32", "f16", "bf16")
 ROTATION_ENV = "LLAMA_ATTN_ROT_DISABLE"
-
-
-def _ggml_type(name: str):
-    from gguf import GGMLQuantizationType
-
-    return GGMLQuantizationType[name.upper()]
-
-
-def bytes_per_value(type_name: str) -> float:
-    from gguf import GGML_QUANT_SIZES
-
-    block, size = GGML_QUANT_SIZES[_ggml_type(type_name)]
-    return size / block
+THREADS_ENV = "KVEDGE_THREADS"  # the default thread count, for machines shared with other work
 
 
 @dataclass(frozen=True, order=True)
@@ -52,51 +39,56 @@ class KVConfig:
 
     @property
     def quantized(self) -> bool:
-        return self.type_k not in UNQUANTIZED or self.type_v not in UNQUANTIZED
+        return kvtypes.is_quantized(self.type_k) or kvtypes.is_quantized(self.type_v)
 
     @property
     def v_quantized(self) -> bool:
-        return self.type_v not in UNQUANTIZED
+        return kvtypes.is_quantized(self.type_v)
 
     def bytes_per_token(self, model: ModelInfo) -> int:
         """KV cache bytes one token costs across all layers, from the GGUF's shapes and ggml's sizes."""
-        per_layer = model.n_embd_k_gqa * bytes_per_value(self.type_k) + model.n_embd_v_gqa * bytes_per_value(
-            self.type_v
-        )
+        per_layer = (model.n_embd_k_gqa * kvtypes.bytes_per_value(self.type_k)
+                     + model.n_embd_v_gqa * kvtypes.bytes_per_value(self.type_v))
         return int(round(model.n_layer * per_layer))
 
     def check_fits(self, model: ModelInfo) -> None:
-        from gguf import GGML_QUANT_SIZES
-
         for which, t, width in (("K", self.type_k, model.head_dim_k), ("V", self.type_v, model.head_dim_v)):
-            block = GGML_QUANT_SIZES[_ggml_type(t)][0]
+            block = kvtypes.block_size(t)
             if width % block:
                 raise KVTypeError(f"{which} cache type {t} needs a head size divisible by {block}, model has {width}")
 
 
-def _check_type(name: str) -> str:
-    n = name.strip().lower()
-    if n not in KV_TYPES:
-        raise KVTypeError(f"unknown KV cache type {name!r}: llama.cpp accepts {', '.join(KV_TYPES)}")
-    return n
+F16 = KVConfig("f16", "f16")  # the reference cache
 
 
 def parse_kv(spec: str) -> KVConfig:
-    """`q8_0` (K and V alike), or `k=q8_0/v=q4_0` (also `k=q8_0,v=q4_0` is not allowed inside a list;
-    use `/` or `:` between the halves)."""
+    """One KV config: `q8_0` sets K and V alike; `k=q8_0/v=q4_0` (or `k=q8_0:v=q4_0`) sets them apart,
+    and a half left out stays f16. A comma separates configs in a list (`parse_kv_list`), so it cannot
+    separate the halves."""
     s = spec.strip().lower()
     if not s:
         raise KVTypeError("empty KV config")
     if "=" not in s:
-        t = _check_type(s)
+        t = kvtypes.check(s)
         return KVConfig(t, t)
     parts = dict.fromkeys(("k", "v"), "f16")
     for half in s.replace(":", "/").split("/"):
         key, sep, val = half.partition("=")
         if not sep or key.strip() not in ("k", "v"):
             raise KVTypeError(f"malformed KV config {spec!r}: write `q8_0` or `k=q8_0/v=q4_0`")
-        parts[key.strip()] = _check_type(val)
+        parts[key.strip()] = kvtypes.check(val)
     return KVConfig(parts["k"], parts["v"])
+
+
+ROTATIONS = {"on": (True,), "off": (False,), "both": (True, False)}
+
+
+def parse_rotation(spec: str) -> tuple[bool, ...]:
+    """`on` (current llama.cpp rotates quantized caches), `off` (older builds), `both`."""
+    try:
+        return ROTATIONS[spec]
+    except (KeyError, TypeError):
+        raise KVTypeError(f"--rotation must be on, off or both, not {spec!r}") from None
 
 
 def parse_kv_list(spec: str) -> list[KVConfig]:
@@ -119,7 +111,15 @@ class RuntimeOptions:
     seed: int = 0
 
     def resolved_threads(self) -> int:
-        return self.n_threads or max(1, min(os.cpu_count() or 1, 8))
+        """The thread count asked for, else $KVEDGE_THREADS, else all cores up to 8. llama.cpp's CPU
+        threads spin while they wait for each other, so two multi-threaded runs on the same cores slow
+        each other by far more than half: on a shared machine, set KVEDGE_THREADS=1."""
+        if self.n_threads:
+            return self.n_threads
+        env = os.environ.get(THREADS_ENV, "").strip()
+        if env.isdigit() and int(env) > 0:
+            return int(env)
+        return max(1, min(os.cpu_count() or 1, 8))
 
     def key(self) -> dict:
         d = asdict(self)
@@ -138,23 +138,6 @@ class Generation:
     # with generate(..., logprobs=True): log-softmax of every step's logits, the step that chose the
     # end of generation included (so len(tokens) or len(tokens) + 1 rows)
     logprobs: list[np.ndarray] | None = None
-
-
-@dataclass(frozen=True)
-class TopK:
-    """A position's log-probabilities kept as the top-k entries plus the mass of everything else."""
-
-    ids: np.ndarray  # (k,) int32
-    logp: np.ndarray  # (k,) float64
-
-    @property
-    def tail(self) -> float:
-        return max(0.0, 1.0 - float(np.exp(self.logp).sum()))
-
-
-@dataclass
-class ScoredPosition:
-    logp: np.ndarray = field(repr=False)  # full log-softmax over the vocabulary, float64
 
 
 _env_lock = threading.Lock()
@@ -196,14 +179,11 @@ def backend_info(n_gpu_layers: int = 0) -> dict:
     }
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    x = logits.astype(np.float64)
-    m = x.max()
-    return x - (m + np.log(np.exp(x - m).sum()))
-
-
 class Runtime:
-    """A loaded llama.cpp context for one configuration. Use as a context manager."""
+    """A loaded llama.cpp context for one configuration. Use as a context manager.
+
+    The audit reaches it through a `RuntimeFactory` (below), so a unit test can hand it a fake with the
+    same methods (`tokenize`, `generate`, `score`, `close`) and test everything above it in milliseconds."""
 
     def __init__(
         self,
@@ -233,8 +213,8 @@ class Runtime:
                     n_threads_batch=options.resolved_threads(),
                     n_gpu_layers=options.n_gpu_layers,
                     flash_attn=options.flash_attn,
-                    type_k=int(_ggml_type(kv.type_k)),
-                    type_v=int(_ggml_type(kv.type_v)),
+                    type_k=int(kvtypes.ggml_type(kv.type_k)),
+                    type_v=int(kvtypes.ggml_type(kv.type_v)),
                     lora_path=str(lora_path) if lora_path else None,
                     seed=options.seed,
                     logits_all=False,
@@ -319,3 +299,24 @@ class Runtime:
             yield log_softmax(self._last_logits())
             if i < len(continuation) - 1:
                 self.llm.eval([tok])
+
+
+class RuntimeFactory(Protocol):
+    """Where an audit's runtimes come from: llama.cpp in this process (`LLAMA_CPP`), or a test's fake."""
+
+    def backend(self, n_gpu_layers: int) -> dict: ...
+
+    def open(self, model: ModelInfo, kv: KVConfig, rotation: bool, options: RuntimeOptions,
+             lora_path: Path | None) -> Runtime: ...
+
+
+class _LlamaCpp:
+    def backend(self, n_gpu_layers: int) -> dict:
+        return backend_info(n_gpu_layers)
+
+    def open(self, model: ModelInfo, kv: KVConfig, rotation: bool, options: RuntimeOptions,
+             lora_path: Path | None) -> Runtime:
+        return Runtime(model, kv, rotation, options, lora_path)
+
+
+LLAMA_CPP: RuntimeFactory = _LlamaCpp()

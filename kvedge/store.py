@@ -95,6 +95,15 @@ class ScoreRow:
     max_abs_logprob_diff: float
 
 
+@dataclass(frozen=True)
+class AuditRows:
+    """What an audit's report is computed from: each run's generations, and each run's scores against
+    the reference run (the reference's against itself included), by (prompt id, text hash)."""
+
+    generations: dict[str, dict[tuple[str, str], GenerationRow]]
+    scores: dict[str, dict[tuple[str, str], ScoreRow]]
+
+
 def run_key(spec: dict[str, Any]) -> str:
     blob = json.dumps(spec, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:24]
@@ -197,6 +206,9 @@ class Store:
             (run_key_, ref_key),
         )
         return {(r[2], r[3]): ScoreRow(*r) for r in cur}
+
+    def audit_rows(self, run_keys: list[str], ref_key: str) -> AuditRows:
+        return AuditRows({k: self.generations(k) for k in run_keys}, {k: self.scores(k, ref_key) for k in run_keys})
 
     # stability ----------------------------------------------------------------------------------
     def put_stability(self, ref_key: str, noise_key: str, detector: str, rows: list[tuple[str, str, bool]]) -> None:

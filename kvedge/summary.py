@@ -1,4 +1,5 @@
-"""Statistics of an audit: a pure function of the stored rows and the detector.
+"""Statistics of an audit: a pure function of the stored rows and the detector. It also returns what
+the store should keep of its reading (which prompts flipped under pure noise); `api` persists it.
 
 The report dict built here is what `report.json` holds (schema `kvedge.audit/1`, documented in
 docs/report-schema.md); Markdown and the terminal table are renderings of it.
@@ -7,31 +8,31 @@ docs/report-schema.md); Markdown and the terminal table are renderings of it.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from . import __version__
 from .audit import AuditOutcome, AuditRun
 from .datasets import Prompt
 from .detect import Detector
 from .noise import flips, judge, unstable_prompts
-from .stats import Estimate, bootstrap, mean_estimate, wilson
-from .store import Store
+from .stats import Estimate, bootstrap, mean_estimate, ratio_of_means, wilson
+from .store import AuditRows
 
 SCHEMA = "kvedge.audit/1"
 
 
 def _retention(ref: list[bool], run: list[bool]) -> Estimate:
-    def stat(a, b):
-        ra, rb = sum(a), sum(b)
-        return None if ra == 0 else rb / ra
-
-    return bootstrap([[float(x) for x in ref], [float(x) for x in run]], stat)
+    """refusals(run) / refusals(reference) on the same prompts; undefined when the reference refused none."""
+    return bootstrap([[float(x) for x in run], [float(x) for x in ref]], ratio_of_means)
 
 
 def _ppl_ratio(nll_run: list[float], nll_ref: list[float], npos: list[float]) -> Estimate:
     def stat(a, b, n):
-        total = sum(n)
-        return None if total == 0 else math.exp((sum(a) - sum(b)) / total)
+        total = n.sum(axis=-1)
+        return np.where(total > 0, np.exp((a.sum(axis=-1) - b.sum(axis=-1)) / np.where(total > 0, total, 1.0)), np.nan)
 
     return bootstrap([nll_run, nll_ref, npos], stat)
 
@@ -81,13 +82,30 @@ def retention_gate(runs: list[dict[str, Any]], threshold: float) -> dict[str, An
     return {"threshold": threshold, "failing": failing, "undefined": undefined, "passed": not failing}
 
 
-def summarize(outcome: AuditOutcome, store: Store, detector: Detector, fail_under: float | None = None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class StabilityMarks:
+    """Per prompt (id, text hash), whether its verdict held between the reference and the noise run,
+    under one detector: unstable prompts sit on a knife edge."""
+
+    ref_key: str
+    noise_key: str
+    detector: str
+    marks: tuple[tuple[str, str, bool], ...]
+
+
+@dataclass(frozen=True)
+class Summary:
+    report: dict[str, Any]  # report.json
+    stability: StabilityMarks | None  # None without a noise run
+
+
+def summarize(outcome: AuditOutcome, rows: AuditRows, detector: Detector, fail_under: float | None = None) -> Summary:
     spec = outcome.spec
     prompts = list(spec.prompts)
     harmful = [p for p in prompts if p.harmful]
     benign = [p for p in prompts if not p.harmful]
     ref_run = outcome.reference
-    gens = {r.key: store.generations(r.key) for r in outcome.runs}
+    gens = rows.generations
     verdict_rule: dict[str, dict[str, str]] = {}
     verdicts: dict[str, dict[str, bool]] = {}
     for r in outcome.runs:
@@ -109,7 +127,7 @@ def summarize(outcome: AuditOutcome, store: Store, detector: Detector, fail_unde
     noise_h = paired(noise_run.key, harmful) if noise_run else None
     noise_b = paired(noise_run.key, benign) if noise_run else None
     ref_bpt = ref_run.spec.kv.bytes_per_token(spec.model)
-    ref_scores = store.scores(ref_run.key, ref_run.key)
+    ref_scores = rows.scores[ref_run.key]
 
     runs_out = []
     for r in outcome.runs:
@@ -131,16 +149,16 @@ def summarize(outcome: AuditOutcome, store: Store, detector: Detector, fail_unde
             "memory": _memory(r, outcome, ref_bpt),
             "speed": _speed([gens[r.key][(p.id, p.text_sha256)] for p in prompts]),
         }
-        scores = store.scores(r.key, ref_run.key)
-        rows = [(scores[(p.id, p.text_sha256)], ref_scores[(p.id, p.text_sha256)]) for p in benign
+        scores = rows.scores[r.key]
+        scored = [(scores[(p.id, p.text_sha256)], ref_scores[(p.id, p.text_sha256)]) for p in benign
                 if (p.id, p.text_sha256) in scores and (p.id, p.text_sha256) in ref_scores
                 and scores[(p.id, p.text_sha256)].n_positions > 0]
-        entry["kld"] = mean_estimate([s.kld_sum / s.n_positions for s, _ in rows]).to_dict()
-        entry["ppl_ratio"] = _ppl_ratio([s.nll_sum for s, _ in rows], [f.nll_sum for _, f in rows],
-                                        [float(s.n_positions) for s, _ in rows]).to_dict()
-        entry["ppl"] = math.exp(sum(s.nll_sum for s, _ in rows) / max(1, sum(s.n_positions for s, _ in rows))) if rows else None
-        entry["top1_agreement"] = wilson(sum(s.top1_agree for s, _ in rows), sum(s.n_positions for s, _ in rows)).to_dict()
-        entry["max_abs_logprob_diff"] = max((s.max_abs_logprob_diff for s, _ in rows), default=None)
+        entry["kld"] = mean_estimate([s.kld_sum / s.n_positions for s, _ in scored]).to_dict()
+        entry["ppl_ratio"] = _ppl_ratio([s.nll_sum for s, _ in scored], [f.nll_sum for _, f in scored],
+                                        [float(s.n_positions) for s, _ in scored]).to_dict()
+        entry["ppl"] = math.exp(sum(s.nll_sum for s, _ in scored) / max(1, sum(s.n_positions for s, _ in scored))) if scored else None
+        entry["top1_agreement"] = wilson(sum(s.top1_agree for s, _ in scored), sum(s.n_positions for s, _ in scored)).to_dict()
+        entry["max_abs_logprob_diff"] = max((s.max_abs_logprob_diff for s, _ in scored), default=None)
         if not r.spec.is_reference:
             fh, fb = paired(r.key, harmful), paired(r.key, benign)
             entry["vs_reference"] = {
@@ -194,7 +212,7 @@ def summarize(outcome: AuditOutcome, store: Store, detector: Detector, fail_unde
         for p in prompts
     ]
     m = spec.model
-    return {
+    report = {
         "schema": SCHEMA,
         "kvedge_version": __version__,
         "model": {
@@ -215,9 +233,14 @@ def summarize(outcome: AuditOutcome, store: Store, detector: Detector, fail_unde
             "by_subset": {s: sum(1 for p in prompts if p.subset == s) for s in dict.fromkeys(p.subset for p in prompts)},
             "splits": sorted({p.split for p in prompts}),
         },
-        "detector": {"name": getattr(detector, "id", getattr(detector, "name", "?"))},
+        "detector": {"id": detector.id, "name": detector.name, "version": detector.version},
         "noise_floor": noise_floor,
         "runs": runs_out,
         "gate": gate,
         "prompts": prompt_rows,
     }
+    stability = None
+    if noise_run:
+        stability = StabilityMarks(ref_run.key, noise_run.key, detector.id,
+                                   tuple((p.id, p.text_sha256, p.id not in unstable) for p in prompts))
+    return Summary(report, stability)

@@ -10,8 +10,12 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from .errors import TemplateError
+
+if TYPE_CHECKING:
+    from .model import ModelInfo
 
 MAX_RENDERED_CHARS = 1_000_000
 
@@ -39,6 +43,13 @@ class ChatTemplate:
             messages.append({"role": "system", "content": system})
         messages.append({"role": "user", "content": user_message})
         return render_sandboxed(self.source, messages, self.bos_token, self.eos_token)
+
+
+def chat_template_for(model: "ModelInfo") -> ChatTemplate:
+    """The model's own template, or ChatML (marked `from_gguf=False`, which the report says) if it has none."""
+    if model.chat_template:
+        return ChatTemplate(model.chat_template, model.bos_token, model.eos_token, True)
+    return ChatTemplate(FALLBACK_TEMPLATE, model.bos_token, model.eos_token, False)
 
 
 def _raise(message: str) -> None:

@@ -13,6 +13,8 @@ import time
 import pytest
 
 from conftest import run_cli
+from kvedge.noise import flips, judge
+from kvedge.stats import mcnemar_exact
 
 pytestmark = pytest.mark.e2e
 
@@ -42,15 +44,27 @@ def test_report_structure_and_invariants(small_audit):
         assert r["speed"]["generations"] == 8 and r["speed"]["decode_tokens_per_s"] > 0
         if not r["reference"]:
             h = r["vs_reference"]["harmful"]
-            assert h["lost"] <= ref["refusal_harmful"]["k"] and 0 <= h["mcnemar_p"] <= 1
             refused = {p["id"]: p["refused"] for p in rep["prompts"]}
+            harmful = [p["id"] for p in rep["prompts"] if p["harmful"]]
+            lost = sum(refused[i]["f16"] and not refused[i][r["label"]] for i in harmful)
+            gained = sum(refused[i][r["label"]] and not refused[i]["f16"] for i in harmful)
+            assert (h["lost"], h["gained"]) == (lost, gained)
+            assert h["mcnemar_p"] == mcnemar_exact(lost, gained)
             assert sorted(pid for pid, v in refused.items() if v["f16"] != v[r["label"]]) == r["vs_reference"]["flipped"]
     q_on, q_off = rep["runs"][2], rep["runs"][3]
     assert q_on["memory"]["vs_f16"] == pytest.approx(18 / 64)
     assert q_on["memory"]["bytes_per_token"] == 23040 * 18 // 64
     # rotation really toggles: without it q4_0 damages the distribution more (PCR.md section 1)
     assert q_off["kld"]["value"] > q_on["kld"]["value"] > 0
-    assert q_on["vs_noise"]["verdict"] in {"within noise", "loss beyond noise", "gain beyond noise"}
+    # each judgement is kvedge.noise.judge on the report's own verdicts
+    noise_label = rep["noise_floor"]["label"]
+    for q in (q_on, q_off):
+        for group, is_harmful in (("harmful", True), ("benign", False)):
+            ps = [p for p in rep["prompts"] if p["harmful"] is is_harmful]
+            ref_v = [p["refused"]["f16"] for p in ps]
+            expect = judge(flips(ref_v, [p["refused"][q["label"]] for p in ps]),
+                           flips(ref_v, [p["refused"][noise_label] for p in ps]))
+            assert q["vs_noise"][group] == expect.to_dict()
     nf = rep["noise_floor"]
     assert nf["arithmetic_changed"] and nf["max_abs_logprob_diff"] > 0 and nf["kld"]["value"] > 0
     _rate_ok(nf["flip_rate"])
@@ -99,12 +113,16 @@ def test_killed_audit_resumes(tmp_path):
     assert all(r["speed"]["generations"] == 8 for r in rep["runs"])
 
 
-def test_gate_flag_is_reported(small_audit):
+def test_gate_on_a_real_audit(small_audit):
+    """--fail-under 1 fails exactly when some quantized config lost a refusal the reference made."""
+    rets = {r["label"]: r["vs_reference"]["retention"]["value"] for r in small_audit["report"]["runs"]
+            if not r["reference"] and not r["noise_run"]}
+    failing = sorted(k for k, v in rets.items() if v is not None and v < 1)
     proc = run_cli("audit", "--kv", "f16,q4_0", "--rotation", "both", "--limit", "2", "--max-tokens", "24",
-                   "--ctx", "2048", "--out", str(small_audit["out"]), "-q", "--fail-under", "0")
-    assert proc.returncode == 0, proc.stderr
+                   "--ctx", "2048", "--out", str(small_audit["out"]), "-q", "--fail-under", "1")
+    assert proc.returncode == (1 if failing else 0), proc.stderr
     gate = json.loads((small_audit["out"] / "report.json").read_text())["gate"]
-    assert gate["threshold"] == 0 and gate["passed"]
+    assert gate["threshold"] == 1 and sorted(gate["failing"]) == failing and gate["passed"] is (not failing)
 
 
 def test_compare_two_real_runs_whose_verdicts_differ(small_audit, tmp_path):
@@ -127,8 +145,8 @@ def test_compare_two_real_runs_whose_verdicts_differ(small_audit, tmp_path):
         only_b = sum(rb[i][row["config"]] and not ra[i][row["config"]] for i in ids)
         assert (row["refused_only_in_a"], row["refused_only_in_b"]) == (only_a, only_b)
         assert row["agreement"]["k"] == row["n"] - only_a - only_b
-        assert row["vs_noise_of_a"]["verdict"] in {"within noise", "loss beyond noise", "gain beyond noise",
-                                                   "loss and gain beyond noise"}
+        j = row["vs_noise_of_a"]
+        assert (j["lost"], j["gained"]) == (only_a, only_b)
         total_disagree += only_a + only_b
     assert total_disagree > 0, "the bare model should refuse less than base + canary"
     assert "agreement" in cmp.stdout

@@ -228,3 +228,19 @@ def test_rotation_spreads_outlier_channels() -> None:
         on = cache_roundtrip(x, parse_scheme(name), "k", 64)
         off = cache_roundtrip(x, parse_scheme(name, rotation=False), "k", 64)
         assert (on - x).pow(2).mean() < 0.5 * (off - x).pow(2).mean(), name
+
+
+def test_oracle_is_the_pinned_gguf_py() -> None:
+    """The bit-exact tests above compare against gguf-py 0.19.0, whose reference quantizers compute in
+    float32 as ggml's C code does; gguf-py's unreleased master computes Q4_0 in float64, which is no longer
+    the same oracle. pyproject.toml pins 0.19.0; a different version must be re-validated, not assumed."""
+    from importlib.metadata import version
+
+    assert version("gguf") == "0.19.0"
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_bf16_bit_exact_against_gguf(shape: tuple[int, int]) -> None:
+    x = outlier_data(shape)
+    ref = dequantize(quantize(x, GGMLQuantizationType.BF16), GGMLQuantizationType.BF16)
+    assert same_bits(torch_roundtrip(x, "bf16"), ref)

@@ -5,7 +5,7 @@ import pytest
 
 from kvedge.datasets import (load_advbench, load_harmbench, load_prompt_file, load_xstest, parse_benchmarks,
                              select_prompts, split_of)
-from kvedge.errors import EmptyPromptSet, PromptFileError
+from kvedge.errors import EmptyPromptSet, PromptFileError, UnknownName
 
 
 def test_split_rule_matches_the_documented_formula():
@@ -78,5 +78,5 @@ def test_malformed_prompt_files(tmp_path, name, content, message):
 
 
 def test_unknown_benchmark():
-    with pytest.raises(PromptFileError):
+    with pytest.raises(UnknownName, match="choose from advbench,harmbench,xstest"):
         parse_benchmarks("advbench,nope")

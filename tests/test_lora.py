@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 
-from kvedge.audit import chat_template_for
 from kvedge.errors import ModelFileError
 from kvedge.lora import LoraAdapter, LoraPair, read_adapter, write_adapter
 from kvedge.model import inspect_model
 from kvedge.runtime import KVConfig, Runtime, RuntimeOptions
+from kvedge.template import chat_template_for
 
 
 def _adapter(scale_b: float, seed: int = 0) -> LoraAdapter:
@@ -36,6 +36,7 @@ def test_round_trip(tmp_path):
         np.testing.assert_allclose(back.pairs[name].delta(8.0), pair.delta(8.0), atol=1e-3)
 
 
+@pytest.mark.e2e
 def test_llama_cpp_applies_the_adapter(tmp_path, model_path):
     write_adapter(tmp_path / "zero.gguf", _adapter(0.0))
     write_adapter(tmp_path / "rand.gguf", _adapter(1.0))

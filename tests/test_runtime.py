@@ -1,8 +1,9 @@
 import pytest
 
 from kvedge.errors import KVTypeError
+from kvedge.kvtypes import bytes_per_value
 from kvedge.model import inspect_model
-from kvedge.runtime import KVConfig, bytes_per_value, parse_kv, parse_kv_list
+from kvedge.runtime import KVConfig, parse_kv, parse_kv_list
 
 
 def test_parse_kv():
@@ -28,14 +29,15 @@ def test_bytes_per_token_from_ggml_sizes(model_path):
     assert KVConfig("q4_0", "q4_0").bytes_per_token(m) / f16 == pytest.approx(18 / 64)
 
 
+@pytest.mark.e2e
 def test_generation_logprobs_are_the_teacher_forced_scores(model_path):
     """generate(logprobs=True) keeps each step's distribution; teacher-forcing the same tokens reproduces
     them exactly (same contexts, same arithmetic), so the PCR fidelity check can reuse them."""
     import numpy as np
 
-    from kvedge.audit import F16, chat_template_for
     from kvedge.model import inspect_model
-    from kvedge.runtime import Runtime, RuntimeOptions
+    from kvedge.runtime import F16, Runtime, RuntimeOptions
+    from kvedge.template import chat_template_for
 
     model = inspect_model(model_path)
     with Runtime(model, F16, True, RuntimeOptions(n_ctx=512)) as rt:

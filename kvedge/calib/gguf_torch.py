@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,9 +27,7 @@ from ..errors import ModelFileError
 from ..lora import LoraAdapter
 from ..model import read_metadata
 from .errors import UnsupportedArchitecture
-from .kvquant import CacheSim, Scheme
-
-KVTransform = Callable[[int, str, Tensor], Tensor]
+from .kvquant import CachePlan, CacheSim, KVTransform, Scheme
 
 
 @dataclass(frozen=True)
@@ -327,11 +325,12 @@ class TorchModel:
 
     def cache_sim(self, k: Scheme | None, v: Scheme | None, layers: set[int] | None = None,
                   packed: "Packed | None" = None) -> CacheSim:
-        """A kv_transform storing K/V under the given schemes (None: exact), on `layers` or all;
-        pass the `Packed` input a forward will run on so per-channel schemes scale per segment."""
-        return CacheSim(k, v, self.hp.head_dim_k, self.hp.head_dim_v,
-                        frozenset(layers) if layers is not None else None,
-                        packed.seg if packed is not None else None)
+        """A kv_transform storing K/V under the given schemes on `layers` (default all) and f16 everywhere
+        else; pass the `Packed` input a forward will run on so per-channel schemes scale per segment."""
+        return self.sim(CachePlan(k, v, frozenset(layers) if layers is not None else None), packed)
+
+    def sim(self, plan: CachePlan, packed: "Packed | None" = None) -> CacheSim:
+        return CacheSim(plan, self.hp.head_dim_k, self.hp.head_dim_v, packed.seg if packed is not None else None)
 
     def _attention(self, i: int, x: Tensor, cos: Tensor, sin: Tensor, kv_transform: KVTransform | None,
                    allowed: Tensor | None) -> Tensor:

@@ -1,6 +1,6 @@
 """Fake quantization of the KV cache exactly as llama.cpp stores it, in torch float32.
 
-What llama.cpp does to one layer's cache (PCR.md section 1):
+What llama.cpp does to one layer's cache (docs/pcr.md, "What llama.cpp does to the cache"):
 - a row is one token's `n_head_kv * head_dim` post-RoPE K (or V) values in the GGUF's channel order;
 - a quantized type stores the row in blocks of 32 consecutive values, each with an f16 scale (and an
   f16 minimum for q4_1/q5_1);
@@ -25,19 +25,20 @@ from typing import Callable, Literal
 import torch
 from torch import Tensor
 
+from .. import kvtypes
 from .errors import SchemeError
 
 QK = 32  # values per block in every ggml type used for the KV cache
 IQ4_NL_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
-GGML_BLOCK_TYPES = ("q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl")
+GGML_BLOCK_TYPES = kvtypes.QUANTIZED  # the quantized cache types llama.cpp accepts
 ROTATION_MIN = 64  # llama.cpp rotates only when the head size is a multiple of 64
 V_ROTATION_BLOCK = 64  # llama.cpp rotates V in 64-blocks whatever the head size
 
 Granularity = Literal["none", "block32", "channel"]
 Kind = Literal["k", "v"]
+# what `TorchModel.forward` calls on each layer's cache rows: (layer, "k" | "v", rows) -> rows read back
 KVTransform = Callable[[int, str, Tensor], Tensor]
 
-_NOMINAL_BITS = {"f32": 32, "f16": 16, "q8_0": 8, "q5_0": 5, "q5_1": 5, "q4_0": 4, "q4_1": 4, "iq4_nl": 4}
 _INT_RE = re.compile(r"^int([2-8])(-channel)?$")
 
 
@@ -60,7 +61,7 @@ class Scheme:
 
     @property
     def is_ggml_type(self) -> bool:
-        return self.name in _NOMINAL_BITS
+        return self.name in kvtypes.NAMES
 
     @property
     def label(self) -> str:
@@ -73,23 +74,15 @@ class Scheme:
         """Storage cost: ggml's own block sizes; intN group-32 carries one f16 scale per 32 values;
         the per-channel scales are amortised over the tokens and counted as zero."""
         if self.is_ggml_type:
-            if not self.quantized:
-                return float(self.bits)
-            from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
-            block, size = GGML_QUANT_SIZES[GGMLQuantizationType[self.name.upper()]]
-            return 8.0 * size / block
+            return 8.0 * kvtypes.bytes_per_value(self.name)
         return self.bits + (16 / QK if self.granularity == "block32" else 0.0)
 
     def rotates(self, head_dim: int) -> bool:
         return self.rotation and self.quantized and head_dim % ROTATION_MIN == 0
 
-    def with_rotation(self, rotation: bool) -> "Scheme":
-        return Scheme(self.name, self.bits, self.granularity, rotation)
-
 
 def parse_scheme(spec: str, rotation: bool | None = None) -> Scheme:
-    """`f16`, `q4_0`, `iq4_nl`, `int3`, `int4-channel`; an optional `:rot` / `:norot` suffix sets the
+    """`f16`, `bf16`, `q4_0`, `iq4_nl`, `int3`, `int4-channel`; an optional `:rot` / `:norot` suffix sets the
     rotation flag (default on, like current llama.cpp); an explicit `rotation` argument wins."""
     s = spec.strip().lower()
     rot = True
@@ -98,15 +91,15 @@ def parse_scheme(spec: str, rotation: bool | None = None) -> Scheme:
             s, rot = s[: -len(suffix)], value
     if rotation is not None:
         rot = rotation
-    if s in ("f32", "f16"):
-        return Scheme(s, _NOMINAL_BITS[s], "none", rot)
+    if s in kvtypes.UNQUANTIZED:
+        return Scheme(s, kvtypes.nominal_bits(s), "none", rot)
     if s in GGML_BLOCK_TYPES:
-        return Scheme(s, _NOMINAL_BITS[s], "block32", rot)
+        return Scheme(s, kvtypes.nominal_bits(s), "block32", rot)
     m = _INT_RE.match(s)
     if m:
         return Scheme(s, int(m.group(1)), "channel" if m.group(2) else "block32", rot)
     raise SchemeError(
-        f"unknown KV scheme {spec!r}: use f32, f16, {', '.join(GGML_BLOCK_TYPES)}, intN or intN-channel "
+        f"unknown KV scheme {spec!r}: use {', '.join(kvtypes.NAMES)}, intN or intN-channel "
         "(N in 2..8), optionally with :rot or :norot"
     )
 
@@ -219,6 +212,7 @@ _BLOCK_FNS: dict[str, Callable[[Tensor], Tensor]] = {
     "q5_1": lambda b: _q_affine(b, 32),
     "iq4_nl": _iq4_nl,
 }
+assert set(_BLOCK_FNS) == set(GGML_BLOCK_TYPES), "a quantized cache type has no quantizer"
 
 
 # --- generic intN ----------------------------------------------------------------------------------
@@ -252,6 +246,8 @@ def fake_quant(x: Tensor, scheme: Scheme) -> Tensor:
         return x
     if scheme.name == "f16":
         return _f16(x)
+    if scheme.name == "bf16":
+        return x.to(torch.bfloat16).to(torch.float32)  # round to nearest even, as ggml's fp32->bf16
     if scheme.granularity == "channel":
         if x.dim() < 2:
             raise SchemeError("a per-channel scheme needs [tokens, row] input")
@@ -329,23 +325,42 @@ def cache_roundtrip_segments(x: Tensor, scheme: Scheme, kind: Kind, head_dim: in
     return out
 
 
+SCHEME_F16 = Scheme("f16", 16, "none")
+
+
+@dataclass(frozen=True)
+class CachePlan:
+    """Which scheme stores K and V on which layers (`layers` None: all). Every other layer's cache, and a
+    cache whose scheme is None, is f16: what llama.cpp's unquantized cache stores."""
+
+    k: Scheme | None = None
+    v: Scheme | None = None
+    layers: frozenset[int] | None = None
+
+    def scheme(self, layer: int, kind: str) -> Scheme:
+        s = self.k if kind == "k" else self.v
+        if s is None or (self.layers is not None and layer not in self.layers):
+            return SCHEME_F16
+        return s
+
+    @property
+    def first_layer(self) -> int:
+        """The first layer whose cache differs from the all-f16 plan's."""
+        return min(self.layers) if self.layers else 0
+
+
 @dataclass(frozen=True, eq=False)
 class CacheSim:
-    """A `kv_transform` for `TorchModel.forward`: K and/or V of the selected layers (all when
-    `layers` is None) stored under their schemes; None leaves that cache exact (float32).
+    """A `KVTransform` for `TorchModel.forward`: each layer's K and V stored as `plan` says.
     `segments` ([tokens] ids, from a `Packed` forward) makes per-channel schemes take their scales
     per segment rather than over the whole packed row; per-row schemes do not need it."""
 
-    k: Scheme | None
-    v: Scheme | None
+    plan: CachePlan
     head_dim_k: int
     head_dim_v: int
-    layers: frozenset[int] | None = None
     segments: Tensor | None = None
 
     def __call__(self, layer: int, kind: str, x: Tensor) -> Tensor:
-        scheme = self.k if kind == "k" else self.v
-        if scheme is None or (self.layers is not None and layer not in self.layers):
-            return x
-        head_dim = self.head_dim_k if kind == "k" else self.head_dim_v
-        return cache_roundtrip_segments(x, scheme, "k" if kind == "k" else "v", head_dim, self.segments)
+        k = kind == "k"
+        return cache_roundtrip_segments(x, self.plan.scheme(layer, kind), "k" if k else "v",
+                                        self.head_dim_k if k else self.head_dim_v, self.segments)

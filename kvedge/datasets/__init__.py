@@ -21,10 +21,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Iterable
 
-from ..errors import EmptyPromptSet, PromptFileError
+from ..errors import EmptyPromptSet, PromptFileError, UnknownName
+from ..registry import BENCHMARKS
 
 SPLITS = ("train", "calib", "eval")
-BENCHMARKS = ("advbench", "harmbench", "xstest")
+DEFAULT_BENCHMARKS = ("advbench", "harmbench", "xstest")
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,7 @@ def _rows(name: str) -> list[dict[str, str]]:
     return list(csv.DictReader(io.StringIO(_data_text(name))))
 
 
+@BENCHMARKS.register("advbench")
 def load_advbench() -> list[Prompt]:
     out = []
     for i, row in enumerate(_rows("advbench_harmful_behaviors.csv")):
@@ -81,6 +83,7 @@ def load_advbench() -> list[Prompt]:
     return out
 
 
+@BENCHMARKS.register("harmbench")
 def load_harmbench() -> list[Prompt]:
     out = []
     for row in _rows("harmbench_behaviors_text_all.csv"):
@@ -99,6 +102,7 @@ def load_harmbench() -> list[Prompt]:
     return out
 
 
+@BENCHMARKS.register("xstest")
 def load_xstest() -> list[Prompt]:
     out = []
     for row in _rows("xstest_prompts.csv"):
@@ -108,8 +112,6 @@ def load_xstest() -> list[Prompt]:
         )
     return out
 
-
-_LOADERS = {"advbench": load_advbench, "harmbench": load_harmbench, "xstest": load_xstest}
 
 _HARMFUL_LABELS = {"harmful", "unsafe", "1", "true", "yes"}
 _BENIGN_LABELS = {"benign", "safe", "harmless", "0", "false", "no"}
@@ -188,12 +190,12 @@ def parse_benchmarks(spec: str) -> tuple[str, ...]:
     names = tuple(dict.fromkeys(s.strip().lower() for s in spec.split(",") if s.strip()))
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown or not names:
-        raise PromptFileError(f"unknown benchmark {','.join(unknown) or spec!r}: choose from {','.join(BENCHMARKS)}")
+        raise UnknownName(f"unknown benchmark {','.join(unknown) or spec!r}: choose from {','.join(BENCHMARKS.names())}")
     return names
 
 
 def select_prompts(
-    benchmarks: Iterable[str] = BENCHMARKS,
+    benchmarks: Iterable[str] = DEFAULT_BENCHMARKS,
     split: str = "eval",
     limit: int | None = None,
     prompt_file: str | Path | None = None,
@@ -207,7 +209,7 @@ def select_prompts(
     if prompt_file is not None:
         pool = load_prompt_file(prompt_file)
     else:
-        pool = [p for b in benchmarks for p in _LOADERS[b]() if p.split == split]
+        pool = [p for b in benchmarks for p in BENCHMARKS.get(b)() if p.split == split]
     groups: dict[str, list[Prompt]] = {}
     for pr in pool:
         groups.setdefault(pr.subset, []).append(pr)

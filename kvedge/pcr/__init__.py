@@ -1,5 +1,5 @@
 """Per-Channel Reduction (PCR): why a model loses refusals under KV-cache quantization, and which fix
-will work, from 20 calibration prompts (shared spec: PCR.md; kvedge's definitions: docs/pcr.md).
+will work, from 20 calibration prompts (definitions and choices: docs/pcr.md).
 
 calibset (llama.cpp: tokens, continuations, margin tokens) -> engine (torch runs under cache plans)
 -> stats (pure statistics) -> classify (verdict, prescription) -> report; fidelity measures the torch

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..audit import F16, chat_template_for
+from ..runtime import F16
+from ..template import chat_template_for
 from ..datasets import Prompt, select_prompts
 from ..detect import REFUSAL_PREFIXES
 from ..errors import EmptyPromptSet

@@ -1,5 +1,5 @@
-"""How faithfully the torch simulation reproduces llama.cpp on this run's calibration set (PCR.md
-section 2): at f16, next-token top-1 agreement and KLD; for the audited quantized cache, the effect
+"""How faithfully the torch simulation reproduces llama.cpp on this run's calibration set (docs/pcr.md,
+"Fidelity"): at f16, next-token top-1 agreement and KLD; for the audited quantized cache, the effect
 (KLD vs f16) on each side, their ratio and the rank correlation of per-prompt KLDs, per rotation."""
 
 from __future__ import annotations

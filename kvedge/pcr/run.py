@@ -14,14 +14,14 @@ import torch
 
 from .. import __version__
 from ..calib.gguf_torch import TorchModel
-from ..calib.kvquant import Scheme, parse_scheme, rotate, rotation_block
+from ..calib.kvquant import CachePlan, Scheme, parse_scheme, rotate, rotation_block
 from ..lora import read_adapter
 from ..model import ModelInfo
 from ..runtime import KVConfig, RuntimeOptions
 from . import stats as st
 from .calibset import CalibSet, build_calibset, select_calib_prompts
 from .classify import Evidence, classify
-from .engine import Engine, Plan
+from .engine import Engine
 from .fidelity import Fidelity, f16_agreement, llama_logits, quant_fidelity
 
 SCHEMA = "kvedge.pcr/1"
@@ -53,6 +53,8 @@ def torch_threads(n: int):
 
 
 def _scheme(type_name: str, rotation: bool) -> Scheme | None:
+    # an f32 cache is simulated as f16: llama.cpp's flash attention reads K and V as f16 whatever the
+    # cache stores (measured: f32 and f16 caches give identical logits, docs/pcr.md)
     return None if type_name in ("f16", "f32") else parse_scheme(type_name, rotation)
 
 
@@ -62,8 +64,9 @@ def _int_b(s: Scheme | None, channel: bool) -> Scheme | None:
     return parse_scheme(f"int{min(max(s.bits, 2), 8)}{'-channel' if channel else ''}", s.rotation)
 
 
-class _Pass:
-    """The measurements of one call, shared by the rotation settings."""
+class PcrPass:
+    """The measurements of one pass over the calibration set, shared by the rotation settings (and by
+    the sweep): the f16 reference, the safety direction, the noise floor, and runs under cache plans."""
 
     def __init__(self, spec: PcrSpec, cal: CalibSet, tm: TorchModel, log: Callable[[str], None]):
         self.spec, self.cal, self.tm, self.log = spec, cal, tm, log
@@ -81,7 +84,7 @@ class _Pass:
         self.m_ref = st.margin(self.ref_logits, list(cal.refusal_tokens), list(cal.compliance_tokens))
         # arithmetic-only change: an f32 cache instead of f16 moves nothing a quantizer would
         f32 = parse_scheme("f32")
-        noise = self.engine.run(Plan(f32, f32), self.l_star, full=False)
+        noise = self.engine.run(CachePlan(f32, f32), self.l_star, full=False)
         self.noise = st.damage(self.s_ref, noise.signal_hidden @ self.r, self.harmful, self.dirs.gap)
         self.noise_floor = max(abs(self.noise.lo or 0.0), abs(self.noise.hi or 0.0), abs(self.noise.value or 0.0))
         self._grads: dict | None = None
@@ -91,11 +94,11 @@ class _Pass:
             self._grads = self.engine.gradients(self.r, self.l_star, self.harmful)
         return self._grads
 
-    def d(self, plan: Plan):
+    def d(self, plan: CachePlan):
         res = self.engine.run(plan, self.l_star, full=False)
         return st.damage(self.s_ref, res.signal_hidden @ self.r, self.harmful, self.dirs.gap)
 
-    def full(self, plan: Plan) -> dict:
+    def full(self, plan: CachePlan) -> dict:
         res = self.engine.run(plan, self.l_star, full=True)
         s_q = res.signal_hidden @ self.r
         dmg = st.damage(self.s_ref, s_q, self.harmful, self.dirs.gap)
@@ -125,24 +128,24 @@ class _Pass:
         kv, L = self.spec.kv, self.tm.hp.n_layer
         tk, tv = _scheme(kv.type_k, rotation), _scheme(kv.type_v, rotation)
         self.log(f"rotation {'on' if rotation else 'off'}: all-layer runs")
-        both = self.full(Plan(tk, tv))
-        k_only = self.full(Plan(tk, None)) if tk and tv else both if tk else None
-        v_only = self.full(Plan(None, tv)) if tk and tv else both if tv else None
+        both = self.full(CachePlan(tk, tv))
+        k_only = self.full(CachePlan(tk, None)) if tk and tv else both if tk else None
+        v_only = self.full(CachePlan(None, tv)) if tk and tv else both if tv else None
         self.log(f"rotation {'on' if rotation else 'off'}: per-layer runs up to the readout layer {self.l_star}")
         layers = range(self.l_star + 1)
-        per_k = {l: float(self.d(Plan(tk, None, frozenset({l}))).value) if tk else 0.0 for l in layers}
-        per_v = {l: float(self.d(Plan(None, tv, frozenset({l}))).value) if tv else 0.0 for l in layers}
+        per_k = {l: float(self.d(CachePlan(tk, None, frozenset({l}))).value) if tk else 0.0 for l in layers}
+        per_v = {l: float(self.d(CachePlan(None, tv, frozenset({l}))).value) if tv else 0.0 for l in layers}
         single = {l: per_k[l] + per_v[l] for l in layers}
         top3 = st.top_layers(single, 3)
         rest = frozenset(range(L)) - frozenset(top3)
-        d_rest = float(self.full(Plan(tk, tv, rest))["damage"]["value"])
+        d_rest = float(self.full(CachePlan(tk, tv, rest))["damage"]["value"])
         d_all = float(both["damage"]["value"])
         self.log(f"rotation {'on' if rotation else 'off'}: PCR on the top {self.spec.pcr_layers} layers")
         pcr_layers = st.top_layers(single, self.spec.pcr_layers)
         pcr: dict[int, dict] = {}
         for l in pcr_layers:
-            g = Plan(_int_b(tk, False), _int_b(tv, False), frozenset({l}))
-            c = Plan(_int_b(tk, True), _int_b(tv, True), frozenset({l}))
+            g = CachePlan(_int_b(tk, False), _int_b(tv, False), frozenset({l}))
+            c = CachePlan(_int_b(tk, True), _int_b(tv, True), frozenset({l}))
             dg, dc = self.d(g), self.d(c)
             # a ratio is read only where the group-32 damage itself is significant
             significant = dg.lo is not None and dg.lo > self.noise_floor
@@ -212,14 +215,14 @@ def run_pcr(spec: PcrSpec, log: Callable[[str], None] = lambda m: None) -> dict[
         tm = spec.torch_model()
         t_load = time.perf_counter() - t0 - t_llama
         log("f16 reference, safety directions and noise floor")
-        ps = _Pass(spec, cal, tm, log)
-        sim_f16 = ps.engine.continuation_logits(Plan())
+        ps = PcrPass(spec, cal, tm, log)
+        sim_f16 = ps.engine.continuation_logits(CachePlan())
         top1, f16_kld, n_pos = f16_agreement(llama_f16, sim_f16)
         results, quant_fid = [], []
         for rot in spec.rotations:
             results.append(ps.rotation(rot))
             tk, tv = _scheme(spec.kv.type_k, rot), _scheme(spec.kv.type_v, rot)
-            quant_fid.append(quant_fidelity(rot, llama_f16, llama_q[rot], sim_f16, ps.engine.continuation_logits(Plan(tk, tv))))
+            quant_fid.append(quant_fidelity(rot, llama_f16, llama_q[rot], sim_f16, ps.engine.continuation_logits(CachePlan(tk, tv))))
         fidelity = Fidelity(top1, f16_kld, n_pos, tuple(quant_fid), tm.verified)
     seconds = time.perf_counter() - t0
     return {

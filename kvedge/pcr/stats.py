@@ -1,4 +1,4 @@
-"""The statistics of PCR.md section 3, as pure functions of tensors the engine measured.
+"""The PCR statistics (docs/pcr.md, "The statistics"), as pure functions of tensors the engine measured.
 
 Shapes: P prompts, d model width, L layers, C cache channels (n_head_kv * head_dim), V vocabulary.
 `harmful` is a bool tensor [P]. Damage is signed: positive erases the harmful/harmless gap, negative
@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .. import scoring
 from ..stats import Estimate, mean_estimate
 
 OUTLIER_FACTOR = 6.0  # a channel is an outlier when its abs-max exceeds 6x the layer's median abs-max
@@ -63,9 +64,9 @@ def log_softmax64(logits: Tensor) -> Tensor:
 
 
 def kld(ref_logits: Tensor, q_logits: Tensor) -> Tensor:
-    """KL(ref || q) per row, nats, full vocabulary."""
-    p, q = log_softmax64(ref_logits), log_softmax64(q_logits)
-    return (p.exp() * (p - q)).sum(-1)
+    """KL(ref || q) per row of logits, nats, full vocabulary."""
+    p, q = (log_softmax64(x).detach().numpy() for x in (ref_logits, q_logits))
+    return torch.from_numpy(scoring.kld(p, q))
 
 
 def margin(logits: Tensor, refusal: list[int], compliance: list[int]) -> Tensor:

@@ -17,7 +17,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvedge.audit import F16, chat_template_for
+from kvedge.runtime import F16
+from kvedge.template import chat_template_for
 from kvedge.datasets import load_advbench, load_harmbench, load_xstest
 from kvedge.model import ModelInfo
 from kvedge.runtime import Runtime, RuntimeOptions

@@ -17,7 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from kvedge import api
-from kvedge.audit import F16, chat_template_for, kld_topk, top_k
+from kvedge.runtime import F16
+from kvedge.scoring import kld_topk, top_k
+from kvedge.template import chat_template_for
 from kvedge.canary import canary_adapter_path
 from kvedge.datasets import select_prompts
 from kvedge.model import default_model_path, inspect_model, sha256_file

@@ -1,5 +1,4 @@
-"""Markdown and terminal renderings of a PCR report dict (schema kvedge.pcr/1), and the atomic writing of a
-report pair that pcr and sweep share."""
+"""Markdown and terminal renderings of a PCR report dict (schema kvedge.pcr/1)."""
 
 from __future__ import annotations
 
@@ -7,22 +6,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..atomic import atomic_write_text
-
-
-def _n(x: float | None, d: int = 3, signed: bool = False) -> str:
-    if x is None:
-        return "n/a"
-    return f"{x:+.{d}f}" if signed else f"{x:.{d}f}"
+from .fmt import est, num
 
 
 def _e(e: dict | None, d: int = 3, signed: bool = False) -> str:
-    if not e or e.get("value") is None:
-        return "n/a"
-    s = _n(e["value"], d, signed)
-    if e.get("lo") is not None:
-        s += f" [{_n(e['lo'], d, signed)}, {_n(e['hi'], d, signed)}]"
-    return s + f" (n={e['n']})"
+    return est(e, d, signed, with_n=True)
 
 
 def _rot(r: dict) -> str:
@@ -36,13 +24,13 @@ def summary_lines(rep: dict[str, Any]) -> list[str]:
     for r in rep["rotations"]:
         v, ev = r["verdict"], r["evidence"]
         out.append(f"  {_rot(r):13s} verdict: {v['mode']} (carrier {v['carrier']}); damage K+V "
-                   f"{_e(r['all_layers']['k_and_v']['damage'], 3, True)}, K {_n(ev['damage_k'], 3, True)}, "
-                   f"V {_n(ev['damage_v'], 3, True)}")
+                   f"{_e(r['all_layers']['k_and_v']['damage'], 3, True)}, K {num(ev['damage_k'], 3, True)}, "
+                   f"V {num(ev['damage_v'], 3, True)}")
         out.append(f"  {'':13s} fix: {v['prescription']}")
     f = rep["fidelity"]
     out.append(f"  fidelity: f16 top-1 {f['f16_top1']:.3f}, KLD {f['f16_kld']:.4f} over {f['n_positions']} positions; "
-               + "; ".join(f"{'rot on' if q['rotation'] else 'rot off'} KLD ratio {_n(q['ratio'], 2)}, "
-                           f"Spearman {_n(q['spearman'], 2)}" for q in f["quantized"]))
+               + "; ".join(f"{'rot on' if q['rotation'] else 'rot off'} KLD ratio {num(q['ratio'], 2)}, "
+                           f"Spearman {num(q['spearman'], 2)}" for q in f["quantized"]))
     out.append(f"  {rep['timing']['seconds']:.0f} s, {rep['timing']['torch_runs']} torch runs")
     return out
 
@@ -81,8 +69,8 @@ def render_markdown(rep: dict[str, Any]) -> str:
     ]
     for q in f["quantized"]:
         L.append(f"- {'rotation on' if q['rotation'] else 'rotation off'}: KLD vs f16 llama.cpp {q['llama_kld']:.4f}, "
-                 f"sim {q['sim_kld']:.4f}, ratio {_n(q['ratio'], 2)} (target {f['targets']['ratio'][0]}-{f['targets']['ratio'][1]}), "
-                 f"per-prompt Spearman {_n(q['spearman'], 2)} (target >= {f['targets']['spearman']}, n={q['n_prompts']}): "
+                 f"sim {q['sim_kld']:.4f}, ratio {num(q['ratio'], 2)} (target {f['targets']['ratio'][0]}-{f['targets']['ratio'][1]}), "
+                 f"per-prompt Spearman {num(q['spearman'], 2)} (target >= {f['targets']['spearman']}, n={q['n_prompts']}): "
                  f"{'meets' if q['meets_target'] else 'misses'} the target")
     for r in rep["rotations"]:
         v, al, c, p = r["verdict"], r["all_layers"], r["concentration"], r["pcr"]
@@ -108,29 +96,21 @@ def render_markdown(rep: dict[str, Any]) -> str:
                          f"{x['relative_l2_readout']:.4f} | {_e(x['kld_harmless'], 4)} |")
         L += [
             "",
-            f"- vulnerability amplification: {_n(amp['value'] if amp else None, 3)} (isotropic error would give "
-            f"{_n(amp['isotropic'] if amp else None, 3)}; ratio {_n(amp['directional'] if amp else None, 2)})",
-            f"- concentration: top-3 layers {c['top3_layers']} hold {_n(c['top3_share'], 2)} of the single-layer damage; "
-            f"keeping them at f16 leaves {_n(c['damage_without_top3'], 3, True)}, recovery {_n(c['top3_recovery'], 2)}",
+            f"- vulnerability amplification: {num(amp['value'] if amp else None, 3)} (isotropic error would give "
+            f"{num(amp['isotropic'] if amp else None, 3)}; ratio {num(amp['directional'] if amp else None, 2)})",
+            f"- concentration: top-3 layers {c['top3_layers']} hold {num(c['top3_share'], 2)} of the single-layer damage; "
+            f"keeping them at f16 leaves {num(c['damage_without_top3'], 3, True)}, recovery {num(c['top3_recovery'], 2)}",
             f"- PCR (int{p['bits_k'] or p['bits_v']} channel vs group-32, on layers {p['layers']}): damage-weighted mean "
-            f"{_n(p['weighted_mean'], 2)}",
-            f"- outlier overlap (importance mass on outlier channels, damage-weighted): {_n(r['overlap'], 2)}",
+            f"{num(p['weighted_mean'], 2)}",
+            f"- outlier overlap (importance mass on outlier channels, damage-weighted): {num(r['overlap'], 2)}",
             "",
             "| layer | sep | damage K | damage V | outliers K | overlap K | outliers V | overlap V | D group-32 | D channel | PCR |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in r["per_layer"]:
             L.append("| " + " | ".join([
-                str(row["layer"]), f"{row['separation']:.2f}", _n(row.get("damage_k"), 4, True),
-                _n(row.get("damage_v"), 4, True), str(row.get("outliers_k", "")), _n(row.get("overlap_k"), 2),
-                str(row.get("outliers_v", "")), _n(row.get("overlap_v"), 2), _n(row.get("damage_group32"), 4, True),
-                _n(row.get("damage_channel"), 4, True), _n(row.get("pcr"), 2)]) + " |")
+                str(row["layer"]), f"{row['separation']:.2f}", num(row.get("damage_k"), 4, True),
+                num(row.get("damage_v"), 4, True), str(row.get("outliers_k", "")), num(row.get("overlap_k"), 2),
+                str(row.get("outliers_v", "")), num(row.get("overlap_v"), 2), num(row.get("damage_group32"), 4, True),
+                num(row.get("damage_channel"), 4, True), num(row.get("pcr"), 2)]) + " |")
     return "\n".join(L) + "\n"
-
-
-def write_reports(rep: dict[str, Any], markdown: str, out_dir: Path, name: str) -> tuple[Path, Path]:
-    """`name`.json and `name`.md in `out_dir`, each written atomically (pcr and sweep alike)."""
-    jp, mp = out_dir / f"{name}.json", out_dir / f"{name}.md"
-    atomic_write_text(jp, json.dumps(rep, indent=2) + "\n")
-    atomic_write_text(mp, markdown)
-    return jp, mp

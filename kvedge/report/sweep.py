@@ -1,0 +1,38 @@
+"""Markdown and terminal renderings of a sweep report dict (schema kvedge.sweep/1)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def sweep_summary_lines(rep: dict[str, Any]) -> list[str]:
+    """One terminal line per curve: transition and damage per width."""
+    lines = []
+    for c in rep["curves"]:
+        t = c["transition"]
+        pts = "  ".join(f"{p['bits']}b:{p['damage']['value']:+.2f}" for p in c["points"])
+        lines.append(f"{c['cache']:>3} rot {'on ' if c['rotation'] else 'off'}  collapse<= {t['collapse_bits'] or '-'}  "
+                     f"safe>= {t['safe_bits'] or '-'}  damage {pts}")
+    return lines
+
+
+def render_sweep_markdown(rep: dict[str, Any]) -> str:
+    lines = [f"# kvedge sweep: {Path(rep['model']['path']).name}" + (f" + {Path(rep['adapter']).name}" if rep["adapter"] else ""),
+             "",
+             f"Generic intN group-32 caches (symmetric, f16 scale per 32 values) on all layers. Damage: share of the "
+             f"f16 harmful/harmless gap (readout layer {rep['readout_layer']}, g = {rep['gap']:.3f}) erased, with a "
+             f"95% bootstrap interval; noise floor +-{rep['noise_floor']['floor']:.4f}. Collapse: damage >= "
+             f"{rep['collapse_threshold']}; safe: every wider width's interval below {rep['safe_threshold']}. "
+             f"{rep['timing']['seconds']:.0f} s.", ""]
+    for c in rep["curves"]:
+        t = c["transition"]
+        lines += [f"## {c['cache'].upper()}, rotation {'on' if c['rotation'] else 'off'}: collapse at <= "
+                  f"{t['collapse_bits'] or 'none'} bits, safe from {t['safe_bits'] or 'none'} bits", "",
+                  "| bits | damage | margin drop (harmful) | KLD (harmless) | rel. L2 at l* |", "|---|---|---|---|---|"]
+        for p in c["points"]:
+            d, m, k = p["damage"], p["margin_drop_harmful"], p["kld_harmless"]
+            lines.append(f"| {p['bits']} | {d['value']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] | {m['value']:+.3f} | "
+                         f"{k['value']:.4f} | {p['relative_l2_readout']:.4f} |")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,120 @@
+"""A fake llama.cpp for unit tests of the logic above the runtime (summary, resume, the gate, the CLI's
+exit codes): deterministic answers chosen by the test, no model loaded, milliseconds per audit.
+
+It is never used by a test that claims end-to-end behaviour; those drive the real llama.cpp
+(tests marked `e2e`)."""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from kvedge.runtime import Generation, KVConfig, RuntimeOptions
+from kvedge.scoring import log_softmax
+
+REFUSAL = "I'm sorry, but I can't help with that."
+ANSWER = "Sure, here is what you asked for."
+VOCAB = 64
+
+# decides each answer: (prompt text, KV config, rotation, runtime options) -> refuse?
+Policy = Callable[[str, KVConfig, bool, RuntimeOptions], bool]
+
+
+def refuse_harmful_words(text: str, kv: KVConfig, rotation: bool, options: RuntimeOptions) -> bool:
+    return any(w in text.lower() for w in ("bomb", "steal", "hack", "kill", "poison", "weapon"))
+
+
+class FakeRuntime:
+    def __init__(self, kv: KVConfig, rotation: bool, options: RuntimeOptions, policy: Policy,
+                 fail_after: list[int] | None):
+        self.kv, self.rotation, self.options, self.policy = kv, rotation, options, policy
+        self._fail_after = fail_after  # shared countdown: raise KeyboardInterrupt when it reaches 0
+        self._texts: dict[tuple[int, ...], str] = {}
+
+    def __enter__(self) -> "FakeRuntime":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        pass
+
+    def tokenize(self, rendered: str) -> list[int]:
+        toks = [b % VOCAB for b in rendered.encode("utf-8")]
+        self._texts[tuple(toks)] = rendered
+        return toks
+
+    def _noise(self) -> float:
+        """How far this configuration's logits sit from f16's: quantization and arithmetic, as scales."""
+        scale = {"f16": 0.0, "f32": 0.0, "bf16": 0.01, "q8_0": 0.01, "q5_0": 0.05, "q4_0": 0.2}
+        q = max(scale.get(self.kv.type_k, 0.1), scale.get(self.kv.type_v, 0.1))
+        if q and not self.rotation:
+            q *= 2
+        return q + (0.0 if self.options.flash_attn else 0.005)
+
+    def _logprobs(self, context: list[int]) -> np.ndarray:
+        seed = zlib.crc32(bytes(context))
+        base = np.random.default_rng(seed).normal(0, 3, VOCAB)
+        wobble = np.random.default_rng(seed + 1).normal(0, 1, VOCAB) * self._noise()
+        return log_softmax(base + wobble)
+
+    def generate(self, prompt: list[int], max_tokens: int, logprobs: bool = False) -> Generation:
+        if self._fail_after is not None:
+            self._fail_after[0] -= 1
+            if self._fail_after[0] < 0:
+                raise KeyboardInterrupt
+        text = REFUSAL if self.policy(self._texts.get(tuple(prompt), ""), self.kv, self.rotation, self.options) else ANSWER
+        tokens = [b % VOCAB for b in text.encode()][:max_tokens]
+        return Generation(tokens, text if len(tokens) == len(text) else text[:max_tokens], len(prompt),
+                          "eog" if len(tokens) < max_tokens else "max_tokens", 0.001, 0.001)
+
+    def score(self, prompt: list[int], continuation: list[int]):
+        for i in range(len(continuation)):
+            yield self._logprobs(prompt + continuation[:i])
+
+
+@dataclass
+class FakeRuntimes:
+    """A `RuntimeFactory`. `fail_after=N` raises KeyboardInterrupt at the N+1-th generation of the
+    audit (a kill in the middle of a run)."""
+
+    policy: Policy = refuse_harmful_words
+    fail_after: int | None = None
+    opened: list[tuple[str, bool, bool]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._countdown = [self.fail_after] if self.fail_after is not None else None
+
+    def backend(self, n_gpu_layers: int) -> dict:
+        return {"kind": "cpu", "llama_cpp_python": "fake", "gpu_offload_supported": False, "system_info": "fake"}
+
+    def open(self, model, kv: KVConfig, rotation: bool, options: RuntimeOptions, lora_path: Path | None) -> FakeRuntime:
+        self.opened.append((kv.name, rotation, options.flash_attn))
+        return FakeRuntime(kv, rotation, options, self.policy, self._countdown)
+
+
+def write_tiny_gguf(path: Path) -> Path:
+    """A small, valid GGUF that describes a llama model (no real weights): enough for kvedge to inspect,
+    hash and key an audit whose runtime is fake."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("tiny-fake")
+    w.add_block_count(2)
+    w.add_context_length(512)
+    w.add_embedding_length(64)
+    w.add_head_count(2)
+    w.add_head_count_kv(1)
+    w.add_chat_template("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                        "{% if add_generation_prompt %}<assistant>{% endif %}")
+    w.add_tensor("token_embd.weight", np.zeros((VOCAB, 64), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
