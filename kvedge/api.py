@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .audit import AuditSpec, run_audit
+from .audit import MAX_BATCH, AuditSpec, auto_batch, run_audit
 from .canary import canary_adapter_path
 from .datasets import DEFAULT_BENCHMARKS, parse_benchmarks, select_prompts
 from .detect import Detector, default_detector
@@ -65,11 +65,13 @@ def audit(
     progress: bool = True,
     detector: Detector | None = None,
     canary: bool = True,
+    batch: int | None = None,
     runtimes: RuntimeFactory = LLAMA_CPP,
 ) -> AuditResult:
     """With no `model`, audits the embedded default model with the canary adapter; `canary=False`
     audits the bare default model. `runtimes` is where llama.cpp contexts come from (a test can pass a
-    fake). The report's `gate` says whether `fail_under` was met; the CLI turns a miss into exit 1."""
+    fake). `batch` prompts are decoded together (None: chosen from the model's KV size; 1: one at a
+    time). The report's `gate` says whether `fail_under` was met; the CLI turns a miss into exit 1."""
     configs = parse_kv_list(kv)  # cheap checks first: bad flags fail before the model is hashed
     parse_rotation(rotation)
     if noise is not None and noise not in NOISE_VARIANTS:
@@ -78,12 +80,15 @@ def audit(
         raise KvedgeError(f"--fail-under takes a share between 0 and 1, not {fail_under}")
     if max_tokens < 1 or ctx < 64:
         raise KvedgeError("--max-tokens must be at least 1 and --ctx at least 64")
+    if batch is not None and not 1 <= batch <= MAX_BATCH:
+        raise KvedgeError(f"--batch must be between 1 and {MAX_BATCH}, not {batch}")
     names = parse_benchmarks(benchmarks)
     selected = select_prompts(names, split, limit, prompts)
     info = load_model(model)
     adapter = _adapter_for(model, lora, canary)
     for c in configs:
         c.check_fits(info)
+    det = detector or default_detector()
     spec = AuditSpec(
         model=info,
         prompts=tuple(selected),
@@ -95,9 +100,10 @@ def audit(
         system=system,
         out_dir=Path(out) if out else Path("kvedge-runs") / _stem(info, adapter),
         noise=noise,
+        batch=batch or auto_batch(info),
+        detector=det,
     )
     outcome = run_audit(spec, progress=progress, runtimes=runtimes)
-    det = detector or default_detector()
     with Store(spec.store_path) as store:
         summary = summarize(outcome, store.audit_rows([r.key for r in outcome.runs], outcome.reference.key),
                             det, fail_under)

@@ -12,6 +12,7 @@ that every run is teacher-forced on for the KLD and perplexity figures.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,11 +21,25 @@ import numpy as np
 from . import __version__
 from .datasets import Prompt
 from .model import ModelInfo, sha256_file
+from .decode import GenJob
+from .detect import Detector, default_detector
 from .registry import NOISE_VARIANTS
-from .runtime import F16, LLAMA_CPP, KVConfig, Runtime, RuntimeFactory, RuntimeOptions, parse_rotation
+from .runtime import DEFAULT_SEQ_CELLS, F16, LLAMA_CPP, KVConfig, Runtime, RuntimeFactory, RuntimeOptions, parse_rotation
 from .scoring import TopK, kld_topk, top_k
 from .store import GenerationRow, ScoreRow, Store
 from .template import ChatTemplate, chat_template_for
+
+
+MAX_BATCH = 64
+CACHE_BUDGET = 256 * 2**20  # bytes of f16 KV cache a default batch may hold
+
+
+def auto_batch(model: ModelInfo) -> int:
+    """Prompts per wave: as many as fit `CACHE_BUDGET` of f16 cache at `DEFAULT_SEQ_CELLS` each, at most
+    16 (llama.cpp's decode throughput on 2 cores barely grows past 16 sequences: 321 tok/s at 16, 337 at
+    32), at least 1. A 135M model gets 16; a 7B model with an f16 KV of 0.5 MB a token gets 2."""
+    per_seq = F16.bytes_per_token(model) * DEFAULT_SEQ_CELLS
+    return max(1, min(16, CACHE_BUDGET // max(1, per_seq)))
 
 
 @dataclass(frozen=True)
@@ -69,6 +84,13 @@ class AuditSpec:
     system: str | None = None
     out_dir: Path = Path("kvedge-runs")
     noise: str | None = "flash-attn-off"
+    batch: int = 1  # prompts decoded together (a wave); 1: one at a time
+    # whose verdicts the report computes, and whose `final` ends a generation early
+    detector: Detector = field(default_factory=default_detector)
+
+    @property
+    def runtime_options(self) -> RuntimeOptions:
+        return dataclasses.replace(self.options, n_seq=self.batch)
 
     def runs(self) -> list[RunSpec]:
         rotations = parse_rotation(self.rotation)
@@ -126,16 +148,25 @@ def _run_key_spec(spec: AuditSpec, run: RunSpec, template: ChatTemplate, adapter
         # rotation only acts on a quantized cache; f16 runs share one key whatever was asked
         "rotation": run.rotation if run.kv.quantized else None,
         "variant": run.variant,
-        "runtime": run.options(spec.options).key(),
+        "runtime": run.options(spec.runtime_options).key(),
         "backend": backend["kind"],
-        "decoding": {"greedy": True, "max_tokens": spec.max_tokens},
+        # an answer ends early once this detector's verdict on it is final (the stored text says so)
+        "decoding": {"greedy": True, "max_tokens": spec.max_tokens, "stop_when_final": spec.detector.id},
         "template_sha256": template.sha256,
         "system": spec.system,
     }
 
 
 class _Session:
-    """Runs one audit; keeps the reference distributions in memory between runs."""
+    """Runs one audit; keeps the reference distributions in memory between runs.
+
+    Prompts run in waves of `spec.batch` in the audit's own prompt order, each wave decoded together from
+    a fresh cache that holds only the chat template's shared prefix. Not refilling a wave's finished slots
+    from the queue costs a little throughput (`bench/audit_throughput.py` measures both), and buys
+    reproducibility: which prompts share a decode call changes llama.cpp's arithmetic (its CPU matrix
+    kernels group rows), so each prompt's result must depend on its wave alone, never on what ran before.
+    Then a killed audit resumes (its unfinished waves rerun whole, storing what is missing) to the same
+    report an uninterrupted one writes."""
 
     def __init__(self, spec: AuditSpec, store: Store, progress: bool, runtimes: RuntimeFactory):
         self.spec, self.store, self.progress, self.runtimes = spec, store, progress, runtimes
@@ -144,9 +175,10 @@ class _Session:
         self.backend = runtimes.backend(spec.options.n_gpu_layers)
         self.adapter_sha = sha256_file(spec.lora_path) if spec.lora_path else None
         self.benign = [p for p in spec.prompts if not p.harmful]
+        self._prefix: list[int] | None = None
 
     def _open(self, run: RunSpec) -> Runtime:
-        return self.runtimes.open(self.spec.model, run.kv, run.rotation, run.options(self.spec.options),
+        return self.runtimes.open(self.spec.model, run.kv, run.rotation, run.options(self.spec.runtime_options),
                                   self.spec.lora_path)
 
     def _bar(self, total: int, desc: str):
@@ -157,63 +189,122 @@ class _Session:
     def _tokens(self, rt: Runtime, prompt: Prompt) -> list[int]:
         return rt.tokenize(self.template.render(prompt.text, self.spec.system))
 
+    def _template_prefix(self, rt: Runtime) -> list[int]:
+        """The tokens every rendering of the template starts with (its system prompt), whatever the user
+        says: a property of the template, so a prompt's wave computes it the same way in every run."""
+        if self._prefix is None:
+            a, b = (rt.tokenize(self.template.render(m, self.spec.system)) for m in ("A", "Z"))
+            n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            self._prefix = a[:max(0, n - 1)]  # one token short: the last may merge with the message
+        return self._prefix
+
+    def _waves(self, prompts: list[Prompt]) -> list[list[Prompt]]:
+        n = max(1, self.spec.batch)
+        return [prompts[i:i + n] for i in range(0, len(prompts), n)]
+
+    def _start_wave(self, rt: Runtime) -> None:
+        rt.reset()
+        rt.share_prefix(self._template_prefix(rt))
+
+    def _final(self, rt: Runtime, run: RunSpec, p: Prompt):
+        """When generation may stop early: once the detector's verdict is final, except where the whole
+        answer is needed (the reference's benign answers are the continuations KLD and perplexity are
+        scored on)."""
+        if run.is_reference and not p.harmful:
+            return None
+        det = self.spec.detector
+        return lambda toks: det.final(rt.detokenize(toks))
+
     def execute(self, run: RunSpec, ref_key: str | None) -> AuditRun:
         key_spec = _run_key_spec(self.spec, run, self.template, self.adapter_sha, self.backend)
         key = self.store.register_run({**key_spec, "label": run.label})
         result = AuditRun(run, key, key_spec)
         done = self.store.generations(key)
-        todo = [p for p in self.spec.prompts if (p.id, p.text_sha256) not in done]
+        waves = [w for w in self._waves(list(self.spec.prompts)) if any((p.id, p.text_sha256) not in done for p in w)]
         ref_key = ref_key or key
         scored = self.store.scores(key, ref_key)
-        ref_gens = self.store.generations(ref_key) if not run.is_reference else None
         to_score = [p for p in self.benign if (p.id, p.text_sha256) not in scored]
-        if not todo and not to_score:
+        if not waves and not to_score:
             return result
         rt = self._open(run)
         try:
-            with self._bar(len(todo), run.label) as bar:
-                for p in todo:
-                    g = rt.generate(self._tokens(rt, p), self.spec.max_tokens)
-                    self.store.put_generation(
-                        GenerationRow(key, p.id, p.text_sha256, g.text, g.tokens, g.n_prompt_tokens, g.stop_reason,
-                                      g.prompt_seconds, g.decode_seconds)
-                    )
-                    result.generated += 1
-                    bar.update(1)
-            if run.is_reference:
-                ref_gens = self.store.generations(key)
-                self._build_refs(rt, ref_gens)
-            elif to_score and any(p.id not in self.refs for p in to_score):
+            todo = sum((p.id, p.text_sha256) not in done for w in waves for p in w)
+            with self._bar(todo, run.label) as bar:
+                for wave in waves:
+                    self._start_wave(rt)
+                    jobs = [GenJob(self._tokens(rt, p), self.spec.max_tokens, self._final(rt, run, p)) for p in wave]
+                    for i, g in rt.generate_many(jobs):
+                        p = wave[i]
+                        if (p.id, p.text_sha256) in done:
+                            continue  # stored by an interrupted run of this wave: the same answer
+                        stop = f"final:{self.spec.detector.id}" if g.stop_reason == "final" else g.stop_reason
+                        self.store.put_generation(
+                            GenerationRow(key, p.id, p.text_sha256, g.text, g.tokens, g.n_prompt_tokens, stop,
+                                          g.prompt_seconds, g.decode_seconds))
+                        result.generated += 1
+                        bar.update(1)
+            ref_gens = self.store.generations(ref_key)
+            if not run.is_reference and any(p.id not in self.refs for p in to_score):
                 rt.close()
                 with self._open(RunSpec(F16, True)) as ref_rt:
-                    self._build_refs(ref_rt, ref_gens)
+                    self._score(ref_rt, None, ref_key, [p for p in self.benign if p.id not in self.refs], ref_gens)
                 rt = self._open(run)
-            for p in to_score:
-                self.store.put_score(self._score(rt, key, ref_key, p, ref_gens[(p.id, p.text_sha256)].tokens))
-                result.scored += 1
+            result.scored = self._score(rt, key, ref_key, to_score, ref_gens)
         finally:
             rt.close()
         return result
 
-    def _build_refs(self, rt: Runtime, ref_gens: dict) -> None:
-        for p in self.benign:
-            if p.id in self.refs:
-                continue
-            cont = ref_gens[(p.id, p.text_sha256)].tokens
-            self.refs[p.id] = [top_k(lp) for lp in rt.score(self._tokens(rt, p), cont)]
+    def _score(self, rt: Runtime, key: str | None, ref_key: str, prompts: list[Prompt], ref_gens: dict) -> int:
+        """Teacher-force the reference's answers to `prompts` through `rt`, in waves. On the reference run
+        (or with `key` None) this builds the reference distributions; otherwise it stores each prompt's
+        KLD, NLL and top-1 agreement against them. Returns how many score rows were stored."""
+        building = key is None or key == ref_key
+        stored = 0
+        for wave in self._waves(prompts):
+            self._start_wave(rt)
+            conts = [ref_gens[(p.id, p.text_sha256)].tokens for p in wave]
+            jobs = [(self._tokens(rt, p), c) for p, c in zip(wave, conts)]
+            acc = [_ScoreAcc() for _ in wave]
+            if building:
+                for p in wave:
+                    self.refs[p.id] = [None] * len(ref_gens[(p.id, p.text_sha256)].tokens)  # type: ignore[list-item]
 
-    def _score(self, rt: Runtime, key: str, ref_key: str, p: Prompt, cont: list[int]) -> ScoreRow:
-        refs = self.refs[p.id]
-        nll = kld = 0.0
-        agree = 0
-        max_diff = 0.0
-        for i, logq in enumerate(rt.score(self._tokens(rt, p), cont)):
-            ref = refs[i]
-            nll -= float(logq[cont[i]])
-            kld += kld_topk(ref, logq)
-            agree += int(int(np.argmax(logq)) == int(ref.ids[0]))
-            max_diff = max(max_diff, float(np.abs(logq[ref.ids[:16]] - ref.logp[:16]).max()))
-        return ScoreRow(key, ref_key, p.id, p.text_sha256, len(cont), nll, kld, agree, max_diff)
+            def on_row(j: int, k: int, logq: np.ndarray) -> None:
+                pid = wave[j].id
+                if building:
+                    self.refs[pid][k] = top_k(logq)
+                acc[j].add(self.refs[pid][k], logq, conts[j][k])
+
+            for j in rt.score_many(jobs, on_row):
+                if key is None:
+                    continue
+                p = wave[j]
+                self.store.put_score(acc[j].row(key, ref_key, p))
+                stored += 1
+        return stored
+
+
+
+
+@dataclass
+class _ScoreAcc:
+    """Sums over one prompt's scored positions against the reference's top-k distributions."""
+
+    n: int = 0
+    nll: float = 0.0
+    kld: float = 0.0
+    agree: int = 0
+    max_diff: float = 0.0
+
+    def add(self, ref: TopK, logq: np.ndarray, token: int) -> None:
+        self.n += 1
+        self.nll -= float(logq[token])
+        self.kld += kld_topk(ref, logq)
+        self.agree += int(int(np.argmax(logq)) == int(ref.ids[0]))
+        self.max_diff = max(self.max_diff, float(np.abs(logq[ref.ids[:16]] - ref.logp[:16]).max()))
+
+    def row(self, key: str, ref_key: str, p: Prompt) -> ScoreRow:
+        return ScoreRow(key, ref_key, p.id, p.text_sha256, self.n, self.nll, self.kld, self.agree, self.max_diff)
 
 
 def run_audit(spec: AuditSpec, progress: bool = True, runtimes: RuntimeFactory = LLAMA_CPP) -> AuditOutcome:

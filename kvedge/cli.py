@@ -63,6 +63,8 @@ def audit(
                                                "share of the f16 refusal rate (e.g. 0.9)."),
     no_canary: bool = typer.Option(False, "--no-canary", help="With no MODEL, audit the bare default model "
                                    "instead of default model + canary adapter."),
+    batch: Optional[int] = typer.Option(None, "--batch", help="Prompts decoded together (default: chosen from the "
+                                        "model's KV size, 16 for small models); 1 decodes one prompt at a time."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Run refusal benchmarks through real llama.cpp at each KV cache type and report what quantization costs."""
@@ -72,7 +74,7 @@ def audit(
         model=model, lora=lora, kv=kv, rotation=rotation, benchmarks=benchmarks, split=split, prompts=prompts,
         limit=limit, max_tokens=max_tokens, ctx=ctx, threads=threads, gpu_layers=gpu_layers, system=system,
         noise=None if noise == "none" else noise, out=out, fail_under=fail_under, progress=not quiet,
-        canary=not no_canary,
+        canary=not no_canary, batch=batch,
     )
     from .report.audit import render_table
 

@@ -10,22 +10,24 @@ which makes results depend on prompt order.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import threading
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
 from . import kvtypes
+from .decode import Decoder, GenJob
 from .errors import KVTypeError, ModelFileError
 from .model import ModelInfo
 from .scoring import log_softmax
 
 ROTATION_ENV = "LLAMA_ATTN_ROT_DISABLE"
 THREADS_ENV = "KVEDGE_THREADS"  # the default thread count, for machines shared with other work
+DEFAULT_SEQ_CELLS = 256  # cache cells budgeted per parallel sequence (a prompt and a 64-token answer fit)
 
 
 @dataclass(frozen=True, order=True)
@@ -109,6 +111,11 @@ class RuntimeOptions:
     n_ubatch: int = 512
     flash_attn: bool = True
     seed: int = 0
+    n_seq: int = 1  # sequences decoded together (1: one prompt at a time)
+
+    def cache_cells(self, n_ctx: int) -> int:
+        """Cells of the (unified) cache: one sequence's context, or room for several when they share it."""
+        return n_ctx if self.n_seq <= 1 else max(n_ctx, DEFAULT_SEQ_CELLS * self.n_seq)
 
     def resolved_threads(self) -> int:
         """The thread count asked for, else $KVEDGE_THREADS, else all cores up to 8. llama.cpp's CPU
@@ -132,7 +139,7 @@ class Generation:
     tokens: list[int]
     text: str
     n_prompt_tokens: int
-    stop_reason: str  # "eog" | "max_tokens" | "ctx"
+    stop_reason: str  # "eog" | "max_tokens" | "ctx" | "final" (the detector's verdict could no longer change)
     prompt_seconds: float
     decode_seconds: float
     # with generate(..., logprobs=True): log-softmax of every step's logits, the step that chose the
@@ -180,10 +187,13 @@ def backend_info(n_gpu_layers: int = 0) -> dict:
 
 
 class Runtime:
-    """A loaded llama.cpp context for one configuration. Use as a context manager.
+    """A llama.cpp context for one configuration, on llama.cpp's C API (through llama-cpp-python's
+    bindings), decoding with kvedge's own greedy loop (`decode.Decoder`). Use as a context manager.
 
-    The audit reaches it through a `RuntimeFactory` (below), so a unit test can hand it a fake with the
-    same methods (`tokenize`, `generate`, `score`, `close`) and test everything above it in milliseconds."""
+    `options.n_seq` sequences share each decode call (1: one prompt at a time); `options.n_ctx` is what
+    one sequence may hold, and with several sequences the unified cache gets room for them all
+    (`cache_cells`). The audit reaches a Runtime through a `RuntimeFactory` (below), so a unit test can
+    hand it a fake with the same methods and test everything above it in milliseconds."""
 
     def __init__(
         self,
@@ -193,47 +203,70 @@ class Runtime:
         options: RuntimeOptions = RuntimeOptions(),
         lora_path: Path | None = None,
     ):
-        from llama_cpp import Llama
+        import llama_cpp
+        from llama_cpp._internals import LlamaContext, LlamaModel
+        from llama_cpp._logger import set_verbose
+        from llama_cpp._utils import suppress_stdout_stderr
+
+        set_verbose(False)  # llama.cpp's info log off, its errors still printed (what Llama(verbose=False) does)
 
         kv.check_fits(model)
         if kv.v_quantized and not options.flash_attn:
             raise KVTypeError(f"quantized V cache ({kv.type_v}) needs flash attention in llama.cpp")
         self.model, self.kv, self.rotation, self.options = model, kv, rotation, options
-        n_ctx = options.n_ctx
-        if model.n_ctx_train:
-            n_ctx = min(n_ctx, model.n_ctx_train)
-        with _rotation_env(rotation):
-            try:
-                self.llm = Llama(
-                    model_path=str(model.path),
-                    n_ctx=n_ctx,
-                    n_batch=options.n_batch,
-                    n_ubatch=options.n_ubatch,
-                    n_threads=options.resolved_threads(),
-                    n_threads_batch=options.resolved_threads(),
-                    n_gpu_layers=options.n_gpu_layers,
-                    flash_attn=options.flash_attn,
-                    type_k=int(kvtypes.ggml_type(kv.type_k)),
-                    type_v=int(kvtypes.ggml_type(kv.type_v)),
-                    lora_path=str(lora_path) if lora_path else None,
-                    seed=options.seed,
-                    logits_all=False,
-                    verbose=False,
-                )
-            except (ValueError, RuntimeError, OSError) as exc:
-                raise ModelFileError(f"llama.cpp could not load {model.path} with KV {kv.name}: {exc}") from None
-        self.n_ctx = self.llm.n_ctx()
-        self.n_vocab = self.llm.n_vocab()
-        import llama_cpp
-
         self._lib = llama_cpp
-        self._vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
+        self._model = self._ctx = self._adapter = self.decoder = None
+        n_ctx = min(options.n_ctx, model.n_ctx_train) if model.n_ctx_train else options.n_ctx
+        threads = options.resolved_threads()
+        mp = llama_cpp.llama_model_default_params()
+        mp.n_gpu_layers = options.n_gpu_layers
+        cp = llama_cpp.llama_context_default_params()
+        cp.n_ctx = options.cache_cells(n_ctx)
+        cp.n_batch = options.n_batch
+        cp.n_ubatch = min(options.n_batch, options.n_ubatch)
+        cp.n_threads = cp.n_threads_batch = threads
+        cp.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if options.flash_attn
+                              else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        cp.type_k = int(kvtypes.ggml_type(kv.type_k))
+        cp.type_v = int(kvtypes.ggml_type(kv.type_v))
+        cp.n_seq_max = options.n_seq + 1 if options.n_seq > 1 else 1  # the last holds a shared prefix
+        cp.kv_unified = options.n_seq > 1
+        cp.no_perf = True
+        try:
+            self._model = LlamaModel(path_model=str(model.path), params=mp, verbose=False)
+            if lora_path is not None:
+                self._adapter = llama_cpp.llama_adapter_lora_init(self._model.model, str(lora_path).encode("utf-8"))
+                if self._adapter is None:
+                    raise ValueError(f"llama.cpp rejected the LoRA adapter {lora_path}")
+            with _rotation_env(rotation), suppress_stdout_stderr(disable=False):  # llama.cpp's load log
+                self._ctx = LlamaContext(model=self._model, params=cp, verbose=False)
+            if self._adapter is not None:
+                adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self._adapter)
+                scales = (ctypes.c_float * 1)(1.0)
+                if llama_cpp.llama_set_adapters_lora(self._ctx.ctx, adapters, 1, scales):
+                    raise ValueError(f"llama.cpp could not apply the LoRA adapter {lora_path}")
+        except (ValueError, RuntimeError, OSError) as exc:
+            self.close()
+            raise ModelFileError(f"llama.cpp could not load {model.path} with KV {kv.name}: {exc}") from None
+        self._vocab = self._model.vocab
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
+        self.n_ctx = n_ctx
+        self.decoder = Decoder(llama_cpp, self._ctx.ctx, self._vocab, self.n_vocab, n_ctx, options.n_batch,
+                               max(1, options.n_seq))
 
     def close(self) -> None:
-        llm = getattr(self, "llm", None)
-        if llm is not None:
-            llm.close()
-            self.llm = None
+        if self.decoder is not None:
+            self.decoder.close()
+            self.decoder = None
+        if self._ctx is not None:
+            self._ctx.close()
+            self._ctx = None
+        if self._adapter is not None:
+            self._lib.llama_adapter_lora_free(self._adapter)
+            self._adapter = None
+        if self._model is not None:
+            self._model.close()
+            self._model = None
 
     def __enter__(self) -> "Runtime":
         return self
@@ -243,62 +276,71 @@ class Runtime:
 
     # tokens -----------------------------------------------------------------------------------
     def tokenize(self, rendered: str) -> list[int]:
-        toks = self.llm.tokenize(rendered.encode("utf-8"), add_bos=True, special=True)
-        bos = self.llm.token_bos()
+        toks = self._model.tokenize(rendered.encode("utf-8"), add_bos=True, special=True)
+        bos = self._model.token_bos()
         if len(toks) >= 2 and toks[0] == bos and toks[1] == bos:
             toks = toks[1:]  # the template wrote BOS itself and the tokenizer added another
         return toks
 
+    def tokenize_piece(self, text: str, special: bool = False) -> list[int]:
+        """Tokens of a bare piece of text: no BOS; `special` parses special tokens such as <|im_end|>."""
+        return self._model.tokenize(text.encode("utf-8"), add_bos=False, special=special)
+
     def detokenize(self, tokens: list[int]) -> str:
-        return self.llm.detokenize(tokens).decode("utf-8", errors="replace")
+        return self._model.detokenize(tokens).decode("utf-8", errors="replace")
 
     def is_eog(self, token: int) -> bool:
         return bool(self._lib.llama_vocab_is_eog(self._vocab, token))
 
-    # forward ----------------------------------------------------------------------------------
-    def _last_logits(self) -> np.ndarray:
-        ptr = self._lib.llama_get_logits_ith(self.llm.ctx, -1)
-        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+    @property
+    def eos(self) -> int:
+        return int(self._model.token_eos())
 
-    def _start(self, prompt: list[int]) -> None:
-        self.llm.reset()
-        self.llm.eval(prompt)
+    # decoding ---------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """An empty cache, as for the first prompt."""
+        self.decoder.clear()
+
+    def share_prefix(self, prefix: list[int]) -> None:
+        """Compute `prefix` once; every later prompt that starts with it reuses its cache cells. Only with
+        several sequences (a one-sequence runtime computes each prompt whole, as it always did)."""
+        if self.options.n_seq > 1 and prefix:
+            self.decoder.set_prefix(prefix)
+
+    def generate_many(self, jobs: Sequence[GenJob]) -> Iterator[tuple[int, Generation]]:
+        """Greedy generation of every job, `options.n_seq` at a time; yields (job index, Generation) as
+        each finishes."""
+        for i, r in self.decoder.generate(jobs):
+            yield i, Generation(r.tokens, self.detokenize(r.tokens), r.n_prompt_tokens, r.stop_reason,
+                                r.prompt_seconds, r.decode_seconds, r.logprobs)
 
     def generate(self, prompt: list[int], max_tokens: int, logprobs: bool = False) -> Generation:
-        if len(prompt) >= self.n_ctx:
-            return Generation([], "", len(prompt), "ctx", 0.0, 0.0)
-        t0 = time.perf_counter()
-        self._start(prompt)
-        t1 = time.perf_counter()
-        out: list[int] = []
-        kept: list[np.ndarray] | None = [] if logprobs else None
-        stop = "max_tokens"
-        while len(out) < max_tokens:
-            if len(prompt) + len(out) >= self.n_ctx:
-                stop = "ctx"
-                break
-            logits = self._last_logits()
-            if kept is not None:
-                kept.append(log_softmax(logits))
-            tok = int(np.argmax(logits))
-            if self.is_eog(tok):
-                stop = "eog"
-                break
-            out.append(tok)
-            if len(out) < max_tokens:
-                self.llm.eval([tok])
-        t2 = time.perf_counter()
-        return Generation(out, self.detokenize(out), len(prompt), stop, t1 - t0, t2 - t1, kept)
+        (_, g), = self.generate_many([GenJob(prompt, max_tokens, None, logprobs)])
+        return g
+
+    def score_many(self, jobs: Sequence[tuple[Sequence[int], Sequence[int]]],
+                   on_row: Callable[[int, int, np.ndarray], None]) -> Iterator[int]:
+        """Teacher-force each (prompt, continuation), `options.n_seq` at a time, one token per sequence per
+        decode as generation runs: `on_row(job, k, logp)` gets the log-softmax before continuation token
+        k; yields each job's index when it is done."""
+        gen = [GenJob(p, max(1, len(c)), None, False, c) for p, c in jobs]
+        for i, _ in self.decoder.generate(gen, on_row):
+            yield i
 
     def score(self, prompt: list[int], continuation: list[int]) -> Iterator[np.ndarray]:
-        """Teacher-force `continuation` after `prompt`, yielding the log-softmax before each of its
-        tokens (and one more after the last, so an empty continuation still yields the first step).
-        Token by token, as generation runs, so a config is scored under the arithmetic it generates with."""
-        self._start(prompt)
+        """Teacher-force `continuation` after `prompt` one token per decode, as generation runs one
+        sequence, yielding the log-softmax before each continuation token. The PCR fidelity check
+        compares against these positions token by token."""
+        d = self.decoder
+        d.clear()
+        for start in range(0, len(prompt), d.n_batch):
+            chunk = prompt[start:start + d.n_batch]
+            d._decode([(t, start + k, 0, start + k == len(prompt) - 1) for k, t in enumerate(chunk)])
         for i, tok in enumerate(continuation):
-            yield log_softmax(self._last_logits())
+            yield log_softmax(d.logits(-1))
             if i < len(continuation) - 1:
-                self.llm.eval([tok])
+                d._decode([(tok, len(prompt) + i, 0, True)])
+        d.clear()
 
 
 class RuntimeFactory(Protocol):

@@ -226,7 +226,8 @@ def summarize(outcome: AuditOutcome, rows: AuditRows, detector: Detector, fail_u
             "max_tokens": spec.max_tokens, "greedy": True, "system": spec.system, "rotation": spec.rotation,
             "chat_template": "gguf" if outcome.template.from_gguf else "fallback-chatml",
             "chat_template_sha256": outcome.template.sha256,
-            "runtime": spec.options.key(), "store": str(spec.store_path),
+            "runtime": spec.runtime_options.key(), "batch": spec.batch,
+            "stop_when_final": spec.detector.id, "store": str(spec.store_path),
         },
         "prompts_summary": {
             "n": len(prompts), "harmful": len(harmful), "benign": len(benign),

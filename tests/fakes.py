@@ -18,7 +18,7 @@ from kvedge.scoring import log_softmax
 
 REFUSAL = "I'm sorry, but I can't help with that."
 ANSWER = "Sure, here is what you asked for."
-VOCAB = 64
+VOCAB = 128
 
 # decides each answer: (prompt text, KV config, rotation, runtime options) -> refuse?
 Policy = Callable[[str, KVConfig, bool, RuntimeOptions], bool]
@@ -49,6 +49,15 @@ class FakeRuntime:
         self._texts[tuple(toks)] = rendered
         return toks
 
+    def detokenize(self, tokens: list[int]) -> str:
+        return bytes(t + 32 for t in tokens).decode("latin-1")
+
+    def reset(self) -> None:
+        pass
+
+    def share_prefix(self, prefix: list[int]) -> None:
+        pass
+
     def _noise(self) -> float:
         """How far this configuration's logits sit from f16's: quantization and arithmetic, as scales."""
         scale = {"f16": 0.0, "f32": 0.0, "bf16": 0.01, "q8_0": 0.01, "q5_0": 0.05, "q4_0": 0.2}
@@ -58,24 +67,37 @@ class FakeRuntime:
         return q + (0.0 if self.options.flash_attn else 0.005)
 
     def _logprobs(self, context: list[int]) -> np.ndarray:
-        seed = zlib.crc32(bytes(context))
+        seed = zlib.crc32(bytes(t % 256 for t in context))
         base = np.random.default_rng(seed).normal(0, 3, VOCAB)
         wobble = np.random.default_rng(seed + 1).normal(0, 1, VOCAB) * self._noise()
         return log_softmax(base + wobble)
 
-    def generate(self, prompt: list[int], max_tokens: int, logprobs: bool = False) -> Generation:
-        if self._fail_after is not None:
-            self._fail_after[0] -= 1
-            if self._fail_after[0] < 0:
-                raise KeyboardInterrupt
-        text = REFUSAL if self.policy(self._texts.get(tuple(prompt), ""), self.kv, self.rotation, self.options) else ANSWER
-        tokens = [b % VOCAB for b in text.encode()][:max_tokens]
-        return Generation(tokens, text if len(tokens) == len(text) else text[:max_tokens], len(prompt),
-                          "eog" if len(tokens) < max_tokens else "max_tokens", 0.001, 0.001)
+    def generate_many(self, jobs):
+        for i, job in enumerate(jobs):
+            if self._fail_after is not None:
+                self._fail_after[0] -= 1
+                if self._fail_after[0] < 0:
+                    raise KeyboardInterrupt
+            text = ANSWER
+            if self.policy(self._texts.get(tuple(job.prompt), ""), self.kv, self.rotation, self.options):
+                text = REFUSAL
+            tokens = [b - 32 for b in text.encode("latin-1")]  # one token a character
+            stop = "eog"
+            for k in range(1, len(tokens) + 1):
+                if k >= job.max_tokens:
+                    tokens, stop = tokens[:k], "max_tokens"
+                    break
+                if job.final is not None and job.final(tokens[:k]):
+                    tokens, stop = tokens[:k], "final"
+                    break
+            yield i, Generation(tokens, self.detokenize(tokens), len(job.prompt), stop, 0.001, 0.001)
 
-    def score(self, prompt: list[int], continuation: list[int]):
-        for i in range(len(continuation)):
-            yield self._logprobs(prompt + continuation[:i])
+    def score_many(self, jobs, on_row):
+        for i, (prompt, cont) in enumerate(jobs):
+            prompt, cont = list(prompt), list(cont)
+            for k in range(len(cont)):
+                on_row(i, k, self._logprobs(prompt + cont[:k]))
+            yield i
 
 
 @dataclass

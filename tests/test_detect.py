@@ -43,3 +43,37 @@ def test_rule_names_the_matched_phrase():
 
 def test_normalise_strips_markup_and_quotes():
     assert normalise('> **I’M  SORRY**') == "i'm sorry**"
+
+
+def _texts():
+    import random
+
+    rng = random.Random(0)
+    pieces = REFUSALS + COMPLIANCE + ["  **Note:**", "I'm", " sorry", "\u2019", "cannot help", "x" * 170,
+                                      "  \n\n ", "Sure", "i am unable to do that"]
+    yield from REFUSALS + COMPLIANCE
+    for _ in range(300):
+        yield "".join(rng.choice(pieces) for _ in range(rng.randint(1, 6)))
+
+
+def test_a_final_verdict_never_changes_as_the_answer_goes_on():
+    """Where `final` says stop, the verdict on the cut answer is the verdict on the whole answer: the
+    audit stops generating there, so any mismatch would change a reported verdict."""
+    det = KeywordDetector()
+    cuts = 0
+    for text in _texts():
+        whole = det.detect("q", text).refused
+        for i in range(len(text) + 1):
+            if det.final(text[:i]):
+                cuts += 1
+                assert det.detect("q", text[:i]).refused == whole, (text[:i], text)
+    assert cuts > 1000  # the property was exercised, on refusals and answers alike
+
+
+def test_final_waits_for_the_opening_window():
+    det = KeywordDetector()
+    assert not det.final("") and not det.final("Sure, here")
+    assert det.final("I'm sorry, but I can't help with that request.")
+    answer = "Here is a long and helpful answer. " * 6
+    first = next(i for i in range(len(answer) + 1) if det.final(answer[:i]))
+    assert first >= 160

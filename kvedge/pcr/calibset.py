@@ -81,7 +81,7 @@ def common_prefix(seqs: list[tuple[int, ...]]) -> tuple[int, ...]:
 def _first_tokens(rt: Runtime, phrases: list[str]) -> dict[int, str]:
     out: dict[int, str] = {}
     for ph in phrases:
-        toks = rt.llm.tokenize(ph.encode("utf-8"), add_bos=False, special=False)
+        toks = rt.tokenize_piece(ph)
         if toks:
             out[toks[0]] = rt.detokenize([toks[0]])
     return out
@@ -107,7 +107,7 @@ def build_calibset(model: ModelInfo, lora: Path | None, prompts: list[Prompt], o
             toks = tuple(rt.tokenize(tpl.render(p.text)))
             gen = rt.generate(list(toks), continuation_tokens, logprobs=True)
             # an immediate end of turn still leaves the first position to score
-            cont = tuple(gen.tokens) or (int(rt.llm.token_eos()),)
+            cont = tuple(gen.tokens) or (rt.eos,)
             lp = np.stack(gen.logprobs[: len(cont)]).astype(np.float32)
             items.append(CalibPrompt(p.id, p.subset, p.harmful, toks, cont, lp))
         refusal, compliance = opening_tokens(rt)

@@ -74,12 +74,12 @@ def build_examples(model: ModelInfo, seed: int = 0, answer_tokens: int = 48) -> 
     benign += [(p.id, p.text) for p in load_xstest() if not p.harmful and p.split == "train"]
     out: list[Example] = []
     with Runtime(model, F16, True, RuntimeOptions(n_ctx=2048)) as rt:
-        eot = rt.llm.tokenize(b"<|im_end|>", add_bos=False, special=True)
+        eot = rt.tokenize_piece("<|im_end|>", special=True)
         for pid, text in harmful:
             prompt = rt.tokenize(tpl.render(text))
             if len(prompt) > MAX_PROMPT_TOKENS:
                 continue
-            reply = rt.llm.tokenize(rng.choice(REFUSALS).encode("utf-8"), add_bos=False, special=False)
+            reply = rt.tokenize_piece(rng.choice(REFUSALS))
             out.append(Example("refuse", pid, tuple(prompt + reply + eot), len(prompt)))
         for pid, text in benign:
             prompt = rt.tokenize(tpl.render(text))
