@@ -249,6 +249,10 @@ class Runtime:
             toks = toks[1:]  # the template wrote BOS itself and the tokenizer added another
         return toks
 
+    def piece_ids(self, text: str) -> list[int]:
+        """`text` as vocabulary tokens, with no BOS and no special tokens (a word to look up)."""
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+
     def detokenize(self, tokens: list[int]) -> str:
         return self.llm.detokenize(tokens).decode("utf-8", errors="replace")
 
@@ -289,6 +293,11 @@ class Runtime:
                 self.llm.eval([tok])
         t2 = time.perf_counter()
         return Generation(out, self.detokenize(out), len(prompt), stop, t1 - t0, t2 - t1, kept)
+
+    def next_logprobs(self, prompt: list[int]) -> np.ndarray:
+        """The log-softmax of the next token after `prompt`: one forward pass, nothing generated."""
+        self._start(prompt)
+        return log_softmax(self._last_logits())
 
     def score(self, prompt: list[int], continuation: list[int]) -> Iterator[np.ndarray]:
         """Teacher-force `continuation` after `prompt`, yielding the log-softmax before each of its
