@@ -112,14 +112,11 @@ def summarize(outcome: AuditOutcome, rows: AuditRows, detector: Detector, fail_u
     benign = [p for p in prompts if not p.harmful]
     ref_run = outcome.reference
     gens = rows.generations
-    verdict_rule: dict[str, dict[str, str]] = {}
-    verdicts: dict[str, dict[str, bool]] = {}
-    detections: dict[str, dict[str, Detection]] = {}
-    for r in outcome.runs:
-        detections[r.key] = {p.id: detector.detect(p.text, gens[r.key][(p.id, p.text_sha256)].response)
-                             for p in prompts}
-        verdicts[r.key] = {k: d.refused for k, d in detections[r.key].items()}
-        verdict_rule[r.key] = {k: d.rule for k, d in detections[r.key].items()}
+    detections: dict[str, dict[str, Detection]] = {
+        r.key: {p.id: detector.detect(p.text, gens[r.key][(p.id, p.text_sha256)].response) for p in prompts}
+        for r in outcome.runs
+    }
+    verdicts = {key: {pid: d.refused for pid, d in ds.items()} for key, ds in detections.items()}
 
     ref_v = verdicts[ref_run.key]
     noise_run = next((r for r in outcome.runs if r.spec.is_noise), None)
@@ -218,7 +215,7 @@ def summarize(outcome: AuditOutcome, rows: AuditRows, detector: Detector, fail_u
             "benchmark": p.benchmark, "split": p.split, "category": p.category, "text": p.text,
             "unstable": p.id in unstable,
             "refused": {r.spec.label: verdicts[r.key][p.id] for r in outcome.runs},
-            "rule": {r.spec.label: verdict_rule[r.key][p.id] for r in outcome.runs},
+            "rule": {r.spec.label: detections[r.key][p.id].rule for r in outcome.runs},
             # every configuration's answer, where the verdicts disagree: the flips side by side
             **({"answers": {r.spec.label: gens[r.key][(p.id, p.text_sha256)].response for r in outcome.runs}}
                if moved(p) else {}),
@@ -253,21 +250,20 @@ def summarize(outcome: AuditOutcome, rows: AuditRows, detector: Detector, fail_u
         "gate": gate,
         "prompts": prompt_rows,
     }
-    det_info = report["detector"]
-    attempts = tuple(
-        {
-            "prompt_id": p.id, "prompt_sha256": p.text_sha256, "benchmark": p.benchmark, "subset": p.subset,
-            "label": "harmful" if p.harmful else "benign", "split": p.split, "prompt": p.text,
-            "config": r.spec.label, "run_key": r.key, "response": g.response, "stop_reason": g.stop_reason,
-            "n_tokens": len(g.tokens), "refused": d.refused, "rule": d.rule, "score": d.score,
-            "flipped_vs_reference": None if r.spec.is_reference else d.refused != ref_v[p.id],
-            "unstable": p.id in unstable, "detector": det_info,
-        }
-        for r in outcome.runs for p in prompts
-        for g, d in [(gens[r.key][(p.id, p.text_sha256)], detections[r.key][p.id])]
-    )
+    attempts = []
+    for r in outcome.runs:
+        for p in prompts:
+            g, d = gens[r.key][(p.id, p.text_sha256)], detections[r.key][p.id]
+            attempts.append({
+                "prompt_id": p.id, "prompt_sha256": p.text_sha256, "benchmark": p.benchmark, "subset": p.subset,
+                "label": "harmful" if p.harmful else "benign", "split": p.split, "prompt": p.text,
+                "config": r.spec.label, "run_key": r.key, "response": g.response, "stop_reason": g.stop_reason,
+                "n_tokens": len(g.tokens), "refused": d.refused, "rule": d.rule, "score": d.score,
+                "flipped_vs_reference": None if r.spec.is_reference else d.refused != ref_v[p.id],
+                "unstable": p.id in unstable, "detector": report["detector"],
+            })
     stability = None
     if noise_run:
         stability = StabilityMarks(ref_run.key, noise_run.key, detector.id,
                                    tuple((p.id, p.text_sha256, p.id not in unstable) for p in prompts))
-    return Summary(report, stability, attempts)
+    return Summary(report, stability, tuple(attempts))

@@ -167,6 +167,18 @@ def load(path: str | Path, width: int = 1000, height: int = 1400, binary: str | 
     return result
 
 
+def browser_or_skip() -> str:
+    """The Chromium binary; without one the test is skipped, or fails where REQUIRE_ENV demands a browser."""
+    import pytest
+
+    binary = find_chromium()
+    if binary:
+        return binary
+    if os.environ.get(REQUIRE_ENV) == "1":
+        pytest.fail(f"{REQUIRE_ENV}=1 but no chromium found (apt-get install -y chromium)")
+    pytest.skip("no chromium found: apt-get install -y chromium (CI sets KVEDGE_REQUIRE_BROWSER=1)")
+
+
 if __name__ == "__main__":
     page = load(sys.argv[1], width=int(sys.argv[3]) if len(sys.argv) > 3 else 1000, pdf=False)
     Path(sys.argv[2]).write_bytes(page.screenshot)

@@ -84,8 +84,20 @@ def _svg(fig, name: str, title: str) -> str:
     svg = buf.getvalue()
     svg = svg[svg.index("<svg"):]  # drop the XML declaration and DOCTYPE: this goes inline
     svg = re.sub(r"<metadata>.*?</metadata>", "", svg, count=1, flags=re.S)
+    # several SVGs share one document: prefix every id and reference (glyphs, clip paths) with the name
+    svg = re.sub(r'(\sid="|href="#|url\(#)', lambda m: f"{m.group(1)}{name}-", svg)
     esc = title.replace("&", "&amp;").replace('"', "&quot;").replace("<", "&lt;")
     return svg.replace("<svg ", f'<svg role="img" aria-label="{esc}" ', 1)
+
+
+def _legend_below(fig, axes, ncols: int) -> None:
+    """One legend under all panels, from the first panel's labelled artists."""
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="outside lower center", ncols=ncols)
+
+
+DAMAGE = "damage (share of gap)"
 
 
 def _ctx():
@@ -148,9 +160,7 @@ def silent(points: Sequence[tuple[str, Interval, Interval, Interval, Interval]],
                     ax.set_ylabel(ylabel)
                 if row == 1:
                     ax.set_xlabel(("next-token KLD vs f16 (nats, log)", "perplexity ratio vs f16")[col])
-        handles, labels = axes[0, 0].get_legend_handles_labels()
-        if handles:
-            fig.legend(handles, labels, loc="outside lower center", ncols=3)
+        _legend_below(fig, axes, 3)
         return _svg(fig, name, title)
 
 
@@ -212,10 +222,9 @@ def layer_damage(panels: Sequence[tuple[str, Sequence[int], Sequence[float | Non
             ax.axvline(readout, color="#555", ls="--", lw=0.8, label="readout layer")
             ax.axhline(0, color="#888", lw=0.6)
             ax.set_title(panel_title, loc="left")
-            ax.set_ylabel("damage (share of gap)")
+            ax.set_ylabel(DAMAGE)
         axes[-1, 0].set_xlabel("layer")
-        handles, labels = axes[0, 0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="outside lower center", ncols=4)
+        _legend_below(fig, axes, 4)
         return _svg(fig, name, title)
 
 
@@ -237,8 +246,7 @@ def bit_curves(panels: Sequence[tuple[str, Sequence[tuple[str, Sequence[int], Se
                 ax.errorbar([x + (j - 1) * 0.06 for x in xs], ys, yerr=[[e[0] for e in errs], [e[1] for e in errs]],
                             fmt="-" + MARKERS[j], color=CYCLE[j], ms=4, capsize=2, label=cache)
             ax.set_title(panel_title, loc="left")
-            ax.set_ylabel("damage (share of gap)")
+            ax.set_ylabel(DAMAGE)
         axes[-1, 0].set_xlabel("bits per value (intN, group 32)")
-        handles, labels = axes[0, 0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="outside lower center", ncols=3)
+        _legend_below(fig, axes, 3)
         return _svg(fig, name, title)
