@@ -92,14 +92,13 @@ def audit(
     llama.cpp contexts come from (a test can pass a fake). The report's `gate` says whether
     `fail_under` was met; the CLI turns a miss into exit 1."""
     configs = parse_kv_list(kv)  # cheap checks first: bad flags fail before the model is hashed
-    det = make_detector(detector, refusal_phrases)  # a bad spec or phrase file fails before any work; a judge
-    # model is only loaded at its first judgement
     parse_rotation(rotation)
     if noise is not None and noise not in NOISE_VARIANTS:
         raise KvedgeError(f"unknown --noise {noise!r}: choose from {', '.join(NOISE_VARIANTS.names())} or none")
     _check_fail_under(fail_under)
     if max_tokens < 1 or ctx < 64:
         raise KvedgeError("--max-tokens must be at least 1 and --ctx at least 64")
+    det = make_detector(detector, refusal_phrases)  # a judge model is read now, loaded at its first judgement
     names = parse_benchmarks(benchmarks)
     selected = select_prompts(names, split, limit, prompts)
     info = load_model(model)

@@ -4,7 +4,7 @@ An audit's report.json names every run (label, store key, cache types, rotation,
 prompt (id, text, text hash, group); its store holds each run's generations and scores. That is all
 `summary.summarize` needs, with a detector, to compute a report: so another detector re-judges an audit
 without opening llama.cpp for generation, and without the flags the audit was run with. Nothing here
-generates, and nothing is written to the store.
+generates or writes.
 """
 
 from __future__ import annotations

@@ -173,11 +173,15 @@ def memory(points: Sequence[tuple[str, float, Interval]], band: tuple[float, flo
         if band:
             ax.axhspan(band[0], band[1], color=BAND, zorder=0, label="noise band")
         ax.axhline(1, color="#888", lw=0.8, zorder=1)
+        span = max((mib for _, mib, _ in points), default=1.0) or 1.0
         for i, (label, mib, ret) in enumerate(points):
             if not ret.ok:
                 continue
+            # configurations of one cache size (rotation on and off) side by side rather than on top
+            same = [j for j, (_, m, _) in enumerate(points) if m == mib]
+            x = mib + (same.index(i) - (len(same) - 1) / 2) * 0.015 * span
             lo, hi = ret.err()
-            ax.errorbar([mib], [ret.value], yerr=[[lo], [hi]], fmt=MARKERS[i % len(MARKERS)],
+            ax.errorbar([x], [ret.value], yerr=[[lo], [hi]], fmt=MARKERS[i % len(MARKERS)],
                         color=CYCLE[i % len(CYCLE)], ms=6, capsize=3, label=label)
         ax.set_xlabel("KV cache at the audited context (MiB)")
         ax.set_ylabel("refusal retention vs f16")
