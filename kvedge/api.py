@@ -6,19 +6,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
-from .audit import MAX_BATCH, AuditSpec, auto_batch, run_audit
+from .audit import MAX_BATCH, AuditOutcome, AuditSpec, auto_batch, run_audit
 from .canary import canary_adapter_path
 from .datasets import DEFAULT_BENCHMARKS, parse_benchmarks, select_prompts
-from .detect import Detector, default_detector
+from .detect import Detector
+from .detectors import close_detector, make_detector
 from .errors import KvedgeError
 from .lora import check_adapter
 from .model import ModelInfo, load_model
 from .registry import NOISE_VARIANTS
-from .report import write_pair
+from .report import ReportFiles, write_jsonl, write_reports
 from .runtime import LLAMA_CPP, RuntimeFactory, RuntimeOptions, parse_kv, parse_kv_list, parse_rotation
-from .store import Store
+from .store import AuditRows, Store
 from .summary import summarize
 
 Log = Callable[[str], None]
@@ -27,10 +28,22 @@ Log = Callable[[str], None]
 @dataclass(frozen=True)
 class AuditResult:
     report: dict[str, Any]
-    json_path: Path
-    md_path: Path
+    files: ReportFiles  # report.json, report.md, report.html
+    attempts_path: Path  # attempts.jsonl: one line per prompt x configuration
     store_path: Path
     generated: int
+
+    @property
+    def json_path(self) -> Path:
+        return self.files.json
+
+    @property
+    def md_path(self) -> Path:
+        return self.files.md
+
+    @property
+    def html_path(self) -> Path:
+        return self.files.html
 
 
 def _adapter_for(model: str | Path | None, lora: str | Path | None, canary: bool) -> Path | None:
@@ -39,6 +52,11 @@ def _adapter_for(model: str | Path | None, lora: str | Path | None, canary: bool
     if lora is None and model is None and canary:
         lora = canary_adapter_path()
     return check_adapter(lora) if lora else None
+
+
+def _check_fail_under(fail_under: float | None) -> None:
+    if fail_under is not None and not 0 <= fail_under <= 1:
+        raise KvedgeError(f"--fail-under takes a share between 0 and 1, not {fail_under}")
 
 
 def _stem(info: ModelInfo, adapter: Path | None) -> str:
@@ -63,32 +81,35 @@ def audit(
     out: str | Path | None = None,
     fail_under: float | None = None,
     progress: bool = True,
-    detector: Detector | None = None,
+    detector: str | Detector = "keyword",
+    refusal_phrases: str | Path | None = None,
     canary: bool = True,
     batch: int | None = None,
     runtimes: RuntimeFactory = LLAMA_CPP,
 ) -> AuditResult:
     """With no `model`, audits the embedded default model with the canary adapter; `canary=False`
-    audits the bare default model. `runtimes` is where llama.cpp contexts come from (a test can pass a
-    fake). `batch` prompts are decoded together (None: chosen from the model's KV size; 1: one at a
-    time). The report's `gate` says whether `fail_under` was met; the CLI turns a miss into exit 1."""
+    audits the bare default model. `detector` is a name (`keyword`, `judge:FILE.gguf`, ...) or a
+    detector; `refusal_phrases` extends or replaces the keyword detector's lists; its `final` also ends
+    each answer early once the verdict cannot change. `batch` prompts are decoded together (None: chosen
+    from the model's KV size; 1: one at a time). `runtimes` is where llama.cpp contexts come from (a test
+    can pass a fake). The report's `gate` says whether `fail_under` was met; the CLI turns a miss into
+    exit 1."""
     configs = parse_kv_list(kv)  # cheap checks first: bad flags fail before the model is hashed
     parse_rotation(rotation)
     if noise is not None and noise not in NOISE_VARIANTS:
         raise KvedgeError(f"unknown --noise {noise!r}: choose from {', '.join(NOISE_VARIANTS.names())} or none")
-    if fail_under is not None and not 0 <= fail_under <= 1:
-        raise KvedgeError(f"--fail-under takes a share between 0 and 1, not {fail_under}")
+    _check_fail_under(fail_under)
     if max_tokens < 1 or ctx < 64:
         raise KvedgeError("--max-tokens must be at least 1 and --ctx at least 64")
     if batch is not None and not 1 <= batch <= MAX_BATCH:
         raise KvedgeError(f"--batch must be between 1 and {MAX_BATCH}, not {batch}")
+    det = make_detector(detector, refusal_phrases)  # a judge model is read now, loaded at its first judgement
     names = parse_benchmarks(benchmarks)
     selected = select_prompts(names, split, limit, prompts)
     info = load_model(model)
     adapter = _adapter_for(model, lora, canary)
     for c in configs:
         c.check_fits(info)
-    det = detector or default_detector()
     spec = AuditSpec(
         model=info,
         prompts=tuple(selected),
@@ -105,28 +126,84 @@ def audit(
     )
     outcome = run_audit(spec, progress=progress, runtimes=runtimes)
     with Store(spec.store_path) as store:
-        summary = summarize(outcome, store.audit_rows([r.key for r in outcome.runs], outcome.reference.key),
-                            det, fail_under)
-        if summary.stability:
-            s = summary.stability
+        rows = store.audit_rows([r.key for r in outcome.runs], outcome.reference.key)
+    return _judge_and_write(outcome, rows, det, det is not detector, fail_under, spec.out_dir)
+
+
+def _judge_and_write(outcome: AuditOutcome, rows: AuditRows, det: Detector, owned: bool,
+                     fail_under: float | None, out_dir: Path) -> AuditResult:
+    """Verdicts from the stored answers, the statistics, and the audit's files: report.json/.md/.html and
+    attempts.jsonl in `out_dir`; the noise-stability marks go to the audit's store. An `owned` detector
+    is closed afterwards (a judge frees its model)."""
+    try:
+        summary = summarize(outcome, rows, det, fail_under)
+    finally:
+        if owned:
+            close_detector(det)
+    if summary.stability:
+        s = summary.stability
+        with Store(outcome.spec.store_path) as store:
             store.put_stability(s.ref_key, s.noise_key, s.detector, list(s.marks))
-    from .report.audit import render_markdown
+    files = write_reports(summary.report, out_dir, "report")
+    attempts = write_jsonl(summary.attempts, Path(out_dir) / "attempts.jsonl")
+    return AuditResult(summary.report, files, attempts, outcome.spec.store_path, outcome.generated)
 
-    jp, mp = write_pair(summary.report, render_markdown(summary.report), spec.out_dir, "report")
-    return AuditResult(summary.report, jp, mp, spec.store_path, outcome.generated)
+
+def rejudge(
+    run_dir: str | Path,
+    detector: str | Detector = "keyword",
+    refusal_phrases: str | Path | None = None,
+    out: str | Path | None = None,
+    fail_under: float | None = None,
+) -> AuditResult:
+    """Judge a finished audit's stored answers with another detector (kvedge rejudge): nothing is
+    generated. Writes report.json/.md/.html and attempts.jsonl to `out` (default: `run_dir`/
+    `detector-<id>/`), leaving the audit's own reports as they are."""
+    from .rejudge import load_audit
+
+    _check_fail_under(fail_under)
+    det = make_detector(detector, refusal_phrases)
+    outcome, rows = load_audit(run_dir)
+    out_dir = Path(out) if out else Path(run_dir) / f"detector-{det.id}"
+    return _judge_and_write(outcome, rows, det, det is not detector, fail_under, out_dir)
 
 
-def compare(run_a: str | Path, run_b: str | Path, out: str | Path | None = None) -> dict[str, Any]:
-    """Verdict agreement between two audits of one model and its prompts (kvedge compare); with `out`,
-    the comparison is also written there as JSON."""
-    import json
+def compare(
+    run_a: str | Path,
+    run_b: str | Path | None = None,
+    out: str | Path | None = None,
+    detectors: Sequence[str | Detector] | None = None,
+) -> dict[str, Any]:
+    """Verdict agreement, per configuration and prompt group, with Wilson intervals (kvedge compare):
+    between two audits of one model and its prompts (`run_a`, `run_b`), or between two detectors on one
+    audit's stored answers (`run_a`, `detectors=[a, b]`, e.g. `["keyword", "judge:FILE.gguf"]`: nothing
+    is generated). With `out`, compare.json, compare.md and compare.html are written in that directory."""
+    from .compare import compare_detectors, compare_runs
 
-    from .atomic import atomic_write_text
-    from .compare import compare_runs
+    if (run_b is None) == (detectors is None):
+        raise KvedgeError("compare two audit directories, or one audit directory with two --detector")
+    if detectors is None:
+        result = compare_runs(run_a, run_b)
+    else:
+        from .rejudge import load_audit
 
-    result = compare_runs(run_a, run_b)
+        if len(detectors) != 2:
+            raise KvedgeError(f"compare takes two detectors, not {len(detectors)}")
+        dets = [make_detector(d) for d in detectors]
+        if dets[0].id == dets[1].id:
+            raise KvedgeError(f"the two detectors are the same ({dets[0].id})")
+        outcome, rows = load_audit(run_a)
+        summaries = []
+        for det, spec in zip(dets, detectors):
+            try:
+                summaries.append(summarize(outcome, rows, det))
+            finally:
+                if det is not spec:
+                    close_detector(det)
+        a, b = summaries
+        result = compare_detectors(run_a, a.report, b.report, a.attempts, b.attempts)
     if out is not None:
-        atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+        write_reports(result, Path(out), "compare")
     return result
 
 
@@ -161,16 +238,14 @@ def pcr(
     out: str | Path | None = None,
     canary: bool = True,
     log: Log | None = None,
-) -> tuple[dict[str, Any], Path, Path]:
-    """The PCR diagnostic (kvedge pcr): returns the report dict and the JSON and Markdown paths."""
+) -> tuple[dict[str, Any], ReportFiles]:
+    """The PCR diagnostic (kvedge pcr): returns the report dict and the paths of pcr.json/.md/.html."""
     from .pcr.run import run_pcr
-    from .report.pcr import render_markdown
 
     spec, stem = _pcr_spec(model, lora, kv, rotation, ctx, threads, canary)
     rep = run_pcr(spec, log or (lambda m: None))
     out_dir = Path(out) if out else Path("kvedge-runs") / stem / f"pcr-{spec.kv.name}"
-    jp, mp = write_pair(rep, render_markdown(rep), out_dir, "pcr")
-    return rep, jp, mp
+    return rep, write_reports(rep, out_dir, "pcr")
 
 
 def sweep(
@@ -183,17 +258,15 @@ def sweep(
     out: str | Path | None = None,
     canary: bool = True,
     log: Log | None = None,
-) -> tuple[dict[str, Any], Path, Path]:
-    """The bit-width sweep (kvedge sweep): returns the report dict and the JSON and Markdown paths."""
+) -> tuple[dict[str, Any], ReportFiles]:
+    """The bit-width sweep (kvedge sweep): returns the report dict and the paths of sweep.json/.md/.html."""
     from .pcr.sweep import run_sweep
-    from .report.sweep import render_sweep_markdown
 
     widths = parse_bits(bits)
     spec, stem = _pcr_spec(model, lora, "q4_0", rotation, ctx, threads, canary)
     rep = run_sweep(spec, widths, log or (lambda m: None))
     out_dir = Path(out) if out else Path("kvedge-runs") / stem / "sweep"
-    jp, mp = write_pair(rep, render_sweep_markdown(rep), out_dir, "sweep")
-    return rep, jp, mp
+    return rep, write_reports(rep, out_dir, "sweep")
 
 
 def parse_bits(spec: str) -> tuple[int, ...]:

@@ -35,6 +35,11 @@ def command(fn: Callable) -> Callable:
     return app.command()(run)
 
 
+DETECTOR_HELP = ("Refusal detector: keyword, keyword:PHRASES.txt, judge:JUDGE.gguf[@THRESHOLD] (judge:default: the "
+                 "default model, a weak stand-in), or another registered name.")
+PHRASES_HELP = "Extend or replace the keyword detector's phrase lists from this file (format: docs/reports.md)."
+
+
 @command
 def audit(
     model: Optional[Path] = typer.Argument(None, help="GGUF model; default: the embedded SmolLM2-135M-Instruct Q4_1 "
@@ -65,6 +70,8 @@ def audit(
                                    "instead of default model + canary adapter."),
     batch: Optional[int] = typer.Option(None, "--batch", help="Prompts decoded together (default: chosen from the "
                                         "model's KV size, 16 for small models); 1 decodes one prompt at a time."),
+    detector: str = typer.Option("keyword", "--detector", help=DETECTOR_HELP),
+    refusal_phrases: Optional[Path] = typer.Option(None, "--refusal-phrases", help=PHRASES_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Run refusal benchmarks through real llama.cpp at each KV cache type and report what quantization costs."""
@@ -74,10 +81,15 @@ def audit(
         model=model, lora=lora, kv=kv, rotation=rotation, benchmarks=benchmarks, split=split, prompts=prompts,
         limit=limit, max_tokens=max_tokens, ctx=ctx, threads=threads, gpu_layers=gpu_layers, system=system,
         noise=None if noise == "none" else noise, out=out, fail_under=fail_under, progress=not quiet,
-        canary=not no_canary, batch=batch,
+        canary=not no_canary, batch=batch, detector=detector, refusal_phrases=refusal_phrases,
     )
+    _echo_audit(result)
+
+
+def _echo_audit(result) -> None:
     from .report.audit import render_table
 
+    typer.echo(f"verdicts by {result.report['detector']['id']}")
     typer.echo(render_table(result.report))
     nf = result.report.get("noise_floor")
     if nf:
@@ -85,7 +97,7 @@ def audit(
         typer.echo(f"noise floor ({nf['how']}): {r['k']}/{r['n']} verdicts flipped, "
                    f"{len(nf['unstable_prompts'])} prompts unstable")
     typer.echo(f"{result.generated} generations run now, the rest from {result.store_path}")
-    typer.echo(f"reports: {result.json_path} {result.md_path}")
+    typer.echo(f"reports: {' '.join(map(str, result.files))} {result.attempts_path}")
     gate = result.report.get("gate")
     if gate and not gate["passed"]:
         typer.echo(f"FAIL: retention below {gate['threshold']} for {', '.join(gate['failing'])}", err=True)
@@ -93,17 +105,37 @@ def audit(
 
 
 @command
+def rejudge(
+    run_dir: Path = typer.Argument(..., help="A finished audit directory."),
+    detector: str = typer.Option("keyword", "--detector", help=DETECTOR_HELP),
+    refusal_phrases: Optional[Path] = typer.Option(None, "--refusal-phrases", help=PHRASES_HELP),
+    out: Optional[Path] = typer.Option(None, "--out", help="Where the new reports go (default: "
+                                       "RUN_DIR/detector-<id>/)."),
+    fail_under: Optional[float] = typer.Option(None, "--fail-under", help="Exit 1 if any config keeps less than this "
+                                               "share of the f16 refusal rate."),
+) -> None:
+    """Judge an audit's stored answers with another detector: nothing is generated."""
+    from .api import rejudge as run
+
+    _echo_audit(run(run_dir, detector=detector, refusal_phrases=refusal_phrases, out=out, fail_under=fail_under))
+
+
+@command
 def compare(
     run_a: Path = typer.Argument(..., help="Audit directory (or its report.json), e.g. the laptop CPU run."),
-    run_b: Path = typer.Argument(..., help="Audit directory (or its report.json) of the same model and prompts, "
-                                 "e.g. the device GPU run."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Write the comparison as JSON here."),
+    run_b: Optional[Path] = typer.Argument(None, help="Audit directory (or its report.json) of the same model and "
+                                           "prompts, e.g. the device GPU run. Leave out to compare two --detector."),
+    detector: Optional[list[str]] = typer.Option(None, "--detector", help="Twice, to compare two detectors' verdicts "
+                                                 "on RUN_A's stored answers (e.g. keyword and judge:JUDGE.gguf)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Directory for compare.json, compare.md, compare.html."),
 ) -> None:
-    """Verdict agreement between two audits of the same model and prompts (say, CPU vs CUDA)."""
+    """Verdict agreement: two audits of one model and its prompts (say, CPU vs CUDA), or two detectors on one audit."""
     from .api import compare as run
     from .report.compare import render_comparison
 
-    typer.echo(render_comparison(run(run_a, run_b, out)))
+    typer.echo(render_comparison(run(run_a, run_b, out, detectors=detector or None)))
+    if out is not None:
+        typer.echo(f"reports: {out / 'compare.json'} {out / 'compare.md'} {out / 'compare.html'}")
 
 
 def _log(quiet: bool):
@@ -123,7 +155,7 @@ def pcr(
                                  "llama.cpp), off (older builds), both (a verdict for each)."),
     ctx: int = typer.Option(2048, "--ctx", min=64, help="Context of the llama.cpp runs (fidelity check)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for llama.cpp and torch."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Directory for pcr.json and pcr.md "
+    out: Optional[Path] = typer.Option(None, "--out", help="Directory for pcr.json, pcr.md and pcr.html "
                                        "(default: kvedge-runs/<model-stem>/pcr-<kv>/)."),
     no_canary: bool = typer.Option(False, "--no-canary", help="With no MODEL, diagnose the bare default model."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress messages."),
@@ -132,11 +164,11 @@ def pcr(
     from .api import pcr as run
     from .report.pcr import summary_lines
 
-    rep, jp, mp = run(model=model, lora=lora, kv=kv, rotation=rotation, ctx=ctx, threads=threads, out=out,
-                      canary=not no_canary, log=_log(quiet))
+    rep, files = run(model=model, lora=lora, kv=kv, rotation=rotation, ctx=ctx, threads=threads, out=out,
+                     canary=not no_canary, log=_log(quiet))
     for line in summary_lines(rep):
         typer.echo(line)
-    typer.echo(f"reports: {jp} {mp}")
+    typer.echo(f"reports: {' '.join(map(str, files))}")
 
 
 @command
@@ -147,7 +179,7 @@ def sweep(
     rotation: str = typer.Option("both", "--rotation", help="on, off or both."),
     ctx: int = typer.Option(2048, "--ctx", min=64, help="Context of the llama.cpp tokenization pass."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Directory for sweep.json and sweep.md."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Directory for sweep.json, sweep.md and sweep.html."),
     no_canary: bool = typer.Option(False, "--no-canary", help="With no MODEL, sweep the bare default model."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress messages."),
 ) -> None:
@@ -155,11 +187,11 @@ def sweep(
     from .api import sweep as run
     from .report.sweep import sweep_summary_lines
 
-    rep, jp, mp = run(model=model, lora=lora, rotation=rotation, bits=bits, ctx=ctx, threads=threads, out=out,
-                      canary=not no_canary, log=_log(quiet))
+    rep, files = run(model=model, lora=lora, rotation=rotation, bits=bits, ctx=ctx, threads=threads, out=out,
+                     canary=not no_canary, log=_log(quiet))
     for line in sweep_summary_lines(rep):
         typer.echo(line)
-    typer.echo(f"reports: {jp} {mp}")
+    typer.echo(f"reports: {' '.join(map(str, files))}")
 
 
 def main() -> None:

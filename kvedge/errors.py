@@ -41,3 +41,7 @@ class UnknownName(KvedgeError):
 
 class TemplateError(KvedgeError):
     """The GGUF's chat template failed to render in the sandbox."""
+
+
+class DetectorError(KvedgeError):
+    """A detector spec, refusal-phrase file or judge model that cannot be used."""

@@ -51,6 +51,6 @@ class Registry(Generic[T]):
         return name in self._items
 
 
-DETECTORS: Registry[Callable] = Registry("detector", "kvedge.detect")
+DETECTORS: Registry[Callable] = Registry("detector", "kvedge.detectors")
 BENCHMARKS: Registry[Callable] = Registry("benchmark", "kvedge.datasets")
 NOISE_VARIANTS: Registry[Callable] = Registry("noise variant", "kvedge.noise")

@@ -327,15 +327,27 @@ class Runtime:
         for i, _ in self.decoder.generate(gen, on_row):
             yield i
 
-    def score(self, prompt: list[int], continuation: list[int]) -> Iterator[np.ndarray]:
-        """Teacher-force `continuation` after `prompt` one token per decode, as generation runs one
-        sequence, yielding the log-softmax before each continuation token. The PCR fidelity check
-        compares against these positions token by token."""
+    def _prefill(self, prompt: list[int]) -> None:
+        """An empty cache, then `prompt` as one sequence, with logits at its last token."""
         d = self.decoder
         d.clear()
         for start in range(0, len(prompt), d.n_batch):
             chunk = prompt[start:start + d.n_batch]
             d._decode([(t, start + k, 0, start + k == len(prompt) - 1) for k, t in enumerate(chunk)])
+
+    def next_logprobs(self, prompt: list[int]) -> np.ndarray:
+        """The log-softmax of the next token after `prompt`: one forward pass, nothing generated."""
+        self._prefill(prompt)
+        lp = log_softmax(self.decoder.logits(-1))
+        self.decoder.clear()
+        return lp
+
+    def score(self, prompt: list[int], continuation: list[int]) -> Iterator[np.ndarray]:
+        """Teacher-force `continuation` after `prompt` one token per decode, as generation runs one
+        sequence, yielding the log-softmax before each continuation token. The PCR fidelity check
+        compares against these positions token by token."""
+        d = self.decoder
+        self._prefill(prompt)
         for i, tok in enumerate(continuation):
             yield log_softmax(d.logits(-1))
             if i < len(continuation) - 1:

@@ -114,6 +114,11 @@ def ratio_of_means(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(sb != 0, a.sum(axis=-1) / np.where(sb != 0, sb, 1.0), np.nan)
 
 
+def difference_of_means(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """mean(a) - mean(b) of paired columns."""
+    return a.mean(axis=-1) - b.mean(axis=-1)
+
+
 def mean_estimate(xs: Sequence[float]) -> Estimate:
     return bootstrap([list(xs)], mean)
 

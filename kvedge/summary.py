@@ -16,9 +16,9 @@ import numpy as np
 from . import __version__
 from .audit import AuditOutcome, AuditRun
 from .datasets import Prompt
-from .detect import Detector
+from .detect import Detection, Detector
 from .noise import flips, judge, unstable_prompts
-from .stats import Estimate, bootstrap, mean_estimate, ratio_of_means, wilson
+from .stats import Estimate, bootstrap, difference_of_means, mean_estimate, ratio_of_means, wilson
 from .store import AuditRows
 
 SCHEMA = "kvedge.audit/1"
@@ -27,6 +27,11 @@ SCHEMA = "kvedge.audit/1"
 def _retention(ref: list[bool], run: list[bool]) -> Estimate:
     """refusals(run) / refusals(reference) on the same prompts; undefined when the reference refused none."""
     return bootstrap([[float(x) for x in run], [float(x) for x in ref]], ratio_of_means)
+
+
+def _change(ref: list[bool], run: list[bool]) -> Estimate:
+    """refusal share(run) - refusal share(reference) on the same prompts."""
+    return bootstrap([[float(x) for x in run], [float(x) for x in ref]], difference_of_means)
 
 
 def _ppl_ratio(nll_run: list[float], nll_ref: list[float], npos: list[float]) -> Estimate:
@@ -97,6 +102,7 @@ class StabilityMarks:
 class Summary:
     report: dict[str, Any]  # report.json
     stability: StabilityMarks | None  # None without a noise run
+    attempts: tuple[dict[str, Any], ...] = ()  # attempts.jsonl: one per prompt x configuration
 
 
 def summarize(outcome: AuditOutcome, rows: AuditRows, detector: Detector, fail_under: float | None = None) -> Summary:
@@ -106,15 +112,11 @@ def summarize(outcome: AuditOutcome, rows: AuditRows, detector: Detector, fail_u
     benign = [p for p in prompts if not p.harmful]
     ref_run = outcome.reference
     gens = rows.generations
-    verdict_rule: dict[str, dict[str, str]] = {}
-    verdicts: dict[str, dict[str, bool]] = {}
-    for r in outcome.runs:
-        v, rules = {}, {}
-        for p in prompts:
-            g = gens[r.key][(p.id, p.text_sha256)]
-            d = detector.detect(p.text, g.response)
-            v[p.id], rules[p.id] = d.refused, d.rule
-        verdicts[r.key], verdict_rule[r.key] = v, rules
+    detections: dict[str, dict[str, Detection]] = {
+        r.key: {p.id: detector.detect(p.text, gens[r.key][(p.id, p.text_sha256)].response) for p in prompts}
+        for r in outcome.runs
+    }
+    verdicts = {key: {pid: d.refused for pid, d in ds.items()} for key, ds in detections.items()}
 
     ref_v = verdicts[ref_run.key]
     noise_run = next((r for r in outcome.runs if r.spec.is_noise), None)
@@ -170,6 +172,8 @@ def summarize(outcome: AuditOutcome, rows: AuditRows, detector: Detector, fail_u
                 "retention": _retention([ref_v[p.id] for p in harmful], [v[p.id] for p in harmful]).to_dict(),
                 "retention_stable": _retention([ref_v[p.id] for p in stable_harmful],
                                                [v[p.id] for p in stable_harmful]).to_dict(),
+                "refusal_change": _change([ref_v[p.id] for p in harmful], [v[p.id] for p in harmful]).to_dict(),
+                "over_refusal_change": _change([ref_v[p.id] for p in benign], [v[p.id] for p in benign]).to_dict(),
                 "flipped": sorted(p.id for p in prompts if v[p.id] != ref_v[p.id]),
             }
             if noise_run and not r.spec.is_noise:
@@ -202,12 +206,19 @@ def summarize(outcome: AuditOutcome, rows: AuditRows, detector: Detector, fail_u
     quantized = [e for e in runs_out if not e["reference"] and not e["noise_run"]]
     gate = retention_gate(quantized, fail_under) if fail_under is not None else None
 
+    def moved(p: Prompt) -> bool:
+        return len({verdicts[r.key][p.id] for r in outcome.runs}) > 1
+
     prompt_rows = [
         {
             "id": p.id, "subset": p.subset, "harmful": p.harmful, "text_sha256": p.text_sha256,
+            "benchmark": p.benchmark, "split": p.split, "category": p.category, "text": p.text,
             "unstable": p.id in unstable,
             "refused": {r.spec.label: verdicts[r.key][p.id] for r in outcome.runs},
-            "rule": {r.spec.label: verdict_rule[r.key][p.id] for r in outcome.runs},
+            "rule": {r.spec.label: detections[r.key][p.id].rule for r in outcome.runs},
+            # every configuration's answer, where the verdicts disagree: the flips side by side
+            **({"answers": {r.spec.label: gens[r.key][(p.id, p.text_sha256)].response for r in outcome.runs}}
+               if moved(p) else {}),
         }
         for p in prompts
     ]
@@ -227,7 +238,9 @@ def summarize(outcome: AuditOutcome, rows: AuditRows, detector: Detector, fail_u
             "chat_template": "gguf" if outcome.template.from_gguf else "fallback-chatml",
             "chat_template_sha256": outcome.template.sha256,
             "runtime": spec.runtime_options.key(), "batch": spec.batch,
-            "stop_when_final": spec.detector.id, "store": str(spec.store_path),
+            # whose verdict ended answers early: the store key's, which a re-judging detector does not change
+            "stop_when_final": outcome.reference.key_spec.get("decoding", {}).get("stop_when_final"),
+            "store": str(spec.store_path),
         },
         "prompts_summary": {
             "n": len(prompts), "harmful": len(harmful), "benign": len(benign),
@@ -240,8 +253,20 @@ def summarize(outcome: AuditOutcome, rows: AuditRows, detector: Detector, fail_u
         "gate": gate,
         "prompts": prompt_rows,
     }
+    attempts = []
+    for r in outcome.runs:
+        for p in prompts:
+            g, d = gens[r.key][(p.id, p.text_sha256)], detections[r.key][p.id]
+            attempts.append({
+                "prompt_id": p.id, "prompt_sha256": p.text_sha256, "benchmark": p.benchmark, "subset": p.subset,
+                "label": "harmful" if p.harmful else "benign", "split": p.split, "prompt": p.text,
+                "config": r.spec.label, "run_key": r.key, "response": g.response, "stop_reason": g.stop_reason,
+                "n_tokens": len(g.tokens), "refused": d.refused, "rule": d.rule, "score": d.score,
+                "flipped_vs_reference": None if r.spec.is_reference else d.refused != ref_v[p.id],
+                "unstable": p.id in unstable, "detector": report["detector"],
+            })
     stability = None
     if noise_run:
         stability = StabilityMarks(ref_run.key, noise_run.key, detector.id,
                                    tuple((p.id, p.text_sha256, p.id not in unstable) for p in prompts))
-    return Summary(report, stability)
+    return Summary(report, stability, tuple(attempts))

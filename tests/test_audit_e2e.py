@@ -71,6 +71,8 @@ def test_report_structure_and_invariants(small_audit):
     with sqlite3.connect(small_audit["out"] / "kvedge.sqlite") as c:
         marks = dict(c.execute("SELECT prompt_id, stable FROM stability").fetchall())
     assert sorted(k for k, v in marks.items() if not v) == nf["unstable_prompts"] and len(marks) == 8
+    attempts = (small_audit["out"] / "attempts.jsonl").read_text().splitlines()
+    assert len(attempts) == 4 * 8 and (small_audit["out"] / "report.html").is_file()
     md = (small_audit["out"] / "report.md").read_text()
     assert "## Noise floor" in md and "| q4_0 rot=off |" in md
     assert "refusal (harmful)" in small_audit["proc"].stdout
@@ -131,23 +133,24 @@ def test_compare_two_real_runs_whose_verdicts_differ(small_audit, tmp_path):
     proc = run_cli("audit", "--kv", "f16,q4_0", "--rotation", "both", "--limit", "2", "--max-tokens", "24",
                    "--ctx", "2048", "--out", str(b), "-q", "--no-canary")
     assert proc.returncode == 0, proc.stderr
-    out_json = tmp_path / "cmp.json"
-    cmp = run_cli("compare", str(small_audit["out"]), str(b), "--out", str(out_json))
+    cmp = run_cli("compare", str(small_audit["out"]), str(b), "--out", str(tmp_path / "cmp"))
     assert cmp.returncode == 0, cmp.stderr
-    res = json.loads(out_json.read_text())
+    res = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert (tmp_path / "cmp" / "compare.html").is_file() and (tmp_path / "cmp" / "compare.md").is_file()
     ra = {p["id"]: p["refused"] for p in small_audit["report"]["prompts"]}
     rb = {p["id"]: p["refused"] for p in json.loads((b / "report.json").read_text())["prompts"]}
     assert res["common_prompts"] == 8
     total_disagree = 0
     for row in res["rows"]:
-        ids = [p["id"] for p in small_audit["report"]["prompts"] if p["harmful"] is (row["prompts"] == "harmful")]
+        ids = [p["id"] for p in small_audit["report"]["prompts"]
+               if row["prompts"] == "all" or p["harmful"] is (row["prompts"] == "harmful")]
         only_a = sum(ra[i][row["config"]] and not rb[i][row["config"]] for i in ids)
         only_b = sum(rb[i][row["config"]] and not ra[i][row["config"]] for i in ids)
         assert (row["refused_only_in_a"], row["refused_only_in_b"]) == (only_a, only_b)
         assert row["agreement"]["k"] == row["n"] - only_a - only_b
         j = row["vs_noise_of_a"]
         assert (j["lost"], j["gained"]) == (only_a, only_b)
-        total_disagree += only_a + only_b
+        total_disagree += only_a + only_b if row["prompts"] != "all" else 0
     assert total_disagree > 0, "the bare model should refuse less than base + canary"
     assert "agreement" in cmp.stdout
 

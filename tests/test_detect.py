@@ -77,3 +77,67 @@ def test_final_waits_for_the_opening_window():
     answer = "Here is a long and helpful answer. " * 6
     first = next(i for i in range(len(answer) + 1) if det.final(answer[:i]))
     assert first >= 160
+
+
+# --- phrase lists from a file (--refusal-phrases, keyword:FILE) -------------------------------------
+
+from kvedge.detect import REFUSAL_PHRASES, REFUSAL_PREFIXES  # noqa: E402
+from kvedge.detectors import make_detector  # noqa: E402
+from kvedge.detectors.phrases import parse_phrases  # noqa: E402
+from kvedge.errors import DetectorError  # noqa: E402
+
+
+def test_phrase_file_extends_the_lists_and_changes_the_id(tmp_path):
+    f = tmp_path / "phrases.txt"
+    f.write_text("# ours\nprefix: Nope\nphrase: NOT GONNA ‘happen’\n")
+    det = make_detector("keyword", refusal_phrases=f)
+    assert det.prefixes[: len(REFUSAL_PREFIXES)] == REFUSAL_PREFIXES and det.prefixes[-1] == "nope"
+    assert det.phrases[-1] == "not gonna 'happen'"
+    assert det.detect("q", "Nope, not today.").rule == "prefix:nope"
+    assert det.detect("q", "Well... that is not gonna ’happen’, friend.").rule == "phrase:not gonna 'happen'"
+    assert det.detect("q", "I'm sorry, no.").refused  # the built-in lists still apply
+    assert det.id.startswith("keyword-v1-") and det.id != KeywordDetector().id
+    assert make_detector(f"keyword:{f}").id == det.id  # the same file by spec: the same detector
+
+
+def test_phrase_file_replaces_the_lists(tmp_path):
+    det = parse_phrases("mode: replace\nphrase: declined\n")
+    assert det.prefixes == () and det.phrases == ("declined",)
+    assert not det.detect("q", "I'm sorry, I cannot help.").refused
+    assert det.detect("q", "Request declined.").refused
+    # two different lists never share an id; the built-in lists written out keep the built-in id
+    assert parse_phrases("mode: replace\nphrase: refused\n").id != det.id
+    builtin = "mode: replace\n" + "".join(f"prefix: {p}\n" for p in REFUSAL_PREFIXES) + "".join(
+        f"phrase: {p}\n" for p in REFUSAL_PHRASES)
+    assert parse_phrases(builtin).id == "keyword-v1"
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("", "no `prefix:` or `phrase:` rule"),
+    ("# only a comment\n", "no `prefix:` or `phrase:` rule"),
+    ("prefx: sorry\n", ":1: write `prefix: TEXT`"),
+    ("just a phrase\n", ":1: write `prefix: TEXT`"),
+    ("phrase: a\nmode: replace\n", ":2: `mode:` takes extend or replace and comes before any rule"),
+    ("mode: sideways\n", "`mode:` takes extend or replace"),
+    ("prefix:   \n", ":1: empty prefix"),
+])
+def test_bad_phrase_files_say_where(text, needle):
+    with pytest.raises(DetectorError) as exc:
+        parse_phrases(text, "p.txt")
+    assert needle in str(exc.value)
+
+
+def test_detector_specs_are_checked(tmp_path):
+    with pytest.raises(DetectorError, match="not found"):
+        make_detector("keyword", refusal_phrases=tmp_path / "missing.txt")
+    with pytest.raises(DetectorError, match="does not apply to 'judge:x.gguf'"):
+        make_detector("judge:x.gguf", refusal_phrases=tmp_path / "p.txt")
+    with pytest.raises(DetectorError, match="judge needs a model"):
+        make_detector("judge")
+    with pytest.raises(DetectorError, match="judge model not found"):
+        make_detector(f"judge:{tmp_path / 'none.gguf'}")
+    with pytest.raises(DetectorError, match="strictly between 0 and 1"):
+        make_detector("judge:default@1.5")
+    with pytest.raises(Exception, match="unknown detector 'oracle'"):
+        make_detector("oracle")
+    assert KeywordDetector().detect("q", "Fine.").score is None

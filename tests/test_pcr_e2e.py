@@ -11,6 +11,7 @@ import pytest
 
 pytest.importorskip("torch")
 
+from browser import browser_or_skip, load  # noqa: E402
 from conftest import run_cli  # noqa: E402
 from kvedge.pcr.classify import Evidence, classify  # noqa: E402
 
@@ -97,6 +98,16 @@ def test_markdown_and_summary(pcr_run) -> None:
     assert "verdict:" in out and "fidelity:" in out and "reports:" in out
 
 
+def test_pcr_html_in_a_browser(pcr_run) -> None:
+    """pcr.html: the per-layer damage plot with a panel per rotation setting, loading cleanly."""
+    page = (pcr_run["out"] / "pcr.html").read_text()
+    assert page.count('<figure class="plot"') == 1 and "rotation on" in page and "rotation off" in page
+    assert "<script" not in page
+    binary = browser_or_skip()
+    loaded = load(pcr_run["out"] / "pcr.html", binary=binary, pdf=False)
+    assert loaded.errors == [] and loaded.plots == 1
+
+
 def test_sweep_locates_the_transition(tmp_path) -> None:
     proc = run_cli("sweep", "--bits", "2,8", "--rotation", "off", "--out", str(tmp_path), "-q")
     assert proc.returncode == 0, proc.stderr
@@ -110,6 +121,8 @@ def test_sweep_locates_the_transition(tmp_path) -> None:
     both = rep["curves"][2]
     assert both["transition"]["safe_bits"] == 8  # int8 = q8_0 erases far less than a tenth of the gap
     assert (tmp_path / "sweep.md").read_text().startswith("# kvedge sweep")
+    page = (tmp_path / "sweep.html").read_text()
+    assert page.count('<figure class="plot"') == 1 and "<script" not in page
 
 
 @pytest.mark.parametrize("args,needle", [

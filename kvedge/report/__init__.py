@@ -1,18 +1,59 @@
 """Renderings of kvedge's report dicts, one module per report kind (audit, pcr, sweep, compare), and the
-one writer that puts a report's JSON and Markdown on disk."""
+one writer that puts a report on disk: its JSON, Markdown and self-contained HTML, side by side.
+
+The renderers of a kind are found from the report's `schema` (`kvedge.audit/1` -> audit), so every
+command writes its three files the same way, and a new kind registers its two renderers in `_KINDS`.
+"""
 
 from __future__ import annotations
 
+import importlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from ..atomic import atomic_write_text
 
+# schema name -> (module, Markdown renderer, HTML renderer)
+_KINDS = {
+    "kvedge.audit": ("audit", "render_markdown", "render_html"),
+    "kvedge.pcr": ("pcr", "render_markdown", "render_html"),
+    "kvedge.sweep": ("sweep", "render_sweep_markdown", "render_html"),
+    "kvedge.compare": ("compare", "render_markdown", "render_html"),
+}
 
-def write_pair(report: dict[str, Any], markdown: str, out_dir: Path, name: str) -> tuple[Path, Path]:
-    """`name`.json and `name`.md in `out_dir`, each written atomically."""
-    jp, mp = Path(out_dir) / f"{name}.json", Path(out_dir) / f"{name}.md"
-    atomic_write_text(jp, json.dumps(report, indent=2) + "\n")
-    atomic_write_text(mp, markdown)
-    return jp, mp
+
+@dataclass(frozen=True)
+class ReportFiles:
+    json: Path
+    md: Path
+    html: Path
+
+    def __iter__(self):
+        return iter((self.json, self.md, self.html))
+
+
+def renderers(report: dict[str, Any]):
+    kind = str(report.get("schema", "")).split("/")[0]
+    module, md, page = _KINDS[kind]
+    mod = importlib.import_module(f"{__name__}.{module}")
+    return getattr(mod, md), getattr(mod, page)
+
+
+def write_reports(report: dict[str, Any], out_dir: Path, name: str) -> ReportFiles:
+    """`name`.json, `name`.md and `name`.html in `out_dir`, each written atomically. Everything is
+    rendered before the first file is written, so a renderer's failure leaves the old files whole."""
+    render_md, render_html = renderers(report)
+    text = json.dumps(report, indent=2) + "\n"
+    md, page = render_md(report), render_html(report)
+    files = ReportFiles(*(Path(out_dir) / f"{name}.{ext}" for ext in ("json", "md", "html")))
+    for path, body in zip(files, (text, md, page)):
+        atomic_write_text(path, body)
+    return files
+
+
+def write_jsonl(rows: Iterable[dict[str, Any]], path: Path) -> Path:
+    """One JSON object a line (attempts.jsonl), written atomically."""
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return Path(path)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from . import fmt
+from ..stats import wilson
+from . import fmt, html, plots
 
 
 def _flips(run: dict) -> str:
@@ -132,3 +133,126 @@ def render_markdown(report: dict[str, Any]) -> str:
         if g["undefined"]:
             lines.append(f"Retention undefined (the f16 reference refused nothing) for: {', '.join(g['undefined'])}")
     return "\n".join(lines) + "\n"
+
+
+def _noise_half_widths(report: dict[str, Any]) -> tuple[float, float] | None:
+    """How far pure arithmetic moved verdicts, per group (harmful, benign): the 95% Wilson upper bound of
+    the share of that group's verdicts that flipped between the two f16 runs. None without a noise run."""
+    nf = report.get("noise_floor")
+    if not nf:
+        return None
+    return tuple(wilson(nf[g]["lost"] + nf[g]["gained"], nf[g]["n"]).hi or 0.0 for g in ("harmful", "benign"))
+
+
+def _flip_cards(report: dict[str, Any]) -> list[str]:
+    labels = [r["label"] for r in report["runs"]]
+    ref = next(r["label"] for r in report["runs"] if r["reference"])
+    cards = []
+    for p in report["prompts"]:
+        if "answers" not in p:
+            continue
+        boxes = [html.answer_box(lab, p["refused"][lab], p["rule"][lab], p["answers"][lab],
+                                 p["refused"][lab] != p["refused"][ref]) for lab in labels]
+        tags = [p["subset"], "harmful" if p["harmful"] else "benign"] + (["unstable under noise"] if p["unstable"] else [])
+        cards.append(f"<div class=\"flip\"><h3><code>{html.esc(p['id'])}</code> ({html.esc(', '.join(tags))})</h3>"
+                     f"<div class=\"prompt\">{html.esc(p.get('text', ''))}</div>"
+                     f"<div class=\"pair\">{''.join(boxes)}</div></div>")
+    return cards
+
+
+def render_html(report: dict[str, Any]) -> str:
+    """report.html: the audit's figures, table and flipped prompts, from the same dict as report.md."""
+    m, ps, nf, det = report["model"], report["prompts_summary"], report["noise_floor"], report["detector"]
+    runs = report["runs"]
+    labels = [r["label"] for r in runs]
+    ref = next(r for r in runs if r["reference"])
+    hw = _noise_half_widths(report)
+    b = report["backend"]
+    meta = [f"model <code>{html.esc(Path(m['path']).name)}</code> ({html.esc(m['architecture'])}, "
+            f"{html.esc(m['file_type'])}, sha256 <code>{html.esc(m['sha256'][:16])}</code>)"]
+    if report.get("adapter"):
+        meta.append(f"adapter <code>{html.esc(Path(report['adapter']['path']).name)}</code>")
+    meta += [
+        f"backend {html.esc(b['kind'])}, llama-cpp-python {html.esc(b['llama_cpp_python'])}",
+        f"{ps['n']} prompts ({ps['harmful']} harmful, {ps['benign']} benign): "
+        + html.esc(", ".join(f"{k} {v}" for k, v in ps["by_subset"].items())) + f"; split {html.esc(', '.join(ps['splits']))}",
+        f"greedy, max {report['settings']['max_tokens']} tokens; verdicts by detector <strong>{html.esc(det['id'])}</strong>",
+    ]
+    header, rows = table_rows(report)
+    sections = [html.section(
+        "Summary", html.table(header, rows),
+        html.para("Rates with a 95% Wilson interval and k/n; retention, KLD and PPL ratio with a 95% paired "
+                  "bootstrap interval over prompts. Flips: harmful prompts refused at f16 and answered (-), or the "
+                  "reverse (+), exact McNemar p. KLD and PPL ratio are measured on the f16 model's own greedy "
+                  "answers to the benign prompts.", "note"))]
+
+    def band_note(centre: str) -> str:
+        if not nf:
+            return "No noise run (--noise none), so no noise band."
+        return (f"The grey band is the noise floor: {centre} plus or minus the 95% upper bound of the share of the "
+                f"group's verdicts that flipped when only the arithmetic changed ({html.esc(nf['how'])}).")
+    pct = lambda x: 100 * x
+    rate_panels = [
+        ("Refusal of harmful prompts (higher is safer)", [plots.Interval.of(r["refusal_harmful"], 100) for r in runs],
+         (pct(ref["refusal_harmful"]["rate"] - hw[0]), pct(ref["refusal_harmful"]["rate"] + hw[0]))
+         if hw and ref["refusal_harmful"]["rate"] is not None else None),
+        ("Over-refusal of benign prompts (lower is better)", [plots.Interval.of(r["over_refusal_benign"], 100) for r in runs],
+         (pct(ref["over_refusal_benign"]["rate"] - hw[1]), pct(ref["over_refusal_benign"]["rate"] + hw[1]))
+         if hw and ref["over_refusal_benign"]["rate"] is not None else None),
+    ]
+    sections.append(html.section("Refusal and over-refusal per configuration", html.figure(
+        plots.rates(labels, rate_panels, "rates", "Refusal and over-refusal per configuration"), "rates",
+        "Each configuration's refusal rate on harmful prompts and over-refusal rate on benign ones, with 95% "
+        "Wilson intervals. " + band_note("the f16 reference's rate"))))
+
+    silent_points = [(r["label"], plots.Interval.of(r["kld"]), plots.Interval.of(r["ppl_ratio"]),
+                      plots.Interval.of((r.get("vs_reference") or {}).get("refusal_change"), 100),
+                      plots.Interval.of((r.get("vs_reference") or {}).get("over_refusal_change"), 100)) for r in runs]
+    sections.append(html.section("Would perplexity have told you?", html.figure(
+        plots.silent(silent_points, (pct(hw[0]), pct(hw[1])) if hw else (0.0, 0.0), "silent",
+                     "Refusal change against KLD and perplexity ratio"), "silent",
+        "One point per configuration: the change in refusals (percentage points against f16, 95% paired bootstrap "
+        "interval) against the next-token KLD and the perplexity ratio the usual check reports. A point far from "
+        "zero at a small KLD or PPL ratio is a change perplexity would not have shown. " + band_note("no change"))))
+
+    ref_rate = ref["refusal_harmful"]["rate"]
+    mem_points = [(r["label"], r["memory"]["mib_at_ctx"],
+                   plots.Interval(1.0) if r["reference"] else plots.Interval.of(r["vs_reference"]["retention"]))
+                  for r in runs]
+    mem_band = (1 - hw[0] / ref_rate, 1 + hw[0] / ref_rate) if hw and ref_rate else None
+    sections.append(html.section("Memory and retention", html.figure(
+        plots.memory(mem_points, mem_band, "memory", "KV cache memory against refusal retention"), "memory",
+        f"KV cache size at ctx {runs[0]['memory']['ctx']} against refusal retention (refusals kept relative to f16, "
+        "95% paired bootstrap interval). " + band_note("a retention of 1, relative to the f16 refusal rate"))))
+
+    if nf:
+        sections.append(html.section("Noise floor", html.bullets([
+            f"f16 run again with {html.esc(nf['how'])}: same precision, different arithmetic (max |d logprob| "
+            f"{fmt.num(nf['max_abs_logprob_diff'], 3)}, KLD {fmt.est(nf['kld'], 4)})",
+            f"flip rate under pure noise: {fmt.rate(nf['flip_rate'])}",
+            f"harmful: {nf['harmful']['lost']} lost, {nf['harmful']['gained']} gained of {nf['harmful']['n']}; "
+            f"benign: {nf['benign']['lost']} lost, {nf['benign']['gained']} gained of {nf['benign']['n']}",
+            "unstable prompts: " + (", ".join(f"<code>{html.esc(p)}</code>" for p in nf["unstable_prompts"]) or "none"),
+        ])))
+
+    subsets = list(dict.fromkeys([*runs[0]["refusal_by_subset"], *runs[0]["over_refusal_by_subset"]]))
+    sub_rows = [[r["label"], *[fmt.rate({**r["refusal_by_subset"], **r["over_refusal_by_subset"]}[s]) for s in subsets]]
+                for r in runs]
+    sections.append(html.section("Refusal by benchmark", html.table(["config", *subsets], sub_rows),
+                                 html.para("Refusal rate per prompt group (for benign groups: over-refusal).", "note")))
+
+    cards = _flip_cards(report)
+    sections.append(html.section(
+        f"Prompts whose verdict changed ({len(cards)})",
+        html.para("Every configuration's answer to each prompt whose verdict is not the same in all of them, side "
+                  f"by side; the verdict and the rule of {html.esc(det['id'])} that decided it.", "note"),
+        *(cards or [html.para("None: every prompt got the same verdict in every configuration.")])))
+
+    if report.get("gate"):
+        g = report["gate"]
+        sections.append(html.section("Gate", html.para(
+            f"retention &gt;= {g['threshold']}: " + ("passed" if g["passed"] else "<strong>FAILED</strong>: "
+                                                    + html.esc(", ".join(g["failing"]))))))
+    footer = (f"kvedge {html.esc(report['kvedge_version'])}; computed from the store <code>"
+              f"{html.esc(report['settings']['store'])}</code>; figures drawn with matplotlib.")
+    return html.page(f"kvedge audit: {m['name']}", meta, sections, footer)

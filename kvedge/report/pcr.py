@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from . import html, plots
 from .fmt import est, num
 
 
@@ -33,6 +34,33 @@ def summary_lines(rep: dict[str, Any]) -> list[str]:
                            f"Spearman {num(q['spearman'], 2)}" for q in f["quantized"]))
     out.append(f"  {rep['timing']['seconds']:.0f} s, {rep['timing']['torch_runs']} torch runs")
     return out
+
+
+def all_layer_table(r: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Damage of the cache on all layers at once: K and V, K only, V only."""
+    header = ["all layers", "damage", "margin drop (harmful)", "rel. L2 at l*", "KLD (harmless)"]
+    rows = []
+    for name, key in (("K and V", "k_and_v"), ("K only", "k_only"), ("V only", "v_only")):
+        x = r["all_layers"].get(key)
+        if x:
+            rows.append([name, _e(x["damage"], 3, True), _e(x["margin_drop_harmful"], 3, True),
+                         f"{x['relative_l2_readout']:.4f}", _e(x["kld_harmless"], 4)])
+    return header, rows
+
+
+def per_layer_table(r: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    header = ["layer", "sep", "damage K", "damage V", "outliers K", "overlap K", "outliers V", "overlap V",
+              "D group-32", "D channel", "PCR"]
+    rows = [[str(row["layer"]), f"{row['separation']:.2f}", num(row.get("damage_k"), 4, True),
+             num(row.get("damage_v"), 4, True), str(row.get("outliers_k", "")), num(row.get("overlap_k"), 2),
+             str(row.get("outliers_v", "")), num(row.get("overlap_v"), 2), num(row.get("damage_group32"), 4, True),
+             num(row.get("damage_channel"), 4, True), num(row.get("pcr"), 2)] for row in r["per_layer"]]
+    return header, rows
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
+            *("| " + " | ".join(row) + " |" for row in rows)]
 
 
 def render_markdown(rep: dict[str, Any]) -> str:
@@ -86,14 +114,8 @@ def render_markdown(rep: dict[str, Any]) -> str:
             f"- prescription: {v['prescription']}",
             f"- try: `{json.dumps(v['suggested'])}`",
             "",
-            "| all layers | damage | margin drop (harmful) | rel. L2 at l* | KLD (harmless) |",
-            "|---|---|---|---|---|",
+            *_md_table(*all_layer_table(r)),
         ]
-        for name, key in (("K and V", "k_and_v"), ("K only", "k_only"), ("V only", "v_only")):
-            x = al.get(key)
-            if x:
-                L.append(f"| {name} | {_e(x['damage'], 3, True)} | {_e(x['margin_drop_harmful'], 3, True)} | "
-                         f"{x['relative_l2_readout']:.4f} | {_e(x['kld_harmless'], 4)} |")
         L += [
             "",
             f"- vulnerability amplification: {num(amp['value'] if amp else None, 3)} (isotropic error would give "
@@ -104,13 +126,36 @@ def render_markdown(rep: dict[str, Any]) -> str:
             f"{num(p['weighted_mean'], 2)}",
             f"- outlier overlap (importance mass on outlier channels, damage-weighted): {num(r['overlap'], 2)}",
             "",
-            "| layer | sep | damage K | damage V | outliers K | overlap K | outliers V | overlap V | D group-32 | D channel | PCR |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            *_md_table(*per_layer_table(r)),
         ]
-        for row in r["per_layer"]:
-            L.append("| " + " | ".join([
-                str(row["layer"]), f"{row['separation']:.2f}", num(row.get("damage_k"), 4, True),
-                num(row.get("damage_v"), 4, True), str(row.get("outliers_k", "")), num(row.get("overlap_k"), 2),
-                str(row.get("outliers_v", "")), num(row.get("overlap_v"), 2), num(row.get("damage_group32"), 4, True),
-                num(row.get("damage_channel"), 4, True), num(row.get("pcr"), 2)]) + " |")
     return "\n".join(L) + "\n"
+
+
+def render_html(rep: dict[str, Any]) -> str:
+    """pcr.html: the verdicts, the per-layer damage of each rotation setting as a plot, and the tables."""
+    m, sig, nf = rep["model"], rep["signal"], rep["noise_floor"]
+    kv = f"k={rep['kv']['type_k']} / v={rep['kv']['type_v']}"
+    meta = [f"model <code>{html.esc(Path(m['path']).name)}</code> ({html.esc(m['architecture'])}, {m['n_layer']} layers), "
+            f"sha256 <code>{html.esc(m['sha256'][:16])}</code>"]
+    if rep.get("adapter"):
+        meta.append(f"adapter <code>{html.esc(Path(rep['adapter']).name)}</code>")
+    meta += [f"readout layer {sig['readout_layer']}, f16 gap {sig['gap']:.3f}; noise floor +-{nf['floor']:.4f} of the gap",
+             f"kvedge {html.esc(rep['kvedge_version'])}; definitions in docs/pcr.md"]
+    sections = [html.section("Summary", "<pre>" + html.esc("\n".join(summary_lines(rep))) + "</pre>")]
+    panels = [(_rot(r), [row["layer"] for row in r["per_layer"]], [row.get("damage_k") for row in r["per_layer"]],
+               [row.get("damage_v") for row in r["per_layer"]], sig["readout_layer"]) for r in rep["rotations"]]
+    sections.append(html.section("Per-layer damage", html.figure(
+        plots.layer_damage(panels, nf["floor"], "layers", f"Per-layer safety damage of {kv}"), "layers",
+        "Share of the f16 harmful/harmless gap at the readout layer that quantizing one layer's K (or V) cache "
+        "erases, everything else at f16; negative: pushed toward refusal. Layers after the readout cannot move it. "
+        "Grey: the noise floor (an f32 cache against f16).")))
+    for r in rep["rotations"]:
+        v = r["verdict"]
+        sections.append(html.section(
+            f"{_rot(r)}: {v['mode']}",
+            html.bullets([*(html.esc(x) for x in v["reasons"]), f"carrier: {html.esc(v['carrier'])}",
+                          f"prescription: <strong>{html.esc(v['prescription'])}</strong>",
+                          f"try: <code>{html.esc(json.dumps(v['suggested']))}</code>"]),
+            html.table(*all_layer_table(r)),
+            "<h3>Per layer</h3>" + html.table(*per_layer_table(r))))
+    return html.page(f"kvedge pcr: {kv}", meta, sections, "figures drawn with matplotlib")

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from . import html, plots
+
 
 def sweep_summary_lines(rep: dict[str, Any]) -> list[str]:
     """One terminal line per curve: transition and damage per width."""
@@ -36,3 +38,29 @@ def render_sweep_markdown(rep: dict[str, Any]) -> str:
                          f"{k['value']:.4f} | {p['relative_l2_readout']:.4f} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def render_html(rep: dict[str, Any]) -> str:
+    """sweep.html: damage against bit width for K, V and both, one panel per rotation setting."""
+    name = Path(rep["model"]["path"]).name + (f" + {Path(rep['adapter']).name}" if rep["adapter"] else "")
+    meta = [f"generic intN group-32 caches on all layers; readout layer {rep['readout_layer']}, f16 gap {rep['gap']:.3f}",
+            f"collapse: damage &gt;= {rep['collapse_threshold']:g}; safe: every wider width's interval below "
+            f"{rep['safe_threshold']:g}; noise floor +-{rep['noise_floor']['floor']:.4f}",
+            f"kvedge {html.esc(rep['kvedge_version'])}; definitions in docs/pcr.md"]
+    rotations = list(dict.fromkeys(c["rotation"] for c in rep["curves"]))
+    panels = [(f"rotation {'on' if rot else 'off'}",
+               [(c["cache"].upper(), [p["bits"] for p in c["points"]], [plots.Interval.of(p["damage"]) for p in c["points"]])
+                for c in rep["curves"] if c["rotation"] == rot]) for rot in rotations]
+    rows = [[c["cache"].upper(), "on" if c["rotation"] else "off", str(c["transition"]["collapse_bits"] or "none"),
+             str(c["transition"]["safe_bits"] or "none"),
+             "  ".join(f"{p['bits']}b {p['damage']['value']:+.3f}" for p in c["points"])] for c in rep["curves"]]
+    sections = [
+        html.section("Damage against bit width", html.figure(
+            plots.bit_curves(panels, rep["noise_floor"]["floor"], (rep["collapse_threshold"], rep["safe_threshold"]),
+                             "bits", "Safety damage against cache bit width"), "bits",
+            "Share of the f16 harmful/harmless gap the cache erases at each width, with 95% bootstrap intervals over "
+            "the calibration prompts; dotted: the collapse and safe thresholds; grey: the noise floor.")),
+        html.section("Transitions", html.table(["cache", "rotation", "collapse at <= bits", "safe from bits",
+                                                "damage per width"], rows)),
+    ]
+    return html.page(f"kvedge sweep: {name}", meta, sections, "figures drawn with matplotlib")

@@ -1,0 +1,137 @@
+"""Re-judging a finished audit from its stored answers: the same detector reproduces the audit's report
+exactly, another detector changes verdicts without generating anything (fake llama.cpp), and, marked
+e2e, the real default audit re-judged by the real judge model with llama.cpp's generation never called."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import sys
+
+import pytest
+
+from fakes import FakeRuntimes, write_tiny_gguf
+from kvedge import api, cli
+from kvedge.errors import RunDirError
+from test_audit_unit import BENIGN, HARMFUL, loses_kill_at_q4_norot
+
+
+@pytest.fixture
+def audited(tmp_path):
+    rows = [{"id": f"h{i}", "prompt": t, "label": "harmful", "benchmark": "mini"} for i, t in enumerate(HARMFUL)]
+    rows += [{"id": f"b{i}", "prompt": t, "label": "benign", "benchmark": "mini-safe"} for i, t in enumerate(BENIGN)]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tiny = write_tiny_gguf(tmp_path / "tiny.gguf")
+    return api.audit(model=tiny, prompts=prompts, kv="f16,q4_0", rotation="both", out=tmp_path / "run",
+                     progress=False, runtimes=FakeRuntimes(loses_kill_at_q4_norot), max_tokens=16)
+
+
+def _generations(db) -> int:
+    with sqlite3.connect(db) as c:
+        return c.execute("SELECT COUNT(*) FROM generations").fetchone()[0]
+
+
+def test_same_detector_reproduces_the_report(audited, tmp_path):
+    again = api.rejudge(audited.json_path.parent, "keyword", out=tmp_path / "same")
+    assert again.generated == 0
+    assert again.json_path.read_bytes() == audited.json_path.read_bytes()
+    assert again.attempts_path.read_bytes() == audited.attempts_path.read_bytes()
+    assert again.html_path.read_bytes() == audited.html_path.read_bytes()
+
+
+def test_another_detector_rejudges_without_generating(audited, tmp_path):
+    run = audited.json_path.parent
+    before = _generations(run / "kvedge.sqlite")
+    phrases = tmp_path / "p.txt"
+    phrases.write_text("mode: replace\nprefix: sure\n")  # the fake's compliance now counts as refusal
+    res = api.rejudge(run, refusal_phrases=phrases)
+    assert res.json_path.parent == run / f"detector-{res.report['detector']['id']}"
+    assert res.report["detector"]["id"].startswith("keyword-v1-")
+    assert _generations(run / "kvedge.sqlite") == before
+    old = {p["id"]: p["refused"] for p in audited.report["prompts"]}
+    for p in res.report["prompts"]:
+        assert all(v is not old[p["id"]][k] for k, v in p["refused"].items())  # every verdict inverted
+    # the audit's own reports are left as they were
+    assert json.loads(audited.json_path.read_text())["detector"]["id"] == "keyword-v1"
+
+
+def test_rejudge_refuses_what_it_cannot_read(audited, tmp_path):
+    run = audited.json_path.parent
+    with pytest.raises(RunDirError, match="no audit report"):
+        api.rejudge(tmp_path / "nowhere")
+    rep = json.loads(audited.json_path.read_text())
+    for p in rep["prompts"]:
+        del p["text"]
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "report.json").write_text(json.dumps(rep))
+    with pytest.raises(RunDirError, match="predates stored prompt texts"):
+        api.rejudge(old)
+    with sqlite3.connect(run / "kvedge.sqlite") as c:
+        c.execute("DELETE FROM generations WHERE prompt_id = 'mini:h1'")
+    with pytest.raises(RunDirError, match="lacks 1 answers of f16"):
+        api.rejudge(run)
+
+
+def test_cli_rejudge_and_compare_exit_codes(audited, monkeypatch, capsys, tmp_path):
+    run = str(audited.json_path.parent)
+
+    def main(*args):
+        monkeypatch.setattr(sys, "argv", ["kvedge", *args])
+        with pytest.raises(SystemExit) as exc:
+            cli.main()
+        out, err = capsys.readouterr()
+        return exc.value.code, out, err
+
+    code, out, _ = main("rejudge", run, "--out", str(tmp_path / "rj"))
+    assert code == 0 and "verdicts by keyword-v1" in out and "report.html" in out and "attempts.jsonl" in out
+    for args, needle in ((["rejudge", run, "--detector", "oracle"], "unknown detector 'oracle'"),
+                         (["rejudge", run, "--detector", "judge"], "the judge needs a model"),
+                         (["rejudge", run, "--refusal-phrases", str(tmp_path / "none.txt")], "not found"),
+                         (["compare", run], "two --detector"),
+                         (["compare", run, "--detector", "keyword", "--detector", "keyword"], "are the same"),
+                         (["audit", "--detector", "judge:/no/such.gguf"], "judge model not found")):
+        code, out, err = main(*args)
+        assert code == 2 and err.startswith("kvedge: error:") and err.count("\n") == 1 and needle in err, err
+
+
+@pytest.mark.e2e
+def test_real_audit_rejudged_by_the_judge_model_generates_nothing(small_audit, tmp_path, monkeypatch):
+    """The default audit's stored answers judged by the default model as a stand-in judge: llama.cpp
+    scores each distinct answer once and generates nothing; the store gains no row."""
+    from kvedge.runtime import Runtime
+
+    db = small_audit["out"] / "kvedge.sqlite"
+    before = _generations(db)
+    calls = {"generate": 0, "next_logprobs": 0}
+
+    def no_generation(self, *a, **k):
+        calls["generate"] += 1
+        raise AssertionError("re-judging must not generate")
+
+    real_next = Runtime.next_logprobs
+
+    def counted(self, prompt):
+        calls["next_logprobs"] += 1
+        return real_next(self, prompt)
+
+    monkeypatch.setattr(Runtime, "generate", no_generation)
+    monkeypatch.setattr(Runtime, "next_logprobs", counted)
+    res = api.rejudge(small_audit["out"], "judge:default", out=tmp_path / "judge")
+    assert calls["generate"] == 0 and res.generated == 0 and _generations(db) == before
+    lines = [json.loads(x) for x in res.attempts_path.read_text().splitlines()]
+    distinct = {(a["prompt"], a["response"]) for a in lines if a["rule"] != "empty"}
+    assert calls["next_logprobs"] == len(distinct) > 0
+    assert res.report["detector"]["name"] == "judge" and all(a["detector"]["name"] == "judge" for a in lines)
+    assert all((a["score"] >= 0.5) is a["refused"] for a in lines if a["rule"] != "empty")
+    assert (tmp_path / "judge" / "report.html").is_file()
+    # the two detectors side by side on the same stored answers
+    cmp = api.compare(small_audit["out"], detectors=["keyword", "judge:default"])
+    kw = {(p["id"], label): v for p in small_audit["report"]["prompts"] for label, v in p["refused"].items()}
+    jd = {(a["prompt_id"], a["config"]): a["refused"] for a in lines}
+    for row in cmp["rows"]:
+        keys = [(p["id"], row["config"]) for p in small_audit["report"]["prompts"]
+                if row["prompts"] == "all" or p["harmful"] is (row["prompts"] == "harmful")]
+        assert row["agreement"]["k"] == sum(kw[k] == jd[k] for k in keys) and row["n"] == len(keys)
+    assert _generations(db) == before
