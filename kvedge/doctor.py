@@ -91,7 +91,7 @@ def rotation_probe(model: ModelInfo, lora: Path | None, options: RuntimeOptions)
             with Runtime(model, kv, rotation, options, lora) as rt:
                 if tokens is None:
                     tokens = rt.tokenize(chat_template_for(model).render(PROBE_PROMPT))
-                logits[rotation] = next(rt.score(tokens, []))
+                logits[rotation] = rt.generate(tokens, 1, logprobs=True).logprobs[0]
         diff = float(np.abs(logits[True] - logits[False]).max())
         out.append({"type": t, "active": diff > 0, "max_abs_logprob_diff": diff})
     return out
@@ -138,7 +138,8 @@ def diagnose(model: ModelInfo | None, lora: Path | None, options: RuntimeOptions
         "library": backend["library"],
         "native_builds": {b: {"lib_dir": str(x.lib_dir), **{k: x.manifest.get(k) for k in (
             "llama_cpp_commit", "patch_sha256", "cmake_args", "build_seconds", "built_at")}} for b, x in builds.items()},
-        "per_layer_configs": bool(builds) and (lib is None or lib.kind == "native"),
+        # a kvedge command holding a per-layer config loads the native build in its own process
+        "per_layer_configs": native.find_build() is not None,
         "llama_cpp_python": backend["llama_cpp_python"],
         "system_info": backend["system_info"],
         "backends": ggml_backends(lib.path) if lib else None,

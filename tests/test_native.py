@@ -179,7 +179,8 @@ def test_audit_with_a_layer_map_end_to_end(native_build, tmp_path, model_path):
         specs = [json.loads(s) for (s,) in c.execute("SELECT spec_json FROM runs")]
     assert len(specs) == 4 and all(s["library"] == lib["key"] for s in specs)
     assert next(s for s in specs if s["label"] == mp["label"])["layers_k"] == mp["layers_k"]
-    assert "| k=q4_0@11+17+19:q8_0/v=q4_0 rot=off |" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert "| k=q4_0@11+17+19:q8_0/v=q4_0 rot=off |" in md and "kvedge's native build (llama.cpp 0c1e57098" in md
 
 
 def _cmake_options(native_build) -> set[str]:

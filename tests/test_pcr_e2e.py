@@ -140,6 +140,21 @@ def test_sweep_locates_the_transition(tmp_path) -> None:
     assert (tmp_path / "sweep.md").read_text().startswith("# kvedge sweep")
 
 
+def test_sweep_holds_a_maps_layers(tmp_path) -> None:
+    """--kv with a per-layer map: the layers it names keep their types while the rest sweep (torch only)."""
+    runs = {}
+    for name, extra in (("plain", []), ("held", ["--kv", "k=q4_0@19+17+11:q8_0/v=q4_0"])):
+        proc = run_cli("sweep", "--bits", "3", "--rotation", "off", "--out", str(tmp_path / name), "-q", *extra)
+        assert proc.returncode == 0, proc.stderr
+        runs[name] = json.loads((tmp_path / name / "sweep.json").read_text())
+    assert runs["plain"]["held"] is None
+    assert runs["held"]["held"]["kv"] == "k=q4_0@11+17+19:q8_0/v=q4_0"
+    damage = {n: {c["cache"]: c["points"][0]["damage"]["value"] for c in r["curves"]} for n, r in runs.items()}
+    assert damage["held"]["k"] != damage["plain"]["k"]  # three K layers at q8_0 instead of int3
+    assert damage["held"]["v"] == damage["plain"]["v"]  # the map names no V layer
+    assert "keep its types" in (tmp_path / "held" / "sweep.md").read_text()
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--kv", "f16"], "not one"),
     (["--kv", "q3_k"], "q3_k"),

@@ -23,7 +23,8 @@ def _library(rep: dict[str, Any]) -> list[str]:
                                                 for b, x in builds.items()))
     else:
         out.append("native builds: none (per-layer KV configs need one: kvedge build-native cpu|cuda|metal)")
-    out.append(f"per-layer KV configs: {'available' if rep['per_layer_configs'] else 'not available'}")
+    out.append("per-layer KV configs: " + ("available (kvedge commands load the native build for them)"
+                                           if rep["per_layer_configs"] else "not available"))
     libs = rep.get("ggml_libraries")
     if libs is not None:
         dirs = sorted({p.rsplit('/', 1)[0] for p in libs})
