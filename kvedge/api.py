@@ -8,12 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from . import native
 from .audit import AuditSpec, run_audit
 from .canary import canary_adapter_path
 from .datasets import DEFAULT_BENCHMARKS, parse_benchmarks, select_prompts
 from .detect import Detector, default_detector
-from . import native
 from .errors import KvedgeError
+from .kvmap import KVConfig
 from .lora import check_adapter
 from .model import ModelInfo, load_model
 from .registry import NOISE_VARIANTS
@@ -175,6 +176,22 @@ def pcr(
     out_dir = Path(out) if out else Path("kvedge-runs") / stem / f"pcr-{spec.kv.name}"
     jp, mp = write_pair(rep, render_markdown(rep), out_dir, "pcr")
     return rep, jp, mp
+
+
+def prescribed_layer_map(pcr_report: dict[str, Any] | str | Path, rotation: bool = False) -> KVConfig | None:
+    """The per-layer KV map a PCR report prescribes for one rotation setting (its `layer_map.chosen`): the
+    cheapest map of the ranked layers its simulation predicted safe, chosen on the calib split. None when
+    that verdict prescribes no map (none, multi-layer dilution) or no map up to 8 layers was predicted
+    safe. `pcr_report` is `pcr(...)[0]` or a pcr.json path; the result runs as `kvedge audit --kv
+    <config.name>` on the native build. Needs no torch."""
+    import json
+
+    rep = pcr_report if isinstance(pcr_report, dict) else json.loads(Path(pcr_report).read_text())
+    for r in rep.get("rotations", []):
+        if r["rotation"] is rotation:
+            chosen = (r.get("layer_map") or {}).get("chosen")
+            return parse_kv(chosen["kv"]) if chosen else None
+    return None
 
 
 def sweep(

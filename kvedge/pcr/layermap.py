@@ -62,7 +62,7 @@ def search_layer_map(verdict: Any, kv: KVConfig, per_k: dict[int, float], per_v:
     one more layer at the same cost, so the first safe prefix is the cheapest map of this family (not
     of every subset). The uniform upgrade of the carrier is run too, as the fallback and the yardstick.
     Returns the `layer_map` section of pcr.json; its `chosen` entry (or None) holds the map's canonical
-    `kv` string, which `kvedge.kvmap.parse_kv` reads back (what `kvedge export` offers as a candidate)."""
+    `kv` string (`kvedge.api.prescribed_layer_map` reads it back as a KVConfig, for `kvedge export`)."""
     if verdict.mode not in SEARCHED_MODES:
         return {"searched": False,
                 "reason": f"verdict {verdict.mode}: " + ("no damage to fix" if verdict.mode == "none" else
@@ -91,15 +91,3 @@ def search_layer_map(verdict: Any, kv: KVConfig, per_k: dict[int, float], per_v:
         "chosen": chosen,
         "uniform_upgrade": _row(uniform, model, audited, evaluate(uniform), noise_floor),
     }
-
-
-def candidate(pcr_report: dict[str, Any], rotation: bool) -> KVConfig | None:
-    """The prescribed per-layer map of a pcr.json report for one rotation setting, or None when that
-    verdict prescribes none or no map up to MAX_LAYERS layers was predicted safe."""
-    from ..kvmap import parse_kv
-
-    for r in pcr_report.get("rotations", []):
-        if r["rotation"] is rotation:
-            chosen = (r.get("layer_map") or {}).get("chosen")
-            return parse_kv(chosen["kv"]) if chosen else None
-    return None
