@@ -221,6 +221,7 @@ class PcrPass:
             top_layers=tuple(top3),
             type_k=kv.type_k, type_v=kv.type_v,
             top_damage_k=sum(per_k[l] for l in top3), top_damage_v=sum(per_v[l] for l in top3),
+            config=kv.name if kv.per_layer else None,
         )
         verdict = classify(ev)
         tk, tv = plans.base("k"), plans.base("v")
