@@ -8,12 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from . import native
 from .audit import MAX_BATCH, AuditOutcome, AuditSpec, auto_batch, run_audit
 from .canary import canary_adapter_path
 from .datasets import DEFAULT_BENCHMARKS, parse_benchmarks, select_prompts
 from .detect import Detector
 from .detectors import close_detector, make_detector
 from .errors import KvedgeError
+from .kvmap import KVConfig
 from .lora import check_adapter
 from .model import ModelInfo, load_model
 from .registry import NOISE_VARIANTS
@@ -95,6 +97,9 @@ def audit(
     can pass a fake). The report's `gate` says whether `fail_under` was met; the CLI turns a miss into
     exit 1."""
     configs = parse_kv_list(kv)  # cheap checks first: bad flags fail before the model is hashed
+    per_layer = any(c.per_layer for c in configs)
+    if per_layer:
+        native.check_available()
     parse_rotation(rotation)
     if noise is not None and noise not in NOISE_VARIANTS:
         raise KvedgeError(f"unknown --noise {noise!r}: choose from {', '.join(NOISE_VARIANTS.names())} or none")
@@ -108,8 +113,9 @@ def audit(
     selected = select_prompts(names, split, limit, prompts)
     info = load_model(model)
     adapter = _adapter_for(model, lora, canary)
-    for c in configs:
-        c.check_fits(info)
+    configs = list(dict.fromkeys(c.resolve(info) for c in configs))
+    if per_layer:
+        native.require_native()  # every config of this audit, the f16 reference too, runs on the native build
     spec = AuditSpec(
         model=info,
         prompts=tuple(selected),
@@ -207,7 +213,8 @@ def compare(
     return result
 
 
-def _pcr_spec(model, lora, kv: str, rotation: str, ctx: int, threads: int | None, canary: bool):
+def _pcr_spec(model, lora, kv: str, rotation: str, ctx: int, threads: int | None, canary: bool,
+              map_in_llama_cpp: bool = True):
     try:
         import torch  # noqa: F401
     except ImportError:
@@ -220,9 +227,13 @@ def _pcr_spec(model, lora, kv: str, rotation: str, ctx: int, threads: int | None
     config = parse_kv(kv)
     if not config.quantized:
         raise KvedgeError(f"PCR diagnoses a quantized cache; {config.name} is not one")
+    if config.per_layer and map_in_llama_cpp:
+        native.check_available()
     info = load_model(model)
     check_architecture(info.architecture)  # before any llama.cpp or torch work
-    config.check_fits(info)
+    config = config.resolve(info)
+    if config.per_layer and map_in_llama_cpp:
+        native.require_native()  # the fidelity check runs the map in llama.cpp
     adapter = _adapter_for(model, lora, canary)
     spec = PcrSpec(info, adapter, config, rotations, RuntimeOptions(n_ctx=ctx, n_threads=threads))
     return spec, _stem(info, adapter)
@@ -248,6 +259,22 @@ def pcr(
     return rep, write_reports(rep, out_dir, "pcr")
 
 
+def prescribed_layer_map(pcr_report: dict[str, Any] | str | Path, rotation: bool = False) -> KVConfig | None:
+    """The per-layer KV map a PCR report prescribes for one rotation setting (its `layer_map.chosen`): the
+    cheapest map of the ranked layers its simulation predicted safe, chosen on the calib split. None when
+    that verdict prescribes no map (none, multi-layer dilution) or no map up to 8 layers was predicted
+    safe. `pcr_report` is `pcr(...)[0]` or a pcr.json path; the result runs as `kvedge audit --kv
+    <config.name>` on the native build. Needs no torch."""
+    import json
+
+    rep = pcr_report if isinstance(pcr_report, dict) else json.loads(Path(pcr_report).read_text())
+    for r in rep.get("rotations", []):
+        if r["rotation"] is rotation:
+            chosen = (r.get("layer_map") or {}).get("chosen")
+            return parse_kv(chosen["kv"]) if chosen else None
+    return None
+
+
 def sweep(
     model: str | Path | None = None,
     lora: str | Path | None = None,
@@ -258,12 +285,15 @@ def sweep(
     out: str | Path | None = None,
     canary: bool = True,
     log: Log | None = None,
+    kv: str | None = None,
 ) -> tuple[dict[str, Any], ReportFiles]:
-    """The bit-width sweep (kvedge sweep): returns the report dict and the paths of sweep.json/.md/.html."""
+    """The bit-width sweep (kvedge sweep): returns the report dict and the paths of sweep.json/.md/.html.
+    With a per-layer `kv` map, the layers it names keep their types while every other layer sweeps (a
+    torch-only pass: llama.cpp runs f16 only, so the native build is not needed)."""
     from .pcr.sweep import run_sweep
 
     widths = parse_bits(bits)
-    spec, stem = _pcr_spec(model, lora, "q4_0", rotation, ctx, threads, canary)
+    spec, stem = _pcr_spec(model, lora, kv or "q4_0", rotation, ctx, threads, canary, map_in_llama_cpp=False)
     rep = run_sweep(spec, widths, log or (lambda m: None))
     out_dir = Path(out) if out else Path("kvedge-runs") / stem / "sweep"
     return rep, write_reports(rep, out_dir, "sweep")
@@ -282,3 +312,36 @@ def parse_bits(spec: str) -> tuple[int, ...]:
     if not widths or min(widths) < 2 or max(widths) > 8:
         raise KvedgeError(f"--bits must lie in 2..8, not {spec!r}")
     return widths
+
+
+def doctor(
+    model: str | Path | None = None,
+    lora: str | Path | None = None,
+    canary: bool = True,
+    gpu_layers: int = 0,
+    threads: int | None = None,
+    use_native: bool = False,
+    probe: bool = True,
+    runs_dir: str | Path = "kvedge-runs",
+) -> dict[str, Any]:
+    """What an audit on this machine would run on (kvedge doctor): the llama.cpp library (stock, or the
+    native build with `use_native`), its backends and devices, GPU offload, whether the attention rotation
+    is active for each quantized cache type on the model (measured, unless `probe=False`, which also works
+    without a model), torch and its device, free disk and memory."""
+    from .doctor import diagnose
+
+    if use_native:
+        native.require_native()
+    info = None
+    adapter = None
+    if probe:
+        info = load_model(model)
+        adapter = _adapter_for(model, lora, canary)
+    options = RuntimeOptions(n_ctx=512, n_threads=threads, n_gpu_layers=gpu_layers)
+    return diagnose(info, adapter, options, Path(runs_dir))
+
+
+def build_native(backend: str = "cpu", force: bool = False, dry_run: bool = False, jobs: int | None = None) -> int:
+    """Build kvedge's native llama.cpp for `backend` (cpu, cuda, metal) with native/build.sh into the
+    per-user cache; returns the script's exit status. Per-layer KV configs need it."""
+    return native.build(backend, force=force, dry_run=dry_run, jobs=jobs)

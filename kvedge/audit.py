@@ -143,13 +143,14 @@ def _run_key_spec(spec: AuditSpec, run: RunSpec, template: ChatTemplate, adapter
         "kvedge_version": __version__,
         "model_sha256": spec.model.sha256,
         "adapter_sha256": adapter_sha,
-        "type_k": run.kv.type_k,
-        "type_v": run.kv.type_v,
+        **run.kv.key(),
         # rotation only acts on a quantized cache; f16 runs share one key whatever was asked
         "rotation": run.rotation if run.kv.quantized else None,
         "variant": run.variant,
         "runtime": run.options(spec.runtime_options).key(),
         "backend": backend["kind"],
+        # the native build is named in the key; the stock wheel stays implied, so stock keys never change
+        **({"library": lib["key"]} if (lib := backend.get("library")) and lib["kind"] == "native" else {}),
         # an answer ends early once this detector's verdict on it is final (the stored text says so)
         "decoding": {"greedy": True, "max_tokens": spec.max_tokens, "stop_when_final": spec.detector.id},
         "template_sha256": template.sha256,

@@ -45,8 +45,8 @@ def audit(
     model: Optional[Path] = typer.Argument(None, help="GGUF model; default: the embedded SmolLM2-135M-Instruct Q4_1 "
                                            "with the canary safety adapter."),
     lora: Optional[Path] = typer.Option(None, "--lora", help="LoRA adapter GGUF applied on top of the model."),
-    kv: str = typer.Option("f16,q8_0,q4_0", "--kv", help="KV configs, comma-separated: q8_0 (K and V) or k=q8_0/v=q4_0. "
-                           "f16 is always run as the reference."),
+    kv: str = typer.Option("f16,q8_0,q4_0", "--kv", help="KV configs, comma-separated: q8_0 (K and V), k=q8_0/v=q4_0, "
+                           "or per layer k=q4_0@11+17+19:q8_0/v=q4_0 (native build). f16 is always run as the reference."),
     rotation: str = typer.Option("both", "--rotation", help="Attention rotation of quantized caches: on (current llama.cpp), "
                                  "off (older builds), both."),
     benchmarks: str = typer.Option("advbench,harmbench,xstest", "--benchmarks", help="Bundled prompt sets to run."),
@@ -150,7 +150,8 @@ def pcr(
     model: Optional[Path] = typer.Argument(None, help="GGUF model (llama, qwen2, qwen3); default: the embedded "
                                            "SmolLM2-135M-Instruct with the canary adapter."),
     lora: Optional[Path] = typer.Option(None, "--lora", help="LoRA adapter GGUF applied on top of the model."),
-    kv: str = typer.Option("q4_0", "--kv", help="The cache to diagnose: q4_0 (K and V) or k=q8_0/v=q4_0."),
+    kv: str = typer.Option("q4_0", "--kv", help="The cache to diagnose: q4_0 (K and V), k=q8_0/v=q4_0, or a per-layer "
+                           "map k=q4_0@11+17+19:q8_0/v=q4_0 (native build)."),
     rotation: str = typer.Option("both", "--rotation", help="Does the target runtime rotate the cache: on (current "
                                  "llama.cpp), off (older builds), both (a verdict for each)."),
     ctx: int = typer.Option(2048, "--ctx", min=64, help="Context of the llama.cpp runs (fidelity check)."),
@@ -176,6 +177,8 @@ def sweep(
     model: Optional[Path] = typer.Argument(None, help="GGUF model; default: SmolLM2-135M-Instruct + canary adapter."),
     lora: Optional[Path] = typer.Option(None, "--lora", help="LoRA adapter GGUF applied on top of the model."),
     bits: str = typer.Option("2-8", "--bits", help="Bit widths of the generic intN group-32 cache: 2-8 or 2,4,8."),
+    kv: Optional[str] = typer.Option(None, "--kv", help="A per-layer map (k=q4_0@11+17+19:q8_0): the layers it names "
+                                     "keep their types while the others sweep."),
     rotation: str = typer.Option("both", "--rotation", help="on, off or both."),
     ctx: int = typer.Option(2048, "--ctx", min=64, help="Context of the llama.cpp tokenization pass."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads."),
@@ -188,10 +191,51 @@ def sweep(
     from .report.sweep import sweep_summary_lines
 
     rep, files = run(model=model, lora=lora, rotation=rotation, bits=bits, ctx=ctx, threads=threads, out=out,
-                     canary=not no_canary, log=_log(quiet))
+                     canary=not no_canary, log=_log(quiet), kv=kv)
     for line in sweep_summary_lines(rep):
         typer.echo(line)
     typer.echo(f"reports: {' '.join(map(str, files))}")
+
+
+@command
+def doctor(
+    model: Optional[Path] = typer.Argument(None, help="GGUF model for the rotation probe; default: the embedded "
+                                           "SmolLM2-135M-Instruct with the canary adapter."),
+    lora: Optional[Path] = typer.Option(None, "--lora", help="LoRA adapter GGUF applied on top of the model."),
+    gpu_layers: int = typer.Option(0, "--gpu-layers", help="Layers offloaded to a GPU build, as the audit would."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads."),
+    use_native: bool = typer.Option(False, "--native", help="Load kvedge's native llama.cpp build instead of the "
+                                    "stock wheel (what per-layer KV configs run on)."),
+    no_probe: bool = typer.Option(False, "--no-probe", help="Skip the rotation probe (needs no model)."),
+    no_canary: bool = typer.Option(False, "--no-canary", help="With no MODEL, probe the bare default model."),
+    as_json: bool = typer.Option(False, "--json", help="Print the findings as JSON."),
+) -> None:
+    """One screen to read before trusting an audit on a new device: llama.cpp library, backends, GPU offload,
+    attention rotation per cache type (measured on the model), torch, disk, memory."""
+    import json
+
+    from .api import doctor as run
+    from .report.doctor import render_doctor
+
+    rep = run(model=model, lora=lora, canary=not no_canary, gpu_layers=gpu_layers, threads=threads,
+              use_native=use_native, probe=not no_probe)
+    typer.echo(json.dumps(rep, indent=2) if as_json else render_doctor(rep))
+
+
+@command
+def build_native(
+    backend: str = typer.Argument("cpu", help="cpu, cuda or metal."),
+    force: bool = typer.Option(False, "--force", help="Rebuild even if this build exists."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the sdist, patch, cache directory and CMake flags; "
+                                 "build nothing."),
+    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="Parallel compile jobs (default: all cores)."),
+) -> None:
+    """Build kvedge's native llama.cpp (per-layer KV cache types) from the llama-cpp-python sdist, once per user."""
+    from .api import build_native as run
+
+    code = run(backend, force=force, dry_run=dry_run, jobs=jobs)
+    if code:
+        raise typer.Exit(code)
 
 
 def main() -> None:

@@ -19,67 +19,17 @@ from typing import Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
-from . import kvtypes
+from . import kvtypes, native
 from .decode import Decoder, GenJob
 from .errors import KVTypeError, ModelFileError
+from .kvmap import F16, KVConfig, parse_kv, parse_kv_list  # noqa: F401  (where callers have always found them)
 from .model import ModelInfo
 from .scoring import log_softmax
 
 ROTATION_ENV = "LLAMA_ATTN_ROT_DISABLE"
+LAYER_TYPES_ENV = native.LAYER_TYPES_ENV
 THREADS_ENV = "KVEDGE_THREADS"  # the default thread count, for machines shared with other work
 DEFAULT_SEQ_CELLS = 256  # cache cells budgeted per parallel sequence (a prompt and a 64-token answer fit)
-
-
-@dataclass(frozen=True, order=True)
-class KVConfig:
-    type_k: str
-    type_v: str
-
-    @property
-    def name(self) -> str:
-        return self.type_k if self.type_k == self.type_v else f"k={self.type_k}/v={self.type_v}"
-
-    @property
-    def quantized(self) -> bool:
-        return kvtypes.is_quantized(self.type_k) or kvtypes.is_quantized(self.type_v)
-
-    @property
-    def v_quantized(self) -> bool:
-        return kvtypes.is_quantized(self.type_v)
-
-    def bytes_per_token(self, model: ModelInfo) -> int:
-        """KV cache bytes one token costs across all layers, from the GGUF's shapes and ggml's sizes."""
-        per_layer = (model.n_embd_k_gqa * kvtypes.bytes_per_value(self.type_k)
-                     + model.n_embd_v_gqa * kvtypes.bytes_per_value(self.type_v))
-        return int(round(model.n_layer * per_layer))
-
-    def check_fits(self, model: ModelInfo) -> None:
-        for which, t, width in (("K", self.type_k, model.head_dim_k), ("V", self.type_v, model.head_dim_v)):
-            block = kvtypes.block_size(t)
-            if width % block:
-                raise KVTypeError(f"{which} cache type {t} needs a head size divisible by {block}, model has {width}")
-
-
-F16 = KVConfig("f16", "f16")  # the reference cache
-
-
-def parse_kv(spec: str) -> KVConfig:
-    """One KV config: `q8_0` sets K and V alike; `k=q8_0/v=q4_0` (or `k=q8_0:v=q4_0`) sets them apart,
-    and a half left out stays f16. A comma separates configs in a list (`parse_kv_list`), so it cannot
-    separate the halves."""
-    s = spec.strip().lower()
-    if not s:
-        raise KVTypeError("empty KV config")
-    if "=" not in s:
-        t = kvtypes.check(s)
-        return KVConfig(t, t)
-    parts = dict.fromkeys(("k", "v"), "f16")
-    for half in s.replace(":", "/").split("/"):
-        key, sep, val = half.partition("=")
-        if not sep or key.strip() not in ("k", "v"):
-            raise KVTypeError(f"malformed KV config {spec!r}: write `q8_0` or `k=q8_0/v=q4_0`")
-        parts[key.strip()] = kvtypes.check(val)
-    return KVConfig(parts["k"], parts["v"])
 
 
 ROTATIONS = {"on": (True,), "off": (False,), "both": (True, False)}
@@ -91,13 +41,6 @@ def parse_rotation(spec: str) -> tuple[bool, ...]:
         return ROTATIONS[spec]
     except (KeyError, TypeError):
         raise KVTypeError(f"--rotation must be on, off or both, not {spec!r}") from None
-
-
-def parse_kv_list(spec: str) -> list[KVConfig]:
-    configs = [parse_kv(s) for s in spec.split(",") if s.strip()]
-    if not configs:
-        raise KVTypeError("no KV config given")
-    return list(dict.fromkeys(configs))
 
 
 @dataclass(frozen=True)
@@ -151,21 +94,26 @@ _env_lock = threading.Lock()
 
 
 @contextlib.contextmanager
-def _rotation_env(rotation: bool) -> Iterator[None]:
-    """llama.cpp reads LLAMA_ATTN_ROT_DISABLE when a context is created: set it only for that moment."""
+def _rotation_env(rotation: bool, layer_types: str | None = None) -> Iterator[None]:
+    """llama.cpp reads LLAMA_ATTN_ROT_DISABLE (and the native build LLAMA_KV_LAYER_TYPES) when a context
+    is created: set them only for that moment, so that neither leaks into another context (an f16
+    reference or a noise run). Unset means unset: a value the caller's environment held is restored after."""
+    wanted = {ROTATION_ENV: None if rotation else "1", LAYER_TYPES_ENV: layer_types}
     with _env_lock:
-        old = os.environ.get(ROTATION_ENV)
-        if rotation:
-            os.environ.pop(ROTATION_ENV, None)
-        else:
-            os.environ[ROTATION_ENV] = "1"
+        old = {name: os.environ.get(name) for name in wanted}
+        for name, value in wanted.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         try:
             yield
         finally:
-            if old is None:
-                os.environ.pop(ROTATION_ENV, None)
-            else:
-                os.environ[ROTATION_ENV] = old
+            for name, value in old.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
 
 def backend_info(n_gpu_layers: int = 0) -> dict:
@@ -178,11 +126,13 @@ def backend_info(n_gpu_layers: int = 0) -> dict:
     if gpu and n_gpu_layers != 0:
         low = info.lower()
         kind = "cuda" if "cuda" in low else "metal" if "metal" in low else "vulkan" if "vulkan" in low else "gpu"
+    lib = native.loaded_library()
     return {
         "kind": kind,
         "llama_cpp_python": getattr(llama_cpp, "__version__", "unknown"),
         "gpu_offload_supported": gpu,
         "system_info": info,
+        "library": {**lib.to_dict(), "key": lib.key} if lib else None,
     }
 
 
@@ -203,6 +153,8 @@ class Runtime:
         options: RuntimeOptions = RuntimeOptions(),
         lora_path: Path | None = None,
     ):
+        if kv.per_layer:
+            native.require_native()  # before llama_cpp is imported: the stock library would ignore the map
         import llama_cpp
         from llama_cpp._internals import LlamaContext, LlamaModel
         from llama_cpp._logger import set_verbose
@@ -238,7 +190,7 @@ class Runtime:
                 self._adapter = llama_cpp.llama_adapter_lora_init(self._model.model, str(lora_path).encode("utf-8"))
                 if self._adapter is None:
                     raise ValueError(f"llama.cpp rejected the LoRA adapter {lora_path}")
-            with _rotation_env(rotation), suppress_stdout_stderr(disable=False):  # llama.cpp's load log
+            with _rotation_env(rotation, kv.layer_types_env()), suppress_stdout_stderr(disable=False):  # load log
                 self._ctx = LlamaContext(model=self._model, params=cp, verbose=False)
             if self._adapter is not None:
                 adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self._adapter)

@@ -59,7 +59,8 @@ def _memory(run: AuditRun, outcome: AuditOutcome, ref_bpt: int) -> dict:
         "ctx": ctx,
         "mib_at_ctx": bpt * ctx / 2**20,
         "vs_f16": bpt / ref_bpt if ref_bpt else None,
-        "source": "n_layer x (n_embd_k_gqa x size(type_k) + n_embd_v_gqa x size(type_v)) from the GGUF and ggml",
+        "source": "sum over layers of n_embd_k_gqa x size(type_k) + n_embd_v_gqa x size(type_v), from the GGUF "
+                  "and ggml",
     }
 
 
@@ -137,8 +138,7 @@ def summarize(outcome: AuditOutcome, rows: AuditRows, detector: Detector, fail_u
         entry: dict[str, Any] = {
             "label": r.spec.label,
             "key": r.key,
-            "type_k": r.spec.kv.type_k,
-            "type_v": r.spec.kv.type_v,
+            **r.spec.kv.key(),
             "rotation": r.spec.rotation if r.spec.kv.quantized else None,
             "variant": r.spec.variant or None,
             "reference": r.spec.is_reference,

@@ -34,3 +34,16 @@ def small_audit(tmp_path_factory) -> dict:
                    "--ctx", "2048", "--out", str(out), "-q")
     assert proc.returncode == 0, proc.stderr
     return {"out": out, "proc": proc, "report": json.loads((out / "report.json").read_text())}
+
+
+@pytest.fixture(scope="session")
+def native_build():
+    """kvedge's native llama.cpp (CPU), from the per-user cache; when missing, built there by the script a
+    user runs (native/build.sh through `kvedge build-native`), so the native tests always run on a real build."""
+    from kvedge import native
+
+    build = native.builds().get("cpu")
+    if build is None:
+        assert native.build("cpu") == 0, "native/build.sh cpu failed"
+        build = native.builds()["cpu"]
+    return build

@@ -80,6 +80,34 @@ def test_report_holds_every_field_computed(pcr_run) -> None:
     assert off["all_layers"]["k_and_v"]["kld_harmless"]["value"] > on["all_layers"]["k_and_v"]["kld_harmless"]["value"]
 
 
+def test_layer_map_prescribed_for_concentrated_damage(pcr_run, model_path) -> None:
+    """Where the verdict is concentrated damage the report holds the per-layer map search: prefixes of the
+    damage ranking, each one layer more at q8_0, stopped at the first predicted safe; bytes from the map."""
+    from kvedge.kvmap import parse_kv
+    from kvedge.model import inspect_model
+    from kvedge.pcr.layermap import CACHES
+    from kvedge.pcr.stats import SAFE_DAMAGE
+
+    model = inspect_model(model_path)
+    audited = parse_kv("q4_0").bytes_per_token(model)
+    for r in pcr_run["report"]["rotations"]:
+        lm = r["layer_map"]
+        if r["verdict"]["mode"] not in ("outlier-crushes-safety", "outlier-as-safety"):
+            assert not lm["searched"]
+            continue
+        assert lm["searched"] and lm["tried"]
+        for i, row in enumerate(lm["tried"]):
+            config = parse_kv(row["kv"]).resolve(model)
+            assert row["layers"] == sorted(lm["ranking"][: i + 1])
+            for kind in CACHES[lm["carrier"]]:  # more bits on the carrier cache, on exactly those layers
+                assert [l for l, _ in getattr(config, f"layers_{kind}")] == row["layers"]
+            assert row["bytes_per_token"] == config.bytes_per_token(model) > audited
+            assert row["safe"] == (row["damage"]["hi"] < SAFE_DAMAGE)
+            assert row["safe"] is (i == len(lm["tried"]) - 1 and lm["chosen"] is not None)
+        assert lm["uniform_upgrade"]["vs_audited"] > lm["tried"][-1]["vs_audited"]
+        assert "layer map:" in pcr_run["proc"].stdout and "### Per-layer map" in pcr_run["md"]
+
+
 def test_fidelity_measured_in_the_run(pcr_run) -> None:
     f = pcr_run["report"]["fidelity"]
     assert f["n_positions"] >= 20
@@ -123,6 +151,21 @@ def test_sweep_locates_the_transition(tmp_path) -> None:
     assert (tmp_path / "sweep.md").read_text().startswith("# kvedge sweep")
     page = (tmp_path / "sweep.html").read_text()
     assert page.count('<figure class="plot"') == 1 and "<script" not in page
+
+
+def test_sweep_holds_a_maps_layers(tmp_path) -> None:
+    """--kv with a per-layer map: the layers it names keep their types while the rest sweep (torch only)."""
+    runs = {}
+    for name, extra in (("plain", []), ("held", ["--kv", "k=q4_0@19+17+11:q8_0/v=q4_0"])):
+        proc = run_cli("sweep", "--bits", "3", "--rotation", "off", "--out", str(tmp_path / name), "-q", *extra)
+        assert proc.returncode == 0, proc.stderr
+        runs[name] = json.loads((tmp_path / name / "sweep.json").read_text())
+    assert runs["plain"]["held"] is None
+    assert runs["held"]["held"]["kv"] == "k=q4_0@11+17+19:q8_0/v=q4_0"
+    damage = {n: {c["cache"]: c["points"][0]["damage"]["value"] for c in r["curves"]} for n, r in runs.items()}
+    assert damage["held"]["k"] != damage["plain"]["k"]  # three K layers at q8_0 instead of int3
+    assert damage["held"]["v"] == damage["plain"]["v"]  # the map names no V layer
+    assert "keep its types" in (tmp_path / "held" / "sweep.md").read_text()
 
 
 @pytest.mark.parametrize("args,needle", [

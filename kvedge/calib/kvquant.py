@@ -328,25 +328,39 @@ def cache_roundtrip_segments(x: Tensor, scheme: Scheme, kind: Kind, head_dim: in
 SCHEME_F16 = Scheme("f16", 16, "none")
 
 
+LayerSchemes = tuple[tuple[int, "Scheme | None"], ...]  # (layer, scheme); None stores f16
+
+
 @dataclass(frozen=True)
 class CachePlan:
-    """Which scheme stores K and V on which layers (`layers` None: all). Every other layer's cache, and a
-    cache whose scheme is None, is f16: what llama.cpp's unquantized cache stores."""
+    """Which scheme stores K and V on which layers (`layers` None: all). `k_at` / `v_at` give single layers
+    a scheme of their own (a per-layer KV map), within `layers` too. Every other layer's cache, and a
+    scheme that is None, is f16: what llama.cpp's unquantized cache stores."""
 
     k: Scheme | None = None
     v: Scheme | None = None
     layers: frozenset[int] | None = None
+    k_at: LayerSchemes = ()
+    v_at: LayerSchemes = ()
 
     def scheme(self, layer: int, kind: str) -> Scheme:
-        s = self.k if kind == "k" else self.v
-        if s is None or (self.layers is not None and layer not in self.layers):
+        if self.layers is not None and layer not in self.layers:
             return SCHEME_F16
-        return s
+        s = self.k if kind == "k" else self.v
+        for at, own in self.k_at if kind == "k" else self.v_at:
+            if at == layer:
+                s = own
+        return SCHEME_F16 if s is None else s
 
     @property
     def first_layer(self) -> int:
-        """The first layer whose cache differs from the all-f16 plan's."""
-        return min(self.layers) if self.layers else 0
+        """A layer at or before the first whose cache differs from the all-f16 plan's."""
+        if self.layers:
+            return min(self.layers)
+        if self.k is not None or self.v is not None:
+            return 0
+        own = [l for l, s in self.k_at + self.v_at if s is not None]
+        return min(own) if own else 0
 
 
 @dataclass(frozen=True, eq=False)

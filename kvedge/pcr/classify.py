@@ -35,6 +35,7 @@ class Evidence:
     margin_drop_lo: float | None = None  # its interval's lower bound
     top_damage_k: float | None = None  # single-layer K damage summed over `top_layers`
     top_damage_v: float | None = None  # single-layer V damage summed over `top_layers`
+    config: str | None = None  # the audited config's name, where types alone do not say it (a per-layer map)
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ def classify(e: Evidence) -> Diagnosis:
                            f"(interval above 0): damage past the readout layer or in the output; check with "
                            "`kvedge audit`")
         return Diagnosis("none", c, tuple(reasons),
-                       f"no measurable safety damage from k={e.type_k}/v={e.type_v} in simulation; "
+                       f"no measurable safety damage from {e.config or f'k={e.type_k}/v={e.type_v}'} in simulation; "
                        "confirm on the full benchmarks with `kvedge audit`",
                        {"type_k": e.type_k, "type_v": e.type_v})
     if e.damage_both < 0:

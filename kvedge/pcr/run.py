@@ -17,12 +17,14 @@ from ..calib.gguf_torch import TorchModel
 from ..calib.kvquant import CachePlan, Scheme, parse_scheme, rotate, rotation_block
 from ..lora import read_adapter
 from ..model import ModelInfo
+from ..kvmap import cache_text
 from ..runtime import KVConfig, RuntimeOptions
 from . import stats as st
 from .calibset import CalibSet, build_calibset, select_calib_prompts
 from .classify import Evidence, classify
 from .engine import Engine
 from .fidelity import Fidelity, f16_agreement, llama_logits, quant_fidelity
+from .layermap import search_layer_map
 
 SCHEMA = "kvedge.pcr/1"
 N_PCR_LAYERS = 6  # PCR is computed on the layers holding most single-layer damage (docs/pcr.md)
@@ -62,6 +64,40 @@ def _int_b(s: Scheme | None, channel: bool) -> Scheme | None:
     if s is None:
         return None
     return parse_scheme(f"int{min(max(s.bits, 2), 8)}{'-channel' if channel else ''}", s.rotation)
+
+
+@dataclass(frozen=True)
+class KVPlans:
+    """A KV config (uniform or per layer) under one rotation setting, as torch cache plans."""
+
+    kv: KVConfig
+    rotation: bool
+    n_layer: int
+
+    def at(self, kind: str, layer: int) -> Scheme | None:
+        """The scheme of one layer's K or V cache (None: f16)."""
+        return _scheme(self.kv.types(kind, self.n_layer)[layer], self.rotation)
+
+    def base(self, kind: str) -> Scheme | None:
+        return _scheme(self.kv.type_k if kind == "k" else self.kv.type_v, self.rotation)
+
+    def quantizes(self, kind: str) -> bool:
+        return any(self.at(kind, l) is not None for l in range(self.n_layer))
+
+    def plan(self, k: bool = True, v: bool = True, layers: frozenset[int] | None = None) -> CachePlan:
+        """The config's K and/or V (the other cache f16), on `layers` only if given."""
+        def own(overrides):
+            return tuple((l, _scheme(t, self.rotation)) for l, t in overrides)
+
+        return CachePlan(self.base("k") if k else None, self.base("v") if v else None, layers,
+                         own(self.kv.layers_k) if k else (), own(self.kv.layers_v) if v else ())
+
+    def label(self, kind: str) -> str:
+        base, over = (self.kv.type_k, self.kv.layers_k) if kind == "k" else (self.kv.type_v, self.kv.layers_v)
+        s = self.base(kind)
+        if not over:
+            return s.label if s else base
+        return cache_text(base, over) + ("" if self.rotation else ":norot")
 
 
 class PcrPass:
@@ -126,24 +162,28 @@ class PcrPass:
 
     def rotation(self, rotation: bool) -> dict:
         kv, L = self.spec.kv, self.tm.hp.n_layer
-        tk, tv = _scheme(kv.type_k, rotation), _scheme(kv.type_v, rotation)
+        plans = KVPlans(kv, rotation, L)
+        kq, vq = plans.quantizes("k"), plans.quantizes("v")
         self.log(f"rotation {'on' if rotation else 'off'}: all-layer runs")
-        both = self.full(CachePlan(tk, tv))
-        k_only = self.full(CachePlan(tk, None)) if tk and tv else both if tk else None
-        v_only = self.full(CachePlan(None, tv)) if tk and tv else both if tv else None
+        both = self.full(plans.plan())
+        k_only = self.full(plans.plan(v=False)) if kq and vq else both if kq else None
+        v_only = self.full(plans.plan(k=False)) if kq and vq else both if vq else None
         self.log(f"rotation {'on' if rotation else 'off'}: per-layer runs up to the readout layer {self.l_star}")
         layers = range(self.l_star + 1)
-        per_k = {l: float(self.d(CachePlan(tk, None, frozenset({l}))).value) if tk else 0.0 for l in layers}
-        per_v = {l: float(self.d(CachePlan(None, tv, frozenset({l}))).value) if tv else 0.0 for l in layers}
+        per_k = {l: float(self.d(plans.plan(v=False, layers=frozenset({l}))).value) if plans.at("k", l) else 0.0
+                 for l in layers}
+        per_v = {l: float(self.d(plans.plan(k=False, layers=frozenset({l}))).value) if plans.at("v", l) else 0.0
+                 for l in layers}
         single = {l: per_k[l] + per_v[l] for l in layers}
         top3 = st.top_layers(single, 3)
         rest = frozenset(range(L)) - frozenset(top3)
-        d_rest = float(self.full(CachePlan(tk, tv, rest))["damage"]["value"])
+        d_rest = float(self.full(plans.plan(layers=rest))["damage"]["value"])
         d_all = float(both["damage"]["value"])
         self.log(f"rotation {'on' if rotation else 'off'}: PCR on the top {self.spec.pcr_layers} layers")
         pcr_layers = st.top_layers(single, self.spec.pcr_layers)
         pcr: dict[int, dict] = {}
         for l in pcr_layers:
+            tk, tv = plans.at("k", l), plans.at("v", l)
             g = CachePlan(_int_b(tk, False), _int_b(tv, False), frozenset({l}))
             c = CachePlan(_int_b(tk, True), _int_b(tv, True), frozenset({l}))
             dg, dc = self.d(g), self.d(c)
@@ -157,7 +197,8 @@ class PcrPass:
         for l in range(L):
             row: dict[str, Any] = {"layer": l, "separation": float(self.dirs.separation[l]),
                                    "damage_k": per_k.get(l), "damage_v": per_v.get(l)}
-            for kind, scheme, dmg in (("k", tk, per_k.get(l)), ("v", tv, per_v.get(l))):
+            for kind, dmg in (("k", per_k.get(l)), ("v", per_v.get(l))):
+                scheme = plans.at(kind, l)
                 if scheme is not None and l <= self.l_star:
                     o = self.overlap(kind, l, scheme)
                     row[f"outliers_{kind}"] = o["outlier_channels"]
@@ -171,7 +212,7 @@ class PcrPass:
             damage_both=d_all,
             damage_k=float(k_only["damage"]["value"]) if k_only else 0.0,
             damage_v=float(v_only["damage"]["value"]) if v_only else 0.0,
-            beyond_noise=_beyond(both["damage"], self.noise_floor),
+            beyond_noise=st.beyond_noise(both["damage"], self.noise_floor),
             margin_drop=both["margin_drop_harmful"]["value"],
             margin_drop_lo=both["margin_drop_harmful"]["lo"],
             top3_recovery=st.recovery(d_all, d_rest),
@@ -180,11 +221,16 @@ class PcrPass:
             top_layers=tuple(top3),
             type_k=kv.type_k, type_v=kv.type_v,
             top_damage_k=sum(per_k[l] for l in top3), top_damage_v=sum(per_v[l] for l in top3),
+            config=kv.name if kv.per_layer else None,
         )
         verdict = classify(ev)
+        tk, tv = plans.base("k"), plans.base("v")
+        self.log(f"rotation {'on' if rotation else 'off'}: per-layer map search")
+        layer_map = search_layer_map(verdict, kv, per_k, per_v, self.spec.model, self.noise_floor,
+                                     lambda cand: self.full(KVPlans(cand, rotation, L).plan()))
         return {
             "rotation": rotation,
-            "scheme_k": tk.label if tk else kv.type_k, "scheme_v": tv.label if tv else kv.type_v,
+            "scheme_k": plans.label("k"), "scheme_v": plans.label("v"),
             "all_layers": {"k_and_v": both, "k_only": k_only, "v_only": v_only},
             "concentration": {"top3_layers": top3, "top3_share": st.concentration_share(single, top3),
                               "damage_without_top3": d_rest, "top3_recovery": ev.top3_recovery},
@@ -194,12 +240,8 @@ class PcrPass:
             "per_layer": per_layer,
             "evidence": vars(ev) | {"top_layers": list(ev.top_layers)},
             "verdict": verdict.to_dict(),
+            "layer_map": layer_map,
         }
-
-
-def _beyond(dmg: dict, floor: float) -> bool:
-    lo, hi = dmg.get("lo"), dmg.get("hi")
-    return (lo is not None and lo > floor) or (hi is not None and hi < -floor)
 
 
 def run_pcr(spec: PcrSpec, log: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
@@ -221,8 +263,8 @@ def run_pcr(spec: PcrSpec, log: Callable[[str], None] = lambda m: None) -> dict[
         results, quant_fid = [], []
         for rot in spec.rotations:
             results.append(ps.rotation(rot))
-            tk, tv = _scheme(spec.kv.type_k, rot), _scheme(spec.kv.type_v, rot)
-            quant_fid.append(quant_fidelity(rot, llama_f16, llama_q[rot], sim_f16, ps.engine.continuation_logits(CachePlan(tk, tv))))
+            sim_q = ps.engine.continuation_logits(KVPlans(spec.kv, rot, tm.hp.n_layer).plan())
+            quant_fid.append(quant_fidelity(rot, llama_f16, llama_q[rot], sim_f16, sim_q))
         fidelity = Fidelity(top1, f16_kld, n_pos, tuple(quant_fid), tm.verified)
     seconds = time.perf_counter() - t0
     return {
@@ -232,7 +274,7 @@ def run_pcr(spec: PcrSpec, log: Callable[[str], None] = lambda m: None) -> dict[
                   "n_layer": tm.hp.n_layer, "n_head_kv": tm.hp.n_head_kv, "head_dim_k": tm.hp.head_dim_k,
                   "head_dim_v": tm.hp.head_dim_v},
         "adapter": str(spec.lora) if spec.lora else None,
-        "kv": {"type_k": spec.kv.type_k, "type_v": spec.kv.type_v},
+        "kv": {"name": spec.kv.name, **spec.kv.key(), "bytes_per_token": spec.kv.bytes_per_token(spec.model)},
         "calibration": {
             "split": "calib", "n_harmful": sum(cal.harmful), "n_harmless": len(cal.harmful) - sum(cal.harmful),
             "prompts": [{"id": p.id, "subset": p.subset, "harmful": p.harmful, "n_tokens": len(p.tokens)}

@@ -18,6 +18,9 @@ from .. import scoring
 from ..stats import Estimate, mean_estimate
 
 OUTLIER_FACTOR = 6.0  # a channel is an outlier when its abs-max exceeds 6x the layer's median abs-max
+# The practical safe band: a cache whose damage interval stays below a tenth of the gap. With 10 prompts an
+# int8 cache's 1% shift can be significant and still harmless, so "safe" is not "within the noise floor".
+SAFE_DAMAGE = 0.1
 
 
 @dataclass(frozen=True)
@@ -166,3 +169,15 @@ def spearman(a: list[float], b: list[float]) -> float | None:
     if ra.std() == 0 or rb.std() == 0:
         return None
     return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def beyond_noise(dmg: dict, floor: float) -> bool:
+    """A damage Estimate dict whose interval clears +-floor (either way)."""
+    lo, hi = dmg.get("lo"), dmg.get("hi")
+    return (lo is not None and lo > floor) or (hi is not None and hi < -floor)
+
+
+def safe(dmg: dict) -> bool:
+    """A damage Estimate dict inside the safe band (its interval's upper bound, else its value, below SAFE_DAMAGE)."""
+    hi = dmg["hi"] if dmg.get("hi") is not None else dmg.get("value")
+    return hi is not None and hi < SAFE_DAMAGE

@@ -8,13 +8,14 @@ from typing import Any, Callable
 
 from .. import __version__
 from ..calib.kvquant import CachePlan, parse_scheme
+from . import stats as st
 from .calibset import build_calibset, select_calib_prompts
-from .run import PcrPass, PcrSpec, torch_threads
+from .run import KVPlans, PcrPass, PcrSpec, torch_threads
 
 SWEEP_SCHEMA = "kvedge.sweep/1"
 BITS = tuple(range(2, 9))
 COLLAPSE = 0.5  # half the harmful/harmless gap erased
-SAFE = 0.1  # at most a tenth of the gap erased, by the interval's upper bound
+SAFE = st.SAFE_DAMAGE  # at most a tenth of the gap erased, by the interval's upper bound
 
 
 def transition(points: list[dict]) -> dict:
@@ -26,8 +27,7 @@ def transition(points: list[dict]) -> dict:
     collapse = [p["bits"] for p in by_bits if (p["damage"]["value"] or 0.0) >= COLLAPSE]
     safe = None
     for p in reversed(by_bits):
-        hi = p["damage"]["hi"] if p["damage"]["hi"] is not None else p["damage"]["value"]
-        if hi is not None and hi < SAFE:
+        if st.safe(p["damage"]):
             safe = p["bits"]
         else:
             break
@@ -44,9 +44,11 @@ def run_sweep(spec: PcrSpec, bits: tuple[int, ...] = BITS, log: Callable[[str], 
         for rot in spec.rotations:
             for kind in ("k", "v", "k+v"):
                 points = []
+                held = KVPlans(spec.kv, rot, ps.tm.hp.n_layer).plan(k="k" in kind, v="v" in kind)
                 for b in bits:
                     s = parse_scheme(f"int{b}", rot)
-                    plan = CachePlan(s if "k" in kind else None, s if "v" in kind else None)
+                    # the layers a per-layer map names keep their types; every other layer sweeps
+                    plan = CachePlan(s if "k" in kind else None, s if "v" in kind else None, None, held.k_at, held.v_at)
                     log(f"rotation {'on' if rot else 'off'}, {kind}, int{b}")
                     res = ps.full(plan)
                     points.append({"bits": b, "bits_per_value": s.bits_per_value, "damage": res["damage"],
@@ -60,6 +62,7 @@ def run_sweep(spec: PcrSpec, bits: tuple[int, ...] = BITS, log: Callable[[str], 
         "kvedge_version": __version__,
         "model": {"path": str(spec.model.path), "sha256": spec.model.sha256, "architecture": spec.model.architecture},
         "adapter": str(spec.lora) if spec.lora else None,
+        "held": {"kv": spec.kv.name, **spec.kv.key()} if spec.kv.per_layer else None,
         "readout_layer": ps.l_star, "gap": ps.dirs.gap,
         "noise_floor": {"damage": ps.noise.to_dict(), "floor": ps.noise_floor},
         "collapse_threshold": COLLAPSE,

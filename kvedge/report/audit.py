@@ -60,8 +60,11 @@ def render_markdown(report: dict[str, Any]) -> str:
     if report.get("adapter"):
         lines.append(f"- adapter: `{Path(report['adapter']['path']).name}` (sha256 `{report['adapter']['sha256'][:16]}`)")
     b = report["backend"]
+    lib = b.get("library") or {}
+    native = (f", kvedge's native build (llama.cpp {lib.get('llama_cpp_commit')}, per-layer patch "
+              f"{str(lib.get('patch_sha256'))[:12]})" if lib.get("kind") == "native" else "")
     lines += [
-        f"- backend: {b['kind']}, llama-cpp-python {b['llama_cpp_python']}; audit on the backend you deploy on",
+        f"- backend: {b['kind']}, llama-cpp-python {b['llama_cpp_python']}{native}; audit on the backend you deploy on",
         f"- prompts: {ps['n']} ({ps['harmful']} harmful, {ps['benign']} benign): "
         + ", ".join(f"{k} {v}" for k, v in ps["by_subset"].items()) + f"; split {', '.join(ps['splits'])}",
         f"- decoding: greedy, max {report['settings']['max_tokens']} tokens; detector {report['detector']['id']}",

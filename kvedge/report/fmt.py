@@ -25,3 +25,10 @@ def est(e: dict | None, digits: int = 3, signed: bool = False, with_n: bool = Fa
     if e.get("lo") is not None:
         s += f" [{num(e['lo'], digits, signed)}, {num(e['hi'], digits, signed)}]"
     return s + (f" (n={e['n']})" if with_n else "")
+
+
+def size(n: int | None) -> str:
+    """Bytes as `1.5 GiB` / `310.2 MiB`."""
+    if n is None:
+        return "n/a"
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"

@@ -18,9 +18,25 @@ def _rot(r: dict) -> str:
     return "rotation on" if r["rotation"] else "rotation off"
 
 
+def _kv_name(kv: dict) -> str:
+    return kv.get("name") or f"k={kv['type_k']}/v={kv['type_v']}"
+
+
+def layer_map_line(lm: dict | None) -> str | None:
+    """One line on the prescribed per-layer map, or None where the verdict prescribes none."""
+    if not lm or not lm.get("searched"):
+        return None
+    c, u = lm["chosen"], lm["uniform_upgrade"]
+    if c:
+        return (f"layer map: {c['kv']} predicted safe (damage {_e(c['damage'], 3, True)}), "
+                f"{c['vs_audited']:.2f}x the audited KV bytes; uniform {u['kv']} {u['vs_audited']:.2f}x")
+    return (f"layer map: none of up to {len(lm['tried'])} ranked layers predicted safe; uniform {u['kv']} "
+            f"(damage {_e(u['damage'], 3, True)}, {u['vs_audited']:.2f}x)")
+
+
 def summary_lines(rep: dict[str, Any]) -> list[str]:
     kv = rep["kv"]
-    out = [f"PCR of k={kv['type_k']}/v={kv['type_v']} on {Path(rep['model']['path']).name}"
+    out = [f"PCR of {_kv_name(kv)} on {Path(rep['model']['path']).name}"
            + (f" + {Path(rep['adapter']).name}" if rep.get("adapter") else "")]
     for r in rep["rotations"]:
         v, ev = r["verdict"], r["evidence"]
@@ -28,6 +44,9 @@ def summary_lines(rep: dict[str, Any]) -> list[str]:
                    f"{_e(r['all_layers']['k_and_v']['damage'], 3, True)}, K {num(ev['damage_k'], 3, True)}, "
                    f"V {num(ev['damage_v'], 3, True)}")
         out.append(f"  {'':13s} fix: {v['prescription']}")
+        line = layer_map_line(r.get("layer_map"))
+        if line:
+            out.append(f"  {'':13s} {line}")
     f = rep["fidelity"]
     out.append(f"  fidelity: f16 top-1 {f['f16_top1']:.3f}, KLD {f['f16_kld']:.4f} over {f['n_positions']} positions; "
                + "; ".join(f"{'rot on' if q['rotation'] else 'rot off'} KLD ratio {num(q['ratio'], 2)}, "
@@ -66,7 +85,7 @@ def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
 def render_markdown(rep: dict[str, Any]) -> str:
     m, cal, sig, nf, f = rep["model"], rep["calibration"], rep["signal"], rep["noise_floor"], rep["fidelity"]
     L: list[str] = [
-        f"# kvedge pcr: k={rep['kv']['type_k']} / v={rep['kv']['type_v']}",
+        f"# kvedge pcr: {_kv_name(rep['kv'])}",
         "",
         f"- model: `{Path(m['path']).name}` ({m['architecture']}, {m['n_layer']} layers, {m['n_head_kv']} KV heads of "
         f"{m['head_dim_k']}/{m['head_dim_v']}), sha256 `{m['sha256'][:16]}`",
@@ -128,13 +147,34 @@ def render_markdown(rep: dict[str, Any]) -> str:
             "",
             *_md_table(*per_layer_table(r)),
         ]
+        L += _layer_map_markdown(r.get("layer_map"))
     return "\n".join(L) + "\n"
+
+
+def _layer_map_markdown(lm: dict | None) -> list[str]:
+    if not lm:
+        return []
+    L = ["", "### Per-layer map", ""]
+    if not lm["searched"]:
+        return L + [f"Not searched: {lm['reason']}."]
+    L += [f"More bits ({lm['carrier']}) on the layers ranked by single-layer damage {lm['ranking']}, the audited "
+          f"`{lm['audited']['kv']}` elsewhere; {lm['criterion']}.", "",
+          "| map | layers | KV bytes/token | vs audited | damage | margin drop (harmful) | safe | within noise |",
+          "|---|---|---|---|---|---|---|---|"]
+    for row in lm["tried"] + [lm["uniform_upgrade"]]:
+        L.append(f"| `{row['kv']}` | {row.get('layers', 'all')} | {row['bytes_per_token']} | {row['vs_audited']:.3f} | "
+                 f"{_e(row['damage'], 3, True)} | {_e(row['margin_drop_harmful'], 3, True)} | "
+                 f"{'yes' if row['safe'] else 'no'} | {'yes' if row['within_noise'] else 'no'} |")
+    c = lm["chosen"]
+    L += ["", f"Prescribed: `{c['kv']}`." if c else "No map of the ranked layers was predicted safe: the uniform "
+          "upgrade is the fix."]
+    return L
 
 
 def render_html(rep: dict[str, Any]) -> str:
     """pcr.html: the verdicts, the per-layer damage of each rotation setting as a plot, and the tables."""
     m, sig, nf = rep["model"], rep["signal"], rep["noise_floor"]
-    kv = f"k={rep['kv']['type_k']} / v={rep['kv']['type_v']}"
+    kv = _kv_name(rep["kv"])
     meta = [f"model <code>{html.esc(Path(m['path']).name)}</code> ({html.esc(m['architecture'])}, {m['n_layer']} layers), "
             f"sha256 <code>{html.esc(m['sha256'][:16])}</code>"]
     if rep.get("adapter"):
@@ -155,7 +195,8 @@ def render_html(rep: dict[str, Any]) -> str:
             f"{_rot(r)}: {v['mode']}",
             html.bullets([*(html.esc(x) for x in v["reasons"]), f"carrier: {html.esc(v['carrier'])}",
                           f"prescription: <strong>{html.esc(v['prescription'])}</strong>",
-                          f"try: <code>{html.esc(json.dumps(v['suggested']))}</code>"]),
+                          f"try: <code>{html.esc(json.dumps(v['suggested']))}</code>",
+                          *(html.esc(x) for x in [layer_map_line(r.get("layer_map"))] if x)]),
             html.table(*all_layer_table(r)),
             "<h3>Per layer</h3>" + html.table(*per_layer_table(r))))
     return html.page(f"kvedge pcr: {kv}", meta, sections, "figures drawn with matplotlib")

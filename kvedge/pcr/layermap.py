@@ -1,0 +1,93 @@
+"""PCR's prescription for concentrated damage: the cheapest per-layer KV map that the simulation predicts
+safe. More bits on the layers the evidence ranks (single-layer damage of the carrier cache), the audited
+types on every other layer (docs/native.md, "The prescribed map").
+
+The search is a pure function of the evidence and an `evaluate(config) -> full-run dict` the PCR pass
+supplies, so it runs on the calibration split only: the map is chosen there and audited on `eval`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from ..kvmap import KVConfig
+from ..model import ModelInfo
+from . import stats as st
+
+SEARCHED_MODES = ("outlier-crushes-safety", "outlier-as-safety")  # concentrated damage: per-layer fixes work
+# One step up for a layer the evidence ranks: the 4- and 5-bit block types to q8_0, q8_0 to f16.
+UPGRADE = {"q4_0": "q8_0", "q4_1": "q8_0", "iq4_nl": "q8_0", "q5_0": "q8_0", "q5_1": "q8_0", "q8_0": "f16"}
+MAX_LAYERS = 8  # the longest prefix of the ranking tried; past it the uniform upgrade is the cheaper fix
+CACHES = {"K": ("k",), "V": ("v",), "K and V": ("k", "v")}
+CRITERION = (f"predicted safe: the simulated all-layer damage's 95% interval stays below {st.SAFE_DAMAGE} of the "
+             "f16 harmful/harmless gap (the sweep's safe band)")
+
+Evaluate = Callable[[KVConfig], dict[str, Any]]  # a PCR full run: {"damage": Estimate dict, ...}
+
+
+def upgraded(kv: KVConfig, layers: list[int], caches: tuple[str, ...], model: ModelInfo) -> KVConfig:
+    """`kv` with one step more precision (UPGRADE) on `layers` of the named caches, canonically spelled."""
+    n = model.n_layer
+    types = {kind: list(kv.types(kind, n)) for kind in ("k", "v")}
+    for kind in caches:
+        for l in layers:
+            types[kind][l] = UPGRADE.get(types[kind][l], types[kind][l])
+    k, v = types["k"], types["v"]
+    return KVConfig(k[0], v[0], tuple(enumerate(k)), tuple(enumerate(v))).resolve(model)
+
+
+def ranking(per_k: dict[int, float], per_v: dict[int, float], caches: tuple[str, ...]) -> list[int]:
+    """Layers by the carrier's single-layer damage, largest first, damaging ones only."""
+    dmg = {l: sum((per_k if c == "k" else per_v).get(l, 0.0) for c in caches) for l in per_k}
+    return [l for l, d in sorted(dmg.items(), key=lambda x: (-x[1], x[0])) if d > 0]
+
+
+def _row(kv: KVConfig, model: ModelInfo, audited_bytes: int, run: dict[str, Any], floor: float,
+         layers: list[int] | None = None) -> dict[str, Any]:
+    bpt = kv.bytes_per_token(model)
+    row = {"kv": kv.name, "bytes_per_token": bpt, "vs_audited": bpt / audited_bytes,
+           "damage": run["damage"], "margin_drop_harmful": run["margin_drop_harmful"],
+           "safe": st.safe(run["damage"]), "within_noise": not st.beyond_noise(run["damage"], floor)}
+    return {"layers": layers, **row} if layers is not None else row
+
+
+def search_layer_map(verdict: Any, kv: KVConfig, per_k: dict[int, float], per_v: dict[int, float],
+                     model: ModelInfo, noise_floor: float, evaluate: Evaluate,
+                     max_layers: int = MAX_LAYERS) -> dict[str, Any]:
+    """The cheapest per-layer map of `kv` that `evaluate` predicts safe, for a concentrated verdict.
+
+    `verdict`: the classifier's Diagnosis (its `mode` and `carrier`); `per_k` / `per_v`: single-layer
+    damage of each layer's K / V at the audited types. The carrier cache's layers, ranked by that damage,
+    get one step more precision (UPGRADE) in prefixes of 1, 2, ... `max_layers` layers; each prefix is
+    one more layer at the same cost, so the first safe prefix is the cheapest map of this family (not
+    of every subset). The uniform upgrade of the carrier is run too, as the fallback and the yardstick.
+    Returns the `layer_map` section of pcr.json; its `chosen` entry (or None) holds the map's canonical
+    `kv` string (`kvedge.api.prescribed_layer_map` reads it back as a KVConfig, for `kvedge export`)."""
+    if verdict.mode not in SEARCHED_MODES:
+        return {"searched": False,
+                "reason": f"verdict {verdict.mode}: " + ("no damage to fix" if verdict.mode == "none" else
+                                                         "the damage is spread over many layers, so a per-layer "
+                                                         "map is not the fix")}
+    caches = CACHES[verdict.carrier]
+    ranked = ranking(per_k, per_v, caches)
+    audited = kv.bytes_per_token(model)
+    tried = []
+    chosen = None
+    for n in range(1, min(max_layers, len(ranked)) + 1):
+        cand = upgraded(kv, ranked[:n], caches, model)
+        row = _row(cand, model, audited, evaluate(cand), noise_floor, sorted(ranked[:n]))
+        tried.append(row)
+        if row["safe"]:
+            chosen = row
+            break
+    uniform = upgraded(kv, list(range(model.n_layer)), caches, model)
+    return {
+        "searched": True,
+        "criterion": CRITERION,
+        "carrier": verdict.carrier,
+        "ranking": ranked,
+        "audited": {"kv": kv.name, "bytes_per_token": audited},
+        "tried": tried,
+        "chosen": chosen,
+        "uniform_upgrade": _row(uniform, model, audited, evaluate(uniform), noise_floor),
+    }

@@ -1,0 +1,94 @@
+"""The terminal screen of `kvedge doctor` (a rendering of `kvedge.doctor.diagnose`'s dict)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .fmt import size
+
+EXPECTED_BACKENDS = ("CPU", "CUDA", "Metal")
+
+
+def _library(rep: dict[str, Any]) -> list[str]:
+    lib = rep["library"] or {}
+    if lib.get("kind") == "native":
+        head = (f"native build ({lib.get('backend')}): llama.cpp {lib.get('llama_cpp_commit')} from llama-cpp-python "
+                f"{lib.get('llama_cpp_python')}, patch {str(lib.get('patch_sha256'))[:12]}")
+    else:
+        head = f"stock llama-cpp-python {rep['llama_cpp_python']} wheel"
+    out = [f"{head}: {lib.get('path')}"]
+    builds = rep["native_builds"]
+    if builds:
+        out.append("native builds: " + "; ".join(f"{b} ({x['lib_dir']}, built {x['built_at']}, {x['build_seconds']} s)"
+                                                for b, x in builds.items()))
+    else:
+        out.append("native builds: none (per-layer KV configs need one: kvedge build-native cpu|cuda|metal)")
+    out.append("per-layer KV configs: " + ("available (kvedge commands load the native build for them)"
+                                           if rep["per_layer_configs"] else "not available"))
+    libs = rep.get("ggml_libraries")
+    if libs is not None:
+        dirs = sorted({p.rsplit('/', 1)[0] for p in libs})
+        out.append(f"ggml loaded from {len(dirs)} place{'s' if len(dirs) != 1 else ''}: {', '.join(dirs)}"
+                   + ("" if len(dirs) == 1 else "  << two ggml copies: run in a fresh process"))
+    return out
+
+
+def _backends(rep: dict[str, Any]) -> list[str]:
+    regs = rep["backends"]
+    if regs is None:
+        return ["(libggml not found beside libllama)"]
+    by_name = {r["name"].lower(): r for r in regs}
+    out = []
+    for name in EXPECTED_BACKENDS:
+        r = by_name.pop(name.lower(), None)
+        out.append(f"{name}: " + ("not compiled in" if r is None else _devices(r)))
+    out += [f"{r['name']}: {_devices(r)}" for r in by_name.values()]
+    return out
+
+
+def _devices(r: dict[str, Any]) -> str:
+    if not r["devices"]:
+        return "compiled in, no usable device"
+    return "; ".join(f"{d['name']} ({d['type']}, {d['description']}"
+                     + (f", {size(d['memory_free'])} free of {size(d['memory_total'])}" if d["memory_total"] else "")
+                     + ")" for d in r["devices"])
+
+
+def _rotation(rep: dict[str, Any]) -> list[str]:
+    m = rep["model"]
+    if not m:
+        return ["(no model: pass MODEL.gguf, or install the default model)"]
+    out = [f"on {m['name']} ({m['n_layer']} layers, head size K {m['head_dim_k']} / V {m['head_dim_v']}), measured: "
+           "logits with and without LLAMA_ATTN_ROT_DISABLE=1"]
+    for r in rep["rotation"]:
+        if r["active"] is None:
+            out.append(f"  {r['type']:7s} n/a: {r['note']}")
+        else:
+            out.append(f"  {r['type']:7s} {'active' if r['active'] else 'NOT active'} "
+                       f"(max |d logprob| {r['max_abs_logprob_diff']:.3g})")
+    return out
+
+
+def render_doctor(rep: dict[str, Any]) -> str:
+    t = rep["torch"]
+    torch_line = ("not installed (kvedge pcr and sweep need it: pip install 'kvedge[pcr]')" if not t["installed"] else
+                  f"{t['version']}, device {t['device']}" + (f" ({t['cuda_device']})" if t.get("cuda_device") else "")
+                  + f", {t['threads']} threads")
+    gpu = rep["gpu_offload_supported"]
+    mem = rep["memory"]
+    sections = [
+        ("llama.cpp", _library(rep)),
+        ("build", [rep["system_info"]]),
+        ("backends", _backends(rep)),
+        ("GPU offload", [("supported" if gpu else "not supported by this build")
+                         + f"; --gpu-layers {rep['gpu_layers']} runs on {rep['kind']}"]),
+        ("rotation", _rotation(rep)),
+        ("torch", [torch_line]),
+        ("disk", [f"{size(d['free'])} free at {d['path']}" for d in rep["disk"]]),
+        ("memory", [f"{size(mem['available'])} available of {size(mem['total'])}"]),
+    ]
+    lines = ["kvedge doctor"]
+    for name, body in sections:
+        for i, line in enumerate(body):
+            lines.append(f"  {name if i == 0 else '':12s}{line}")
+    return "\n".join(lines)

@@ -1,0 +1,91 @@
+"""PCR's per-layer map search and the torch side of per-layer maps: pure logic, a constructed evaluator
+(the e2e PCR test runs the real search on the canary)."""
+
+import pytest
+
+pytest.importorskip("torch")
+
+from kvedge.calib.kvquant import CachePlan, parse_scheme  # noqa: E402
+from kvedge.kvmap import KVConfig, parse_kv  # noqa: E402
+from kvedge.model import inspect_model  # noqa: E402
+from kvedge.pcr.classify import Diagnosis  # noqa: E402
+from kvedge.api import prescribed_layer_map as candidate  # noqa: E402
+from kvedge.pcr.layermap import ranking, search_layer_map, upgraded  # noqa: E402
+from kvedge.pcr.run import KVPlans  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model(model_path):
+    return inspect_model(model_path)
+
+
+def _verdict(mode="outlier-crushes-safety", carrier="K"):
+    return Diagnosis(mode, carrier, (), "", {})
+
+
+def _est(v, half=0.02):
+    return {"value": v, "lo": v - half, "hi": v + half, "n": 10, "method": "bootstrap"}
+
+
+def test_plan_of_a_map_stores_each_layer_as_the_map_says(model):
+    kv = parse_kv("k=q4_0@11+17+19:q8_0/v=q4_0").resolve(model)
+    plans = KVPlans(kv, False, model.n_layer)
+    plan = plans.plan()
+    assert plan.scheme(11, "k") == parse_scheme("q8_0:norot") and plan.scheme(12, "k") == parse_scheme("q4_0:norot")
+    assert plan.scheme(11, "v") == parse_scheme("q4_0:norot")
+    assert plans.plan(v=False).scheme(11, "v").name == "f16"  # K alone: V stays f16
+    only = plans.plan(v=False, layers=frozenset({17}))
+    assert only.scheme(17, "k").name == "q8_0" and only.scheme(16, "k").name == "f16" and only.first_layer == 17
+    # a uniform config gives exactly the plan PCR has always run
+    assert KVPlans(KVConfig("q4_0", "q4_0"), True, model.n_layer).plan() == CachePlan(parse_scheme("q4_0"),
+                                                                                       parse_scheme("q4_0"))
+    assert CachePlan(k_at=((5, parse_scheme("q8_0")),)).first_layer == 5
+    assert plans.label("k") == "q4_0@11+17+19:q8_0:norot" and plans.label("v") == "q4_0:norot"
+
+
+def test_upgrade_and_ranking(model):
+    kv = KVConfig("q4_0", "q4_0")
+    up = upgraded(kv, [19, 17], ("k",), model)
+    assert up.name == "k=q4_0@17+19:q8_0/v=q4_0"
+    assert upgraded(up, [19, 3], ("k", "v"), model).name == "k=q4_0@3+17:q8_0@19:f16/v=q4_0@3+19:q8_0"
+    assert upgraded(kv, list(range(model.n_layer)), ("k",), model) == KVConfig("q8_0", "q4_0")
+    assert ranking({0: 0.1, 1: 0.3, 2: -0.1}, {0: 0.0, 1: 0.0, 2: 0.5}, ("k",)) == [1, 0]
+    assert ranking({0: 0.1, 1: 0.3, 2: -0.1}, {0: 0.0, 1: 0.0, 2: 0.5}, ("k", "v")) == [2, 1, 0]
+
+
+def test_search_returns_the_first_safe_prefix(model):
+    per_k = {l: 0.0 for l in range(model.n_layer)}
+    per_k.update({19: 0.05, 17: 0.03, 11: 0.02, 4: 0.01})
+    per_v = {l: 0.0 for l in range(model.n_layer)}
+    seen = []
+
+    def evaluate(cand):  # damage falls with each protected layer: safe from three layers on
+        seen.append(cand)
+        n = len(cand.layers_k) if cand.type_k == "q4_0" else model.n_layer
+        d = max(0.0, 0.15 - 0.03 * n)
+        return {"damage": _est(d), "margin_drop_harmful": _est(d)}
+
+    kv = KVConfig("q4_0", "q4_0")
+    lm = search_layer_map(_verdict(), kv, per_k, per_v, model, 0.001, evaluate)
+    assert lm["searched"] and lm["ranking"] == [19, 17, 11, 4]
+    assert [r["layers"] for r in lm["tried"]] == [[19], [17, 19], [11, 17, 19]]
+    c = lm["chosen"]
+    assert c["kv"] == "k=q4_0@11+17+19:q8_0/v=q4_0" and c["safe"] and c["damage"]["hi"] < 0.1
+    assert c["bytes_per_token"] == parse_kv(c["kv"]).resolve(model).bytes_per_token(model)
+    assert c["vs_audited"] == pytest.approx(c["bytes_per_token"] / kv.bytes_per_token(model))
+    assert lm["uniform_upgrade"]["kv"] == "k=q8_0/v=q4_0" and seen[-1] == KVConfig("q8_0", "q4_0")
+    assert candidate({"rotations": [{"rotation": False, "layer_map": lm}]}, False) == parse_kv(c["kv"])
+    assert candidate({"rotations": [{"rotation": False, "layer_map": lm}]}, True) is None
+
+
+def test_search_only_for_concentrated_verdicts_and_says_when_nothing_is_safe(model):
+    per = {l: 0.01 for l in range(model.n_layer)}
+    kv = KVConfig("q4_0", "q4_0")
+    for mode in ("none", "multi-layer dilution"):
+        lm = search_layer_map(_verdict(mode), kv, per, per, model, 0.001, lambda c: pytest.fail("ran"))
+        assert not lm["searched"] and lm["reason"].startswith(f"verdict {mode}")
+    never = lambda c: {"damage": _est(0.3), "margin_drop_harmful": _est(0.3)}  # noqa: E731
+    lm = search_layer_map(_verdict("outlier-as-safety", "K and V"), kv, per, per, model, 0.001, never, max_layers=4)
+    assert lm["chosen"] is None and len(lm["tried"]) == 4
+    assert lm["tried"][-1]["kv"].startswith("q4_0@0-3:q8_0")  # both caches, ties ranked by layer
+    assert candidate({"rotations": [{"rotation": False, "layer_map": lm}]}, False) is None
