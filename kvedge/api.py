@@ -33,12 +33,13 @@ class AuditResult:
     generated: int
 
 
-def _adapter_for(model: str | Path | None, lora: str | Path | None, canary: bool) -> Path | None:
+def _adapter_for(info: ModelInfo, model: str | Path | None, lora: str | Path | None, canary: bool) -> Path | None:
     """With no model and no adapter, the default model is audited with the canary (a base that refuses
-    nothing has no refusals to lose); `canary=False` audits the bare default model."""
+    nothing has no refusals to lose); `canary=False` audits the bare default model. An adapter is checked
+    against the model it is applied to before llama.cpp or torch loads it."""
     if lora is None and model is None and canary:
         lora = canary_adapter_path()
-    return check_adapter(lora) if lora else None
+    return check_adapter(lora, info) if lora else None
 
 
 def _stem(info: ModelInfo, adapter: Path | None) -> str:
@@ -85,7 +86,7 @@ def audit(
     names = parse_benchmarks(benchmarks)
     selected = select_prompts(names, split, limit, prompts)
     info = load_model(model)
-    adapter = _adapter_for(model, lora, canary)
+    adapter = _adapter_for(info, model, lora, canary)
     for c in configs:
         c.check_fits(info)
     det = detector or default_detector()
@@ -146,7 +147,7 @@ def _pcr_spec(model, lora, kv: str, rotation: str, ctx: int, threads: int | None
     info = load_model(model)
     check_architecture(info.architecture)  # before any llama.cpp or torch work
     config.check_fits(info)
-    adapter = _adapter_for(model, lora, canary)
+    adapter = _adapter_for(info, model, lora, canary)
     spec = PcrSpec(info, adapter, config, rotations, RuntimeOptions(n_ctx=ctx, n_threads=threads))
     return spec, _stem(info, adapter)
 
