@@ -18,7 +18,7 @@ from .model import ModelInfo, load_model
 from .registry import NOISE_VARIANTS
 from .report import write_pair
 from .runtime import LLAMA_CPP, RuntimeFactory, RuntimeOptions, parse_kv, parse_kv_list, parse_rotation
-from .store import Store
+from .store import Store, audit_lock
 from .summary import summarize
 
 Log = Callable[[str], None]
@@ -79,10 +79,13 @@ def audit(
         raise KvedgeError(f"unknown --noise {noise!r}: choose from {', '.join(NOISE_VARIANTS.names())} or none")
     if fail_under is not None and not 0 <= fail_under <= 1:
         raise KvedgeError(f"--fail-under takes a share between 0 and 1, not {fail_under}")
-    if max_tokens < 1 or ctx < 64:
-        raise KvedgeError("--max-tokens must be at least 1 and --ctx at least 64")
+    if max_tokens < 1:
+        raise KvedgeError(f"--max-tokens must be at least 1, not {max_tokens}")
+    _check_runtime_flags(ctx, threads, gpu_layers)
     if batch is not None and not 1 <= batch <= MAX_BATCH:
         raise KvedgeError(f"--batch must be between 1 and {MAX_BATCH}, not {batch}")
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise KvedgeError(f"--out {out} is a file, not a directory")
     names = parse_benchmarks(benchmarks)
     selected = select_prompts(names, split, limit, prompts)
     info = load_model(model)
@@ -104,17 +107,27 @@ def audit(
         batch=batch or auto_batch(info),
         detector=det,
     )
-    outcome = run_audit(spec, progress=progress, runtimes=runtimes)
-    with Store(spec.store_path) as store:
-        summary = summarize(outcome, store.audit_rows([r.key for r in outcome.runs], outcome.reference.key),
-                            det, fail_under)
-        if summary.stability:
-            s = summary.stability
-            store.put_stability(s.ref_key, s.noise_key, s.detector, list(s.marks))
     from .report.audit import render_markdown
 
-    jp, mp = write_pair(summary.report, render_markdown(summary.report), spec.out_dir, "report")
+    with audit_lock(spec.store_path):  # a second audit of this directory is refused, not interleaved
+        outcome = run_audit(spec, progress=progress, runtimes=runtimes)
+        with Store(spec.store_path) as store:
+            rows = store.audit_rows([r.key for r in outcome.runs], outcome.reference.key)
+            summary = summarize(outcome, rows, det, fail_under)
+            if summary.stability:
+                s = summary.stability
+                store.put_stability(s.ref_key, s.noise_key, s.detector, list(s.marks))
+        jp, mp = write_pair(summary.report, render_markdown(summary.report), spec.out_dir, "report")
     return AuditResult(summary.report, jp, mp, spec.store_path, outcome.generated)
+
+
+def _check_runtime_flags(ctx: int, threads: int | None, gpu_layers: int) -> None:
+    if ctx < 64:
+        raise KvedgeError(f"--ctx must be at least 64, not {ctx}")
+    if threads is not None and threads < 1:
+        raise KvedgeError(f"--threads must be at least 1, not {threads}")
+    if gpu_layers < -1:
+        raise KvedgeError(f"--gpu-layers takes a count of layers or -1 for all, not {gpu_layers}")
 
 
 def compare(run_a: str | Path, run_b: str | Path, out: str | Path | None = None) -> dict[str, Any]:
@@ -132,6 +145,11 @@ def compare(run_a: str | Path, run_b: str | Path, out: str | Path | None = None)
 
 
 def _pcr_spec(model, lora, kv: str, rotation: str, ctx: int, threads: int | None, canary: bool):
+    rotations = parse_rotation(rotation)
+    config = parse_kv(kv)
+    _check_runtime_flags(ctx, threads, 0)
+    if not config.quantized:
+        raise KvedgeError(f"PCR diagnoses a quantized cache; {config.name} is not one")
     try:
         import torch  # noqa: F401
     except ImportError:
@@ -140,10 +158,6 @@ def _pcr_spec(model, lora, kv: str, rotation: str, ctx: int, threads: int | None
     from .calib.gguf_torch import check_architecture
     from .pcr.run import PcrSpec
 
-    rotations = parse_rotation(rotation)
-    config = parse_kv(kv)
-    if not config.quantized:
-        raise KvedgeError(f"PCR diagnoses a quantized cache; {config.name} is not one")
     info = load_model(model)
     check_architecture(info.architecture)  # before any llama.cpp or torch work
     config.check_fits(info)

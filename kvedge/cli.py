@@ -50,9 +50,9 @@ def audit(
                                            "fields prompt (required), id, label (harmful|benign), benchmark, category."),
     limit: Optional[int] = typer.Option(None, "--limit", help="At most N prompts from each group (advbench, harmbench, "
                                         "xstest-unsafe, xstest-safe, or your file's groups)."),
-    max_tokens: int = typer.Option(64, "--max-tokens", min=1, help="Tokens generated per prompt (greedy)."),
-    ctx: int = typer.Option(4096, "--ctx", min=64, help="Context size: the runtime's, and the one memory is reported at."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads (default: $KVEDGE_THREADS, else all cores, at most 8)."),
+    max_tokens: int = typer.Option(64, "--max-tokens", help="Tokens generated per prompt (greedy)."),
+    ctx: int = typer.Option(4096, "--ctx", help="Context size: the runtime's, and the one memory is reported at."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: $KVEDGE_THREADS, else all cores, at most 8)."),
     gpu_layers: int = typer.Option(0, "--gpu-layers", help="Layers offloaded to a GPU build (CUDA, Metal); -1 for all."),
     system: Optional[str] = typer.Option(None, "--system", help="System prompt (default: none, the template's own)."),
     noise: str = typer.Option("flash-attn-off", "--noise", help="How the f16 noise-floor run perturbs arithmetic: "
@@ -121,8 +121,8 @@ def pcr(
     kv: str = typer.Option("q4_0", "--kv", help="The cache to diagnose: q4_0 (K and V) or k=q8_0/v=q4_0."),
     rotation: str = typer.Option("both", "--rotation", help="Does the target runtime rotate the cache: on (current "
                                  "llama.cpp), off (older builds), both (a verdict for each)."),
-    ctx: int = typer.Option(2048, "--ctx", min=64, help="Context of the llama.cpp runs (fidelity check)."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for llama.cpp and torch."),
+    ctx: int = typer.Option(2048, "--ctx", help="Context of the llama.cpp runs (fidelity check)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for llama.cpp and torch."),
     out: Optional[Path] = typer.Option(None, "--out", help="Directory for pcr.json and pcr.md "
                                        "(default: kvedge-runs/<model-stem>/pcr-<kv>/)."),
     no_canary: bool = typer.Option(False, "--no-canary", help="With no MODEL, diagnose the bare default model."),
@@ -145,8 +145,8 @@ def sweep(
     lora: Optional[Path] = typer.Option(None, "--lora", help="LoRA adapter GGUF applied on top of the model."),
     bits: str = typer.Option("2-8", "--bits", help="Bit widths of the generic intN group-32 cache: 2-8 or 2,4,8."),
     rotation: str = typer.Option("both", "--rotation", help="on, off or both."),
-    ctx: int = typer.Option(2048, "--ctx", min=64, help="Context of the llama.cpp tokenization pass."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads."),
+    ctx: int = typer.Option(2048, "--ctx", help="Context of the llama.cpp tokenization pass."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads."),
     out: Optional[Path] = typer.Option(None, "--out", help="Directory for sweep.json and sweep.md."),
     no_canary: bool = typer.Option(False, "--no-canary", help="With no MODEL, sweep the bare default model."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress messages."),
