@@ -238,7 +238,7 @@ class _Session:
         waves = [w for w in self._waves(list(self.spec.prompts)) if any((p.id, p.text_sha256) not in done for p in w)]
         ref_key = ref_key or key
         scored = self.store.scores(key, ref_key)
-        to_score = [p for p in self.benign if (p.id, p.text_sha256) not in scored]
+        to_score = {(p.id, p.text_sha256) for p in self.benign} - set(scored)
         if not waves and not to_score:
             return result
         rt = self._open(run)
@@ -259,23 +259,28 @@ class _Session:
                         result.generated += 1
                         bar.update(1)
             ref_gens = self.store.generations(ref_key)
-            if not run.is_reference and any(p.id not in self.refs for p in to_score):
+            if not run.is_reference and to_score and any(p.id not in self.refs for p in self.benign):
                 rt.close()
                 with self._open(RunSpec(F16, True)) as ref_rt:
-                    self._score(ref_rt, None, ref_key, [p for p in self.benign if p.id not in self.refs], ref_gens)
+                    self._score(ref_rt, None, ref_key, ref_gens, set())
                 rt = self._open(run)
-            result.scored = self._score(rt, key, ref_key, to_score, ref_gens)
+            result.scored = self._score(rt, key, ref_key, ref_gens, to_score)
         finally:
             rt.close()
         return result
 
-    def _score(self, rt: Runtime, key: str | None, ref_key: str, prompts: list[Prompt], ref_gens: dict) -> int:
-        """Teacher-force the reference's answers to `prompts` through `rt`, in waves. On the reference run
-        (or with `key` None) this builds the reference distributions; otherwise it stores each prompt's
-        KLD, NLL and top-1 agreement against them. Returns how many score rows were stored."""
+    def _score(self, rt: Runtime, key: str | None, ref_key: str, ref_gens: dict, todo: set) -> int:
+        """Teacher-force the reference's answers to the benign prompts through `rt`, in the same fixed waves
+        as generation (so a prompt's figures never depend on which others were still to do). On the
+        reference run (or with `key` None) this builds the reference distributions; the rows of `todo`
+        (prompt id, text hash) are stored with each prompt's KLD, NLL and top-1 agreement against them.
+        Returns how many score rows were stored."""
         building = key is None or key == ref_key
         stored = 0
-        for wave in self._waves(prompts):
+        for wave in self._waves(self.benign):
+            if not (building and any(p.id not in self.refs for p in wave)
+                    or any((p.id, p.text_sha256) in todo for p in wave)):
+                continue
             self._start_wave(rt)
             conts = [ref_gens[(p.id, p.text_sha256)].tokens for p in wave]
             jobs = [(self._tokens(rt, p), c) for p, c in zip(wave, conts)]
@@ -291,14 +296,12 @@ class _Session:
                 acc[j].add(self.refs[pid][k], logq, conts[j][k])
 
             for j in rt.score_many(jobs, on_row):
-                if key is None:
-                    continue
                 p = wave[j]
+                if key is None or (p.id, p.text_sha256) not in todo:
+                    continue
                 self.store.put_score(acc[j].row(key, ref_key, p))
                 stored += 1
         return stored
-
-
 
 
 @dataclass

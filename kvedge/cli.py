@@ -79,6 +79,10 @@ def audit(
     from .report.audit import render_table
 
     typer.echo(render_table(result.report))
+    skipped = result.report["prompts_summary"]["skipped_too_long"]
+    if skipped:
+        typer.echo(f"skipped {len(skipped)} prompts longer than --ctx (no room for an answer): "
+                   + ", ".join(x["id"] for x in skipped))
     nf = result.report.get("noise_floor")
     if nf:
         r = nf["flip_rate"]

@@ -133,6 +133,8 @@ class Store:
             self._conn.execute("PRAGMA synchronous=NORMAL")
             self._migrate()
         except sqlite3.DatabaseError as exc:
+            if _is_disk_full(exc):
+                raise StoreError(f"disk full while opening {self.path}: free space and rerun to resume") from None
             raise StoreError(f"cannot open results store {self.path}: {exc}") from None
         except OSError as exc:
             raise StoreError(f"cannot create results store {self.path}: {exc.strerror or exc}") from None
@@ -161,7 +163,8 @@ class Store:
                           (str(len(known)),))
                 c.execute("COMMIT")
             except BaseException:
-                c.execute("ROLLBACK")
+                if c.in_transaction:  # SQLite may have rolled back already (a full disk does)
+                    c.execute("ROLLBACK")
                 raise
 
     def applied_migrations(self) -> list[str]:
