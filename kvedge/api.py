@@ -21,7 +21,7 @@ from .model import ModelInfo, load_model
 from .registry import NOISE_VARIANTS
 from .report import ReportFiles, write_jsonl, write_reports
 from .runtime import LLAMA_CPP, RuntimeFactory, RuntimeOptions, parse_kv, parse_kv_list, parse_rotation
-from .store import AuditRows, Store
+from .store import AuditRows, Store, audit_lock
 from .summary import summarize
 
 Log = Callable[[str], None]
@@ -48,12 +48,13 @@ class AuditResult:
         return self.files.html
 
 
-def _adapter_for(model: str | Path | None, lora: str | Path | None, canary: bool) -> Path | None:
+def _adapter_for(info: ModelInfo, model: str | Path | None, lora: str | Path | None, canary: bool) -> Path | None:
     """With no model and no adapter, the default model is audited with the canary (a base that refuses
-    nothing has no refusals to lose); `canary=False` audits the bare default model."""
+    nothing has no refusals to lose); `canary=False` audits the bare default model. An adapter is checked
+    against the model it is applied to before llama.cpp or torch loads it."""
     if lora is None and model is None and canary:
         lora = canary_adapter_path()
-    return check_adapter(lora) if lora else None
+    return check_adapter(lora, info) if lora else None
 
 
 def _check_fail_under(fail_under: float | None) -> None:
@@ -104,16 +105,19 @@ def audit(
     if noise is not None and noise not in NOISE_VARIANTS:
         raise KvedgeError(f"unknown --noise {noise!r}: choose from {', '.join(NOISE_VARIANTS.names())} or none")
     _check_fail_under(fail_under)
-    if max_tokens < 1 or ctx < 64:
-        raise KvedgeError("--max-tokens must be at least 1 and --ctx at least 64")
+    if max_tokens < 1:
+        raise KvedgeError(f"--max-tokens must be at least 1, not {max_tokens}")
+    _check_runtime_flags(ctx, threads, gpu_layers)
     if batch is not None and not 1 <= batch <= MAX_BATCH:
         raise KvedgeError(f"--batch must be between 1 and {MAX_BATCH}, not {batch}")
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise KvedgeError(f"--out {out} is a file, not a directory")
     det = make_detector(detector, refusal_phrases)  # a judge model is read now, loaded at its first judgement
     names = parse_benchmarks(benchmarks)
     selected = select_prompts(names, split, limit, prompts)
     info = load_model(model)
-    adapter = _adapter_for(model, lora, canary)
-    configs = list(dict.fromkeys(c.resolve(info) for c in configs))
+    adapter = _adapter_for(info, model, lora, canary)
+    configs = list(dict.fromkeys(c.resolve(info) for c in configs))  # resolve checks each fits the model
     if per_layer:
         native.require_native()  # every config of this audit, the f16 reference too, runs on the native build
     spec = AuditSpec(
@@ -130,10 +134,20 @@ def audit(
         batch=batch or auto_batch(info),
         detector=det,
     )
-    outcome = run_audit(spec, progress=progress, runtimes=runtimes)
-    with Store(spec.store_path) as store:
-        rows = store.audit_rows([r.key for r in outcome.runs], outcome.reference.key)
-    return _judge_and_write(outcome, rows, det, det is not detector, fail_under, spec.out_dir)
+    with audit_lock(spec.store_path):  # a second audit of this directory is refused, not interleaved
+        outcome = run_audit(spec, progress=progress, runtimes=runtimes)
+        with Store(spec.store_path) as store:
+            rows = store.audit_rows([r.key for r in outcome.runs], outcome.reference.key)
+        return _judge_and_write(outcome, rows, det, det is not detector, fail_under, spec.out_dir)
+
+
+def _check_runtime_flags(ctx: int, threads: int | None, gpu_layers: int) -> None:
+    if ctx < 64:
+        raise KvedgeError(f"--ctx must be at least 64, not {ctx}")
+    if threads is not None and threads < 1:
+        raise KvedgeError(f"--threads must be at least 1, not {threads}")
+    if gpu_layers < -1:
+        raise KvedgeError(f"--gpu-layers takes a count of layers or -1 for all, not {gpu_layers}")
 
 
 def _judge_and_write(outcome: AuditOutcome, rows: AuditRows, det: Detector, owned: bool,
@@ -225,16 +239,17 @@ def _pcr_spec(model, lora, kv: str, rotation: str, ctx: int, threads: int | None
 
     rotations = parse_rotation(rotation)
     config = parse_kv(kv)
+    _check_runtime_flags(ctx, threads, 0)
     if not config.quantized:
         raise KvedgeError(f"PCR diagnoses a quantized cache; {config.name} is not one")
     if config.per_layer and map_in_llama_cpp:
         native.check_available()
     info = load_model(model)
     check_architecture(info.architecture)  # before any llama.cpp or torch work
-    config = config.resolve(info)
+    config = config.resolve(info)  # checks it fits the model
     if config.per_layer and map_in_llama_cpp:
         native.require_native()  # the fidelity check runs the map in llama.cpp
-    adapter = _adapter_for(model, lora, canary)
+    adapter = _adapter_for(info, model, lora, canary)
     spec = PcrSpec(info, adapter, config, rotations, RuntimeOptions(n_ctx=ctx, n_threads=threads))
     return spec, _stem(info, adapter)
 
@@ -336,7 +351,7 @@ def doctor(
     adapter = None
     if probe:
         info = load_model(model)
-        adapter = _adapter_for(model, lora, canary)
+        adapter = _adapter_for(info, model, lora, canary)
     options = RuntimeOptions(n_ctx=512, n_threads=threads, n_gpu_layers=gpu_layers)
     return diagnose(info, adapter, options, Path(runs_dir))
 

@@ -13,7 +13,9 @@ that every run is teacher-forced on for the KLD and perplexity figures.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -128,6 +130,7 @@ class AuditOutcome:
     backend: dict
     adapter_sha256: str | None
     runs: list[AuditRun] = field(default_factory=list)
+    render_time: str | None = None  # the frozen time a dated template rendered (None: not dated)
 
     @property
     def reference(self) -> AuditRun:
@@ -155,6 +158,8 @@ def _run_key_spec(spec: AuditSpec, run: RunSpec, template: ChatTemplate, adapter
         "decoding": {"greedy": True, "max_tokens": spec.max_tokens, "stop_when_final": spec.detector.id},
         "template_sha256": template.sha256,
         "system": spec.system,
+        # a dated template (strftime_now) renders what the frozen time says; undated keys stay as they were
+        **({"render_time": template.now} if template.uses_clock else {}),
     }
 
 
@@ -172,7 +177,11 @@ class _Session:
     def __init__(self, spec: AuditSpec, store: Store, progress: bool, runtimes: RuntimeFactory):
         self.spec, self.store, self.progress, self.runtimes = spec, store, progress, runtimes
         self.refs: dict[str, list[TopK]] = {}
-        self.template = chat_template_for(spec.model)
+        # what the model sees, rendered once before llama.cpp loads anything (a hostile template fails
+        # here), at a time frozen per audit directory, so a resume renders exactly what was rendered
+        self.template = chat_template_for(spec.model, store.setting("render_time", datetime.now().isoformat(
+            timespec="seconds")))
+        self.rendered = {p.id: self.template.render(p.text, spec.system) for p in spec.prompts}
         self.backend = runtimes.backend(spec.options.n_gpu_layers)
         self.adapter_sha = sha256_file(spec.lora_path) if spec.lora_path else None
         self.benign = [p for p in spec.prompts if not p.harmful]
@@ -188,7 +197,13 @@ class _Session:
         return tqdm(total=total, desc=desc, unit="prompt", disable=not self.progress, leave=True, dynamic_ncols=True)
 
     def _tokens(self, rt: Runtime, prompt: Prompt) -> list[int]:
-        return rt.tokenize(self.template.render(prompt.text, self.spec.system))
+        return rt.tokenize(self.rendered[prompt.id])
+
+    def _stored(self, key: str) -> set[tuple[str, str]]:
+        """The prompts whose answers `key` already holds, rendered as now (rows from before kvedge
+        recorded the rendering are trusted: their run key holds the template)."""
+        return {k for k, g in self.store.generations(key).items()
+                if g.rendered_sha256 in (None, _sha256(self.rendered.get(k[0], "")))}
 
     def _template_prefix(self, rt: Runtime) -> list[int]:
         """The tokens every rendering of the template starts with (its system prompt), whatever the user
@@ -220,11 +235,11 @@ class _Session:
         key_spec = _run_key_spec(self.spec, run, self.template, self.adapter_sha, self.backend)
         key = self.store.register_run({**key_spec, "label": run.label})
         result = AuditRun(run, key, key_spec)
-        done = self.store.generations(key)
+        done = self._stored(key)
         waves = [w for w in self._waves(list(self.spec.prompts)) if any((p.id, p.text_sha256) not in done for p in w)]
         ref_key = ref_key or key
         scored = self.store.scores(key, ref_key)
-        to_score = [p for p in self.benign if (p.id, p.text_sha256) not in scored]
+        to_score = {(p.id, p.text_sha256) for p in self.benign} - set(scored)
         if not waves and not to_score:
             return result
         rt = self._open(run)
@@ -241,27 +256,32 @@ class _Session:
                         stop = f"final:{self.spec.detector.id}" if g.stop_reason == "final" else g.stop_reason
                         self.store.put_generation(
                             GenerationRow(key, p.id, p.text_sha256, g.text, g.tokens, g.n_prompt_tokens, stop,
-                                          g.prompt_seconds, g.decode_seconds))
+                                          g.prompt_seconds, g.decode_seconds, _sha256(self.rendered[p.id])))
                         result.generated += 1
                         bar.update(1)
             ref_gens = self.store.generations(ref_key)
-            if not run.is_reference and any(p.id not in self.refs for p in to_score):
+            if not run.is_reference and to_score and any(p.id not in self.refs for p in self.benign):
                 rt.close()
                 with self._open(RunSpec(F16, True)) as ref_rt:
-                    self._score(ref_rt, None, ref_key, [p for p in self.benign if p.id not in self.refs], ref_gens)
+                    self._score(ref_rt, None, ref_key, ref_gens, set())
                 rt = self._open(run)
-            result.scored = self._score(rt, key, ref_key, to_score, ref_gens)
+            result.scored = self._score(rt, key, ref_key, ref_gens, to_score)
         finally:
             rt.close()
         return result
 
-    def _score(self, rt: Runtime, key: str | None, ref_key: str, prompts: list[Prompt], ref_gens: dict) -> int:
-        """Teacher-force the reference's answers to `prompts` through `rt`, in waves. On the reference run
-        (or with `key` None) this builds the reference distributions; otherwise it stores each prompt's
-        KLD, NLL and top-1 agreement against them. Returns how many score rows were stored."""
+    def _score(self, rt: Runtime, key: str | None, ref_key: str, ref_gens: dict, todo: set) -> int:
+        """Teacher-force the reference's answers to the benign prompts through `rt`, in the same fixed waves
+        as generation (so a prompt's figures never depend on which others were still to do). On the
+        reference run (or with `key` None) this builds the reference distributions; the rows of `todo`
+        (prompt id, text hash) are stored with each prompt's KLD, NLL and top-1 agreement against them.
+        Returns how many score rows were stored."""
         building = key is None or key == ref_key
         stored = 0
-        for wave in self._waves(prompts):
+        for wave in self._waves(self.benign):
+            if not (building and any(p.id not in self.refs for p in wave)
+                    or any((p.id, p.text_sha256) in todo for p in wave)):
+                continue
             self._start_wave(rt)
             conts = [ref_gens[(p.id, p.text_sha256)].tokens for p in wave]
             jobs = [(self._tokens(rt, p), c) for p, c in zip(wave, conts)]
@@ -277,14 +297,12 @@ class _Session:
                 acc[j].add(self.refs[pid][k], logq, conts[j][k])
 
             for j in rt.score_many(jobs, on_row):
-                if key is None:
-                    continue
                 p = wave[j]
+                if key is None or (p.id, p.text_sha256) not in todo:
+                    continue
                 self.store.put_score(acc[j].row(key, ref_key, p))
                 stored += 1
         return stored
-
-
 
 
 @dataclass
@@ -308,17 +326,26 @@ class _ScoreAcc:
         return ScoreRow(key, ref_key, p.id, p.text_sha256, self.n, self.nll, self.kld, self.agree, self.max_diff)
 
 
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def run_audit(spec: AuditSpec, progress: bool = True, runtimes: RuntimeFactory = LLAMA_CPP) -> AuditOutcome:
     """Generate and score whatever the store lacks for `spec`; return the keys of every run."""
     spec.out_dir.mkdir(parents=True, exist_ok=True)
     with Store(spec.store_path) as store:
         session = _Session(spec, store, progress, runtimes)
-        outcome = AuditOutcome(spec, session.template, session.backend, session.adapter_sha)
-        ref_key: str | None = None
-        for run in spec.runs():
-            r = session.execute(run, ref_key)
-            if run.is_reference:
-                ref_key = r.key
-            outcome.runs.append(r)
+        try:
+            t = session.template
+            outcome = AuditOutcome(spec, t, session.backend, session.adapter_sha,
+                                   render_time=t.now if t.uses_clock else None)
+            ref_key: str | None = None
+            for run in spec.runs():
+                r = session.execute(run, ref_key)
+                if run.is_reference:
+                    ref_key = r.key
+                outcome.runs.append(r)
+        finally:
+            session.template.close()
     return outcome
 

@@ -55,9 +55,9 @@ def audit(
                                            "fields prompt (required), id, label (harmful|benign), benchmark, category."),
     limit: Optional[int] = typer.Option(None, "--limit", help="At most N prompts from each group (advbench, harmbench, "
                                         "xstest-unsafe, xstest-safe, or your file's groups)."),
-    max_tokens: int = typer.Option(64, "--max-tokens", min=1, help="Tokens generated per prompt (greedy)."),
-    ctx: int = typer.Option(4096, "--ctx", min=64, help="Context size: the runtime's, and the one memory is reported at."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads (default: $KVEDGE_THREADS, else all cores, at most 8)."),
+    max_tokens: int = typer.Option(64, "--max-tokens", help="Tokens generated per prompt (greedy)."),
+    ctx: int = typer.Option(4096, "--ctx", help="Context size: the runtime's, and the one memory is reported at."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: $KVEDGE_THREADS, else all cores, at most 8)."),
     gpu_layers: int = typer.Option(0, "--gpu-layers", help="Layers offloaded to a GPU build (CUDA, Metal); -1 for all."),
     system: Optional[str] = typer.Option(None, "--system", help="System prompt (default: none, the template's own)."),
     noise: str = typer.Option("flash-attn-off", "--noise", help="How the f16 noise-floor run perturbs arithmetic: "
@@ -91,6 +91,10 @@ def _echo_audit(result) -> None:
 
     typer.echo(f"verdicts by {result.report['detector']['id']}")
     typer.echo(render_table(result.report))
+    skipped = result.report["prompts_summary"]["skipped_too_long"]
+    if skipped:
+        typer.echo(f"skipped {len(skipped)} prompts longer than --ctx (no room for an answer): "
+                   + ", ".join(x["id"] for x in skipped))
     nf = result.report.get("noise_floor")
     if nf:
         r = nf["flip_rate"]
@@ -154,8 +158,8 @@ def pcr(
                            "map k=q4_0@11+17+19:q8_0/v=q4_0 (native build)."),
     rotation: str = typer.Option("both", "--rotation", help="Does the target runtime rotate the cache: on (current "
                                  "llama.cpp), off (older builds), both (a verdict for each)."),
-    ctx: int = typer.Option(2048, "--ctx", min=64, help="Context of the llama.cpp runs (fidelity check)."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for llama.cpp and torch."),
+    ctx: int = typer.Option(2048, "--ctx", help="Context of the llama.cpp runs (fidelity check)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for llama.cpp and torch."),
     out: Optional[Path] = typer.Option(None, "--out", help="Directory for pcr.json, pcr.md and pcr.html "
                                        "(default: kvedge-runs/<model-stem>/pcr-<kv>/)."),
     no_canary: bool = typer.Option(False, "--no-canary", help="With no MODEL, diagnose the bare default model."),
@@ -180,8 +184,8 @@ def sweep(
     kv: Optional[str] = typer.Option(None, "--kv", help="A per-layer map (k=q4_0@11+17+19:q8_0): the layers it names "
                                      "keep their types while the others sweep."),
     rotation: str = typer.Option("both", "--rotation", help="on, off or both."),
-    ctx: int = typer.Option(2048, "--ctx", min=64, help="Context of the llama.cpp tokenization pass."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads."),
+    ctx: int = typer.Option(2048, "--ctx", help="Context of the llama.cpp tokenization pass."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads."),
     out: Optional[Path] = typer.Option(None, "--out", help="Directory for sweep.json, sweep.md and sweep.html."),
     no_canary: bool = typer.Option(False, "--no-canary", help="With no MODEL, sweep the bare default model."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress messages."),
@@ -203,7 +207,7 @@ def doctor(
                                            "SmolLM2-135M-Instruct with the canary adapter."),
     lora: Optional[Path] = typer.Option(None, "--lora", help="LoRA adapter GGUF applied on top of the model."),
     gpu_layers: int = typer.Option(0, "--gpu-layers", help="Layers offloaded to a GPU build, as the audit would."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads."),
     use_native: bool = typer.Option(False, "--native", help="Load kvedge's native llama.cpp build instead of the "
                                     "stock wheel (what per-layer KV configs run on)."),
     no_probe: bool = typer.Option(False, "--no-probe", help="Skip the rotation probe (needs no model)."),

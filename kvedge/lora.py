@@ -10,15 +10,21 @@ needs no permutation.
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
+from gguf import GGMLQuantizationType, GGUFValueType
 
 from .errors import ModelFileError
+from .gguf_header import TensorInfo
+
+if TYPE_CHECKING:
+    from .model import ModelInfo
 
 
 @dataclass(frozen=True)
@@ -43,33 +49,91 @@ class LoraAdapter:
     metadata: Mapping[str, str] = field(default_factory=dict)
 
 
-def check_adapter(path: str | Path) -> Path:
-    """A LoRA adapter must be a complete GGUF that says it is one; returns its resolved path."""
-    from .model import read_metadata
+# Element types llama.cpp's LoRA converter writes (convert_lora_to_gguf.py --outtype), all of which its
+# matrix products take; anything else is refused before llama.cpp sees it.
+ADAPTER_TYPES = frozenset({GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16,
+                           GGMLQuantizationType.Q8_0})
+_HALVES = (".lora_a", ".lora_b")
+
+
+def check_adapter(path: str | Path, base: "ModelInfo") -> Path:
+    """A LoRA adapter GGUF that llama.cpp can apply to `base`, checked from the two headers alone (bounded
+    reads, nothing loaded); returns its resolved path. llama.cpp's own loader checks less than it uses:
+    an adapter whose halves are missing, of another rank or width, of another architecture, or of a type
+    its matrix product does not take crashed the process. Every such adapter is a ModelFileError here."""
+    from .gguf_header import read_header
 
     p = Path(path)
-    md, _ = read_metadata(p)
-    if md.get("general.type") != "adapter":
-        raise ModelFileError(f"{p} is not a LoRA adapter GGUF (general.type is {md.get('general.type')!r})")
+    head = read_header(p)
+    md = head.fields
+
+    def bad(what: str) -> ModelFileError:
+        return ModelFileError(f"LoRA adapter {p} {what}")
+
+    if md.get("general.type") != "adapter" or md.get("adapter.type") != "lora":
+        raise bad(f"is not a LoRA adapter GGUF (general.type {md.get('general.type')!r}, "
+                  f"adapter.type {md.get('adapter.type')!r})")
+    if md.get("general.architecture") != base.architecture:
+        raise bad(f"is for architecture {md.get('general.architecture')!r}, the model is {base.architecture!r}")
+    alpha = md.get("adapter.lora.alpha", 0.0)
+    if "adapter.lora.alpha" in md and head.types["adapter.lora.alpha"] != GGUFValueType.FLOAT32 \
+            or not math.isfinite(alpha):
+        raise bad(f"has adapter.lora.alpha {alpha!r}: llama.cpp reads a finite float32")
+    model = read_header(base.path).tensors
+    halves: dict[str, dict[str, TensorInfo]] = {}
+    for t in head.tensors.values():
+        stem, half = next(((t.name[:-len(h)], h) for h in _HALVES if t.name.endswith(h)), (t.name, ""))
+        if not half:
+            if t.name.endswith("_norm.weight"):
+                continue  # llama.cpp skips these
+            raise bad(f"holds {t.name!r}, which is neither a .lora_a nor a .lora_b half")
+        halves.setdefault(stem, {})[half] = t
+    if not halves:
+        raise bad("holds no LoRA tensors")
+    for stem, pair in halves.items():
+        if len(pair) != 2:
+            raise bad(f"lacks the {'lora_b' if '.lora_a' in pair else 'lora_a'} half of {stem!r}")
+        a, b = pair[".lora_a"], pair[".lora_b"]
+        w = model.get(stem)
+        if w is None:
+            raise bad(f"adapts {stem!r}, which the model does not have: made for another base?")
+        for t in (a, b):
+            if t.ggml_type not in ADAPTER_TYPES:
+                raise bad(f"stores {t.name!r} as ggml type {t.ggml_type}; llama.cpp applies "
+                          f"{', '.join(sorted(x.name for x in ADAPTER_TYPES))}")
+            if len(t.shape) != 2:
+                raise bad(f"has {t.name!r} of shape {t.shape}: LoRA halves are matrices")
+        if len(w.shape) > 2:
+            raise bad(f"adapts {stem!r} of shape {w.shape}: llama.cpp adapts matrices")
+        # ggml shapes: A is (n_in, rank) and B (rank, n_out); token_embd's are (rank, n_vocab) and
+        # (rank, n_embd): llama.cpp looks rows of A up by token, then multiplies by B
+        if stem.endswith("token_embd.weight"):
+            rank, fits = a.dim(0), a.dim(1) == w.dim(1) and b.dim(1) == w.dim(0) and b.dim(0) == a.dim(0)
+        else:
+            rank, fits = a.dim(1), a.dim(0) == w.dim(0) and b.dim(1) == w.dim(1) and b.dim(0) == a.dim(1)
+        if not fits or rank < 1:
+            raise bad(f"does not fit {stem!r} {w.shape}: lora_a {a.shape} and lora_b {b.shape} need its widths "
+                      "and one rank (made for another base?)")
     return p.resolve()
 
 
 def read_adapter(path: str | Path) -> LoraAdapter:
-    from gguf import GGUFReader
+    """The adapter's matrices in float32, whatever type they are stored in (the torch side applies them)."""
+    from gguf.quants import dequantize
 
     from .model import read_metadata
 
     md, tensors = read_metadata(Path(path))
     if md.get("general.type") != "adapter" or md.get("adapter.type") != "lora":
         raise ModelFileError(f"{path} is not a LoRA adapter GGUF")
-    reader = GGUFReader(path, "r")
     halves: dict[str, dict[str, np.ndarray]] = {}
-    for t in reader.tensors:
+    for t in tensors:
         base, _, which = t.name.rpartition(".")
         if which not in ("lora_a", "lora_b"):
             continue
         shape = tuple(int(d) for d in reversed(list(t.shape)))
-        halves.setdefault(base, {})[which] = np.array(t.data, dtype=np.float32).reshape(shape)
+        values = dequantize(np.asarray(t.data), t.tensor_type)
+        halves.setdefault(base, {})[which] = np.asarray(values, dtype=np.float32).reshape(shape)
     pairs = {}
     for base, h in halves.items():
         if set(h) != {"lora_a", "lora_b"}:

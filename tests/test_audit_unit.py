@@ -117,3 +117,108 @@ def test_interrupt_prints_how_to_resume(monkeypatch, capsys, tiny, prompts, tmp_
     code, _, err = _main(monkeypatch, capsys, FakeRuntimes(fail_after=3), "audit", str(tiny), "--prompts",
                          str(prompts), "--kv", "f16", "--out", str(tmp_path / "i"), "-q")
     assert code == 130 and "rerun the same command to resume" in err
+
+
+# -- what the model saw, one writer per directory, flags checked before any work ---------------------------
+
+def _dated_gguf(tmp_path):
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "dated.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    for add, v in ((w.add_block_count, 2), (w.add_context_length, 512), (w.add_embedding_length, 64),
+                   (w.add_head_count, 2), (w.add_head_count_kv, 1)):
+        add(v)
+    w.add_chat_template("Today is {{ strftime_now('%d %b %Y %H:%M:%S') }}.{% for m in messages %}"
+                        "<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>")
+    w.add_tensor("token_embd.weight", np.zeros((128, 64), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_a_dated_template_is_frozen_per_audit_directory(tmp_path, prompts, monkeypatch):
+    """strftime_now renders the time the directory's first audit froze; a resume on another day renders
+    and keys exactly the same, and a fresh directory gets its own time (and so its own keys)."""
+    import sqlite3
+    from datetime import datetime as real
+
+    from kvedge import audit as audit_mod
+
+    model = _dated_gguf(tmp_path)
+    first = _audit(model, prompts, tmp_path / "a", FakeRuntimes())
+    frozen = first.report["settings"]["render_time"]
+    assert frozen and first.generated == 4 * 9
+
+    class Tomorrow(real):
+        @classmethod
+        def now(cls, tz=None):
+            return real(2099, 1, 2, 3, 4, 5)
+
+    monkeypatch.setattr(audit_mod, "datetime", Tomorrow)
+    again = _audit(model, prompts, tmp_path / "a", FakeRuntimes())
+    assert again.generated == 0 and again.report["settings"]["render_time"] == frozen
+    assert [r["key"] for r in again.report["runs"]] == [r["key"] for r in first.report["runs"]]
+    other = _audit(model, prompts, tmp_path / "b", FakeRuntimes())
+    assert other.report["settings"]["render_time"] == "2099-01-02T03:04:05" and other.generated == 4 * 9
+    assert {r["key"] for r in other.report["runs"]}.isdisjoint(r["key"] for r in first.report["runs"])
+    with sqlite3.connect(tmp_path / "b" / "kvedge.sqlite") as c:  # what the model saw, row by row
+        shas = {r[0] for r in c.execute("SELECT rendered_sha256 FROM generations")}
+    assert len(shas) == 9 and None not in shas
+
+
+def test_an_undated_template_keeps_its_keys(tiny, prompts, tmp_path):
+    res = _audit(tiny, prompts, tmp_path / "a", FakeRuntimes())
+    assert res.report["settings"]["render_time"] is None
+
+
+def test_a_row_rendered_differently_is_generated_again(tiny, prompts, tmp_path):
+    import sqlite3
+
+    out = tmp_path / "a"
+    _audit(tiny, prompts, out, FakeRuntimes())
+    with sqlite3.connect(out / "kvedge.sqlite") as c:
+        c.execute("UPDATE generations SET rendered_sha256 = 'other' WHERE prompt_id = 'mini:h0'")
+    again = _audit(tiny, prompts, out, FakeRuntimes())
+    assert again.generated == 4  # that prompt, once in each of the four runs
+    with sqlite3.connect(out / "kvedge.sqlite") as c:
+        assert c.execute("SELECT COUNT(*) FROM generations WHERE rendered_sha256 = 'other'").fetchone()[0] == 0
+
+
+def test_a_second_audit_on_a_busy_directory_is_refused(tiny, prompts, tmp_path):
+    from kvedge.errors import StoreError
+    from kvedge.store import audit_lock
+
+    out = tmp_path / "a"
+    with audit_lock(out / "kvedge.sqlite"):  # as a running audit holds it
+        with pytest.raises(StoreError, match="another kvedge audit .* is writing"):
+            _audit(tiny, prompts, out, FakeRuntimes())
+    assert _audit(tiny, prompts, out, FakeRuntimes()).generated == 4 * 9
+
+
+@pytest.mark.parametrize("flag,needle", [
+    (["--ctx", "10"], "--ctx must be at least 64"),
+    (["--max-tokens", "0"], "--max-tokens must be at least 1"),
+    (["--threads", "0"], "--threads must be at least 1"),
+    (["--gpu-layers", "-2"], "--gpu-layers"),
+    (["--batch", "0"], "--batch must be between"),
+])
+def test_flags_are_checked_by_the_library_in_one_line(monkeypatch, capsys, tiny, prompts, tmp_path, flag, needle):
+    calls = []
+    monkeypatch.setattr(api, "load_model", lambda *a: calls.append(a))  # must not be reached
+    code, out, err = _main(monkeypatch, capsys, FakeRuntimes(), "audit", str(tiny), "--prompts", str(prompts),
+                           "--out", str(tmp_path / "f"), *flag)
+    assert code == 2 and err.count("\n") == 1 and err.startswith("kvedge: error:") and needle in err, err
+    assert not calls
+
+
+def test_out_that_is_a_file_is_refused_before_work(tiny, prompts, tmp_path):
+    from kvedge.errors import KvedgeError
+
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(KvedgeError, match="is a file"):
+        _audit(tiny, prompts, f, FakeRuntimes())

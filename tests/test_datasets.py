@@ -80,3 +80,41 @@ def test_malformed_prompt_files(tmp_path, name, content, message):
 def test_unknown_benchmark():
     with pytest.raises(UnknownName, match="choose from advbench,harmbench,xstest"):
         parse_benchmarks("advbench,nope")
+
+
+@pytest.mark.parametrize(
+    "name,content,message",
+    [
+        ("latin1.csv", "prompt\ncafé au lait\n".encode("latin-1"), r"latin1.csv:2: not UTF-8 text \(byte 0xe9\)"),
+        ("utf16.csv", "prompt\nhi\n".encode("utf-16"), "is UTF-16: save it as UTF-8"),
+        ("row.csv", b"prompt,label\n,benign\n", r"row.csv:2: missing or empty 'prompt'"),
+        ("huge.jsonl", b'{"prompt": "' + b"x" * 10_000_000 + b'"}\n', "prompt of 10,000,000 characters"),
+        ("huge.csv", b"prompt\n" + b"x" * 10_000_000 + b"\n", "a field of more than 500,000 characters"),
+        ("cols.jsonl", b'{"text": "hi"}\n', "missing or empty 'prompt'"),
+        ("wide.csv", b"prompt,label\nhi,harmful,extra\n", "more fields than the header"),
+    ],
+)
+def test_hostile_prompt_files_are_one_line_errors(tmp_path, name, content, message):
+    f = tmp_path / name
+    f.write_bytes(content)
+    with pytest.raises(PromptFileError, match=message) as exc:
+        load_prompt_file(f)
+    assert "\n" not in str(exc.value)
+
+
+def test_byte_order_mark_and_empty_rows_are_tolerated(tmp_path):
+    """Spreadsheets write a UTF-8 byte-order mark and leave empty rows at the end: both are skipped."""
+    f = tmp_path / "sheet.csv"
+    f.write_bytes("\ufeffprompt,label\nhow do I pick a lock?,harmful\n,\n\nwhat is 2+2?,benign\n,\n".encode("utf-8"))
+    ps = load_prompt_file(f)
+    assert [(p.text, p.harmful) for p in ps] == [("how do I pick a lock?", True), ("what is 2+2?", False)]
+
+
+def test_an_oversized_prompt_file_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    import kvedge.datasets as ds
+
+    f = tmp_path / "big.jsonl"
+    f.write_text('{"prompt": "hi"}\n' * 100)
+    monkeypatch.setattr(ds, "MAX_PROMPT_FILE_BYTES", 1000)
+    with pytest.raises(PromptFileError, match="is 1,700 bytes; kvedge reads up to 1,000"):
+        load_prompt_file(f)

@@ -113,6 +113,10 @@ def load_xstest() -> list[Prompt]:
     return out
 
 
+MAX_PROMPT_FILE_BYTES = 256 * 2**20
+# ~125k tokens: longer than most deployments' context. Longer prompts are errors; prompts that do not fit
+# the audit's --ctx are run as far as llama.cpp can and reported as skipped (see summary.py)
+MAX_PROMPT_CHARS = 500_000
 _HARMFUL_LABELS = {"harmful", "unsafe", "1", "true", "yes"}
 _BENIGN_LABELS = {"benign", "safe", "harmless", "0", "false", "no"}
 
@@ -123,6 +127,8 @@ def _prompt_from_record(rec: dict, where: str, index: int, default_benchmark: st
     text = rec.get("prompt")
     if not isinstance(text, str) or not text.strip():
         raise PromptFileError(f"{where}: missing or empty 'prompt'")
+    if len(text) > MAX_PROMPT_CHARS:
+        raise PromptFileError(f"{where}: prompt of {len(text):,} characters; kvedge takes up to {MAX_PROMPT_CHARS:,}")
     label = rec.get("label", "harmful")
     label_s = str(label).strip().lower() if label is not None and str(label).strip() else "harmful"
     if label_s in _HARMFUL_LABELS:
@@ -137,20 +143,38 @@ def _prompt_from_record(rec: dict, where: str, index: int, default_benchmark: st
     return Prompt(f"{bench}:{pid_s}", bench, text.strip(), harmful, "user", str(rec.get("category") or ""))
 
 
+def _read_text(p: Path) -> str:
+    """The file as UTF-8 text (a byte-order mark allowed, as spreadsheets write it), read only once its
+    size is known to be sane."""
+    try:
+        size = p.stat().st_size
+        if size > MAX_PROMPT_FILE_BYTES:
+            raise PromptFileError(f"prompt file {p} is {size:,} bytes; kvedge reads up to {MAX_PROMPT_FILE_BYTES:,}")
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise PromptFileError(f"cannot read prompt file {p}: {exc.strerror or exc}") from None
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise PromptFileError(f"prompt file {p} is UTF-16: save it as UTF-8")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise PromptFileError(f"{p}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}): save the file as UTF-8") from None
+
+
 def load_prompt_file(path: str | Path) -> list[Prompt]:
     """A user's prompts: CSV with a header row, or JSONL with one object per line.
 
     Columns/fields: `prompt` (required), `id` (optional, default the row number), `label` (optional:
     harmful|unsafe (default) or benign|safe), `benchmark` (optional, default the file's stem),
-    `category` (optional). A user file is scored whole: splits apply to the bundled sets only.
+    `category` (optional). A user file is scored whole: splits apply to the bundled sets only. Blank
+    lines and rows whose every field is empty are skipped; a row with other fields but no prompt is an
+    error naming its line, as is a prompt longer than MAX_PROMPT_CHARS.
     """
     p = Path(path)
     if not p.is_file():
         raise PromptFileError(f"prompt file not found: {p}")
-    try:
-        raw = p.read_text(encoding="utf-8")
-    except (UnicodeDecodeError, OSError) as exc:
-        raise PromptFileError(f"cannot read prompt file {p}: {exc}") from None
+    raw = _read_text(p)
     bench = p.stem
     prompts: list[Prompt] = []
     if p.suffix.lower() in (".jsonl", ".json", ".ndjson"):
@@ -163,6 +187,8 @@ def load_prompt_file(path: str | Path) -> list[Prompt]:
                 raise PromptFileError(f"{p}:{lineno}: not valid JSON ({exc.msg})") from None
             prompts.append(_prompt_from_record(rec, f"{p}:{lineno}", lineno, bench))
     elif p.suffix.lower() in (".csv", ".tsv"):
+        limit = csv.field_size_limit()
+        csv.field_size_limit(max(limit, MAX_PROMPT_CHARS + 1))  # an oversized prompt is reported below
         try:
             reader = csv.DictReader(io.StringIO(raw), delimiter="\t" if p.suffix.lower() == ".tsv" else ",")
             fields = reader.fieldnames or []
@@ -170,10 +196,17 @@ def load_prompt_file(path: str | Path) -> list[Prompt]:
                 raise PromptFileError(f"{p}: no 'prompt' column in header {fields}")
             for i, rec in enumerate(reader, 1):
                 if None in rec:
-                    raise PromptFileError(f"{p}:{i + 1}: more fields than the header has")
-                prompts.append(_prompt_from_record(rec, f"{p}:{i + 1}", i, bench))
+                    raise PromptFileError(f"{p}:{reader.line_num}: more fields than the header has")
+                if not any((v or "").strip() for v in rec.values()):
+                    continue  # an empty row, as spreadsheets leave at the end
+                prompts.append(_prompt_from_record(rec, f"{p}:{reader.line_num}", i, bench))
         except csv.Error as exc:
+            if "field limit" in str(exc):
+                raise PromptFileError(f"{p}: a field of more than {MAX_PROMPT_CHARS:,} characters; "
+                                      f"kvedge takes prompts up to {MAX_PROMPT_CHARS:,}") from None
             raise PromptFileError(f"{p}: malformed CSV ({exc})") from None
+        finally:
+            csv.field_size_limit(limit)
     else:
         raise PromptFileError(f"{p}: prompt files must end in .csv, .tsv or .jsonl")
     seen: set[str] = set()

@@ -67,6 +67,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- backend: {b['kind']}, llama-cpp-python {b['llama_cpp_python']}{native}; audit on the backend you deploy on",
         f"- prompts: {ps['n']} ({ps['harmful']} harmful, {ps['benign']} benign): "
         + ", ".join(f"{k} {v}" for k, v in ps["by_subset"].items()) + f"; split {', '.join(ps['splits'])}",
+        *([f"- skipped, longer than the context (no room for an answer): "
+           + ", ".join(f"`{x['id']}` ({x['n_prompt_tokens']} tokens)" for x in ps["skipped_too_long"])]
+          if ps.get("skipped_too_long") else []),
         f"- decoding: greedy, max {report['settings']['max_tokens']} tokens; detector {report['detector']['id']}",
         f"- kvedge {report['kvedge_version']}",
         "",
