@@ -4,9 +4,10 @@ cheapest first and before any model is hashed or run; the CLI only parses and re
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from .audit import MAX_BATCH, AuditSpec, auto_batch, run_audit
 from .canary import canary_adapter_path
@@ -18,6 +19,9 @@ from .model import ModelInfo, load_model
 from .registry import NOISE_VARIANTS
 from .report import write_pair
 from .runtime import LLAMA_CPP, RuntimeFactory, RuntimeOptions, parse_kv, parse_kv_list, parse_rotation
+from .server import parse_servers
+from .server.runtime import DEFAULT_PATIENCE, DEFAULT_TIMEOUT
+from .template import chat_template_for
 from .store import Store
 from .summary import summarize
 
@@ -45,11 +49,14 @@ def _stem(info: ModelInfo, adapter: Path | None) -> str:
     return info.stem + (f"+{adapter.stem}" if adapter else "")
 
 
+DEFAULT_KV, DEFAULT_ROTATION = "f16,q8_0,q4_0", "both"
+
+
 def audit(
     model: str | Path | None = None,
     lora: str | Path | None = None,
-    kv: str = "f16,q8_0,q4_0",
-    rotation: str = "both",
+    kv: str | None = None,
+    rotation: str | None = None,
     benchmarks: str = ",".join(DEFAULT_BENCHMARKS),
     split: str = "eval",
     prompts: str | Path | None = None,
@@ -67,12 +74,31 @@ def audit(
     canary: bool = True,
     batch: int | None = None,
     runtimes: RuntimeFactory = LLAMA_CPP,
+    server: Sequence[str] = (),
+    server_kv: str | None = None,
+    server_timeout: float = DEFAULT_TIMEOUT,
+    server_patience: float = DEFAULT_PATIENCE,
 ) -> AuditResult:
     """With no `model`, audits the embedded default model with the canary adapter; `canary=False`
     audits the bare default model. `runtimes` is where llama.cpp contexts come from (a test can pass a
     fake). `batch` prompts are decoded together (None: chosen from the model's KV size; 1: one at a
-    time). The report's `gate` says whether `fail_under` was met; the CLI turns a miss into exit 1."""
-    configs = parse_kv_list(kv)  # cheap checks first: bad flags fail before the model is hashed
+    time). The report's `gate` says whether `fail_under` was met; the CLI turns a miss into exit 1.
+
+    `server` audits running servers (URLs, with statements such as `#kv=q4_0,rot=on`; docs/server.md)
+    instead of the `kv` x `rotation` configs: their settings are the configs, and the f16 reference and
+    noise run come from an f16 server where one is given, else from this process. `server_kv` states the
+    cache types of servers that state none; `server_timeout` bounds one request and `server_patience` how
+    long a server may stay unreachable before the audit stops (resumable)."""
+    servers = parse_servers(server, server_kv)  # cheap checks first: bad flags fail before the model is hashed
+    if server_kv and not servers:
+        raise KvedgeError("--server-kv states the KV cache of --server endpoints: give --server URL")
+    if servers and (kv is not None or rotation is not None):
+        raise KvedgeError("--kv and --rotation choose in-process configs; a server audit's configs are its servers' "
+                          "settings (state them with --server-kv or URL#kv=...,rot=...)")
+    if server_timeout <= 0 or server_patience < 0:
+        raise KvedgeError("--server-timeout must be positive and --server-patience not negative")
+    kv, rotation = kv or DEFAULT_KV, rotation or DEFAULT_ROTATION
+    configs = parse_kv_list(kv)
     parse_rotation(rotation)
     if noise is not None and noise not in NOISE_VARIANTS:
         raise KvedgeError(f"unknown --noise {noise!r}: choose from {', '.join(NOISE_VARIANTS.names())} or none")
@@ -103,13 +129,28 @@ def audit(
         batch=batch or auto_batch(info),
         detector=det,
     )
-    outcome = run_audit(spec, progress=progress, runtimes=runtimes)
+    served = None
+    if servers:
+        from .server.prepare import prepare
+
+        served = prepare(servers, info, adapter, selected, chat_template_for(info), system, noise,
+                         spec.runtime_options, runtimes, spec.store_path, server_timeout, server_patience)
+        spec, runtimes = dataclasses.replace(spec, explicit_runs=served.plan.runs), served.runtimes
+    try:
+        outcome = run_audit(spec, progress=progress, runtimes=runtimes)
+    finally:
+        if served:
+            served.runtimes.close()
     with Store(spec.store_path) as store:
         summary = summarize(outcome, store.audit_rows([r.key for r in outcome.runs], outcome.reference.key),
                             det, fail_under)
         if summary.stability:
             s = summary.stability
             store.put_stability(s.ref_key, s.noise_key, s.detector, list(s.marks))
+        if served:
+            from .server.report import annotate
+
+            annotate(summary.report, outcome, served, store)
     from .report.audit import render_markdown
 
     jp, mp = write_pair(summary.report, render_markdown(summary.report), spec.out_dir, "report")

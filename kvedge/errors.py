@@ -41,3 +41,7 @@ class UnknownName(KvedgeError):
 
 class TemplateError(KvedgeError):
     """The GGUF's chat template failed to render in the sandbox."""
+
+
+class ServerError(KvedgeError):
+    """A server given with --server is unreachable, malformed, or not what the store or the model says."""

@@ -145,6 +145,18 @@ class Generation:
     # with generate(..., logprobs=True): log-softmax of every step's logits, the step that chose the
     # end of generation included (so len(tokens) or len(tokens) + 1 rows)
     logprobs: list[np.ndarray] | None = None
+    # where the answer came from, when not from this process (a server: kvedge.server), stored beside it
+    origin: dict | None = None
+
+
+def tokenize_rendered(model, rendered: str) -> list[int]:
+    """A rendered chat prompt's tokens through a llama-cpp-python `LlamaModel`: BOS as the vocabulary
+    wants it, special tokens parsed."""
+    toks = model.tokenize(rendered.encode("utf-8"), add_bos=True, special=True)
+    bos = model.token_bos()
+    if len(toks) >= 2 and toks[0] == bos and toks[1] == bos:
+        toks = toks[1:]  # the template wrote BOS itself and the tokenizer added another
+    return toks
 
 
 _env_lock = threading.Lock()
@@ -276,11 +288,7 @@ class Runtime:
 
     # tokens -----------------------------------------------------------------------------------
     def tokenize(self, rendered: str) -> list[int]:
-        toks = self._model.tokenize(rendered.encode("utf-8"), add_bos=True, special=True)
-        bos = self._model.token_bos()
-        if len(toks) >= 2 and toks[0] == bos and toks[1] == bos:
-            toks = toks[1:]  # the template wrote BOS itself and the tokenizer added another
-        return toks
+        return tokenize_rendered(self._model, rendered)
 
     def tokenize_piece(self, text: str, special: bool = False) -> list[int]:
         """Tokens of a bare piece of text: no BOS; `special` parses special tokens such as <|im_end|>."""

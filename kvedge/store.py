@@ -55,6 +55,19 @@ CREATE TABLE IF NOT EXISTS scores (
     created REAL NOT NULL,
     PRIMARY KEY (run_key, ref_key, prompt_id, prompt_sha)
 );
+CREATE TABLE IF NOT EXISTS origins (
+    run_key TEXT NOT NULL,
+    prompt_id TEXT NOT NULL,
+    prompt_sha TEXT NOT NULL,
+    server TEXT NOT NULL,
+    detail_json TEXT NOT NULL,
+    PRIMARY KEY (run_key, prompt_id, prompt_sha)
+);
+CREATE TABLE IF NOT EXISTS servers (
+    url TEXT PRIMARY KEY,
+    identity_json TEXT NOT NULL,
+    first_seen REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS stability (
     ref_key TEXT NOT NULL,
     noise_key TEXT NOT NULL,
@@ -170,13 +183,36 @@ class Store:
         return {k: json.loads(s) for k, s in self._conn.execute("SELECT run_key, spec_json FROM runs")}
 
     # generations ------------------------------------------------------------------------------
-    def put_generation(self, row: GenerationRow) -> None:
+    def put_generation(self, row: GenerationRow, origin: dict[str, Any] | None = None) -> None:
+        """One result, and with `origin` (a server answered it: `origin["server"]` is its URL) where it
+        came from, in the same transaction."""
         with self._write() as c:
             c.execute(
                 "INSERT OR REPLACE INTO generations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (row.run_key, row.prompt_id, row.prompt_sha, row.response, json.dumps(row.tokens),
                  row.n_prompt_tokens, row.stop_reason, row.prompt_seconds, row.seconds, time.time()),
             )
+            if origin is not None:
+                c.execute("INSERT OR REPLACE INTO origins VALUES (?, ?, ?, ?, ?)",
+                          (row.run_key, row.prompt_id, row.prompt_sha, origin["server"],
+                           json.dumps(origin, sort_keys=True)))
+
+    def origins(self, run_key_: str) -> dict[tuple[str, str], dict[str, Any]]:
+        cur = self._conn.execute(
+            "SELECT prompt_id, prompt_sha, detail_json FROM origins WHERE run_key = ?", (run_key_,))
+        return {(r[0], r[1]): json.loads(r[2]) for r in cur}
+
+    # servers ------------------------------------------------------------------------------------
+    def server_identity(self, url: str) -> dict[str, Any] | None:
+        """What a server was (kvedge.server.probe's identity) when this store first recorded it."""
+        row = self._conn.execute("SELECT identity_json FROM servers WHERE url = ?", (url,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def put_server(self, url: str, identity: dict[str, Any]) -> None:
+        """Record a server's identity the first time it is seen; a later identity never replaces it."""
+        with self._write() as c:
+            c.execute("INSERT OR IGNORE INTO servers VALUES (?, ?, ?)",
+                      (url, json.dumps(identity, sort_keys=True), time.time()))
 
     def generations(self, run_key_: str) -> dict[tuple[str, str], GenerationRow]:
         cur = self._conn.execute(
