@@ -32,6 +32,13 @@ def _noise_label(report: dict) -> str | None:
     return nf["label"] if nf else None
 
 
+def _side(path: str | Path, report: dict) -> dict[str, Any]:
+    side = {"path": str(path), "backend": report["backend"]["kind"], "system_info": report["backend"]["system_info"]}
+    if report.get("servers"):  # a server audit: which server answered which run
+        side["servers"] = {s["url"]: s["run"] for s in report["servers"]}
+    return side
+
+
 def compare_runs(a_path: str | Path, b_path: str | Path) -> dict[str, Any]:
     a, b = load_report(a_path), load_report(b_path)
     if a["model"]["sha256"] != b["model"]["sha256"]:
@@ -74,8 +81,8 @@ def compare_runs(a_path: str | Path, b_path: str | Path) -> dict[str, Any]:
     if not rows:
         raise RunDirError("the two audits share no KV configuration")
     return {
-        "a": {"path": str(a_path), "backend": a["backend"]["kind"], "system_info": a["backend"]["system_info"]},
-        "b": {"path": str(b_path), "backend": b["backend"]["kind"], "system_info": b["backend"]["system_info"]},
+        "a": _side(a_path, a),
+        "b": _side(b_path, b),
         "model_sha256": a["model"]["sha256"],
         "common_prompts": len(common),
         "rows": rows,

@@ -7,8 +7,13 @@ from typing import Any
 from .fmt import rate
 
 
+def _where(side: dict[str, Any]) -> str:
+    servers = side.get("servers")
+    return f"{side['path']} ({side['backend']}" + (f"; servers {', '.join(servers)})" if servers else ")")
+
+
 def render_comparison(result: dict[str, Any]) -> str:
-    out = [f"A: {result['a']['path']} ({result['a']['backend']})   B: {result['b']['path']} ({result['b']['backend']})",
+    out = [f"A: {_where(result['a'])}   B: {_where(result['b'])}",
            f"{result['common_prompts']} prompts in common"]
     for r in result["rows"]:
         line = (f"{r['config']:<22} {r['prompts']:<8} agreement {rate(r['agreement'])}; refused only in A "
