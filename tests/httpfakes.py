@@ -123,7 +123,7 @@ class FakeServer:
             if path == "/v1/models":
                 return 200, shape("llama_server_models", MODEL_PATH=mp)
             if path == "/lora-adapters":
-                return 200, ([{"id": 0, "path": str(self.adapter), "scale": 1.0}] if self.adapter else [])
+                return 200, shape("llama_server_lora_adapters", ADAPTER_PATH=str(self.adapter)) if self.adapter else []
         if k == "ollama":
             if path == "/api/version":
                 return 200, shape("ollama_version")
@@ -169,7 +169,7 @@ class FakeServer:
             return 200, out
         if self.kind == "llama-server":
             out = shape("llama_server_completion", MODEL_PATH=str(self.model_path))
-            out.update(content=text, tokens=list(text.encode("utf-8")), tokens_evaluated=n_prompt,
+            out.update(content=text, tokens=list(text.encode("utf-8")) + [0], tokens_evaluated=n_prompt,
                        tokens_predicted=n_out, stop_type="eos")
             out["timings"].update(prompt_n=n_prompt, predicted_n=n_out)
             return 200, out

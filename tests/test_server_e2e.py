@@ -201,3 +201,41 @@ def test_a_server_that_stays_down_stops_the_audit_the_rerun_resumes_and_a_change
     s.start()
     refused = run_cli("audit", "--server", s.url + "#kv=q8_0", *COMMON, "--out", str(out))
     assert refused.returncode == 2 and "type_k 'q4_0' -> 'q8_0'" in refused.stderr, refused.stderr
+
+
+LLAMA_SERVER = os.environ.get("KVEDGE_LLAMA_SERVER")
+
+
+@pytest.mark.skipif(not LLAMA_SERVER, reason="set KVEDGE_LLAMA_SERVER to a llama-server binary built from the "
+                    "vendored llama.cpp (CMake target llama-server) to audit llama.cpp's own server too")
+def test_a_real_llama_server_reports_what_it_is(tmp_path, model_path):
+    port = _free_port()
+    log = tmp_path / "llama-server.log"
+    with open(log, "wb") as f:
+        proc = subprocess.Popen([LLAMA_SERVER, "-m", str(model_path), "--lora", str(canary_adapter_path()),
+                                 "-ctk", "q4_0", "-ctv", "q4_0", "-fa", "on", "-c", "4096", "-np", "2", "-t", "1",
+                                 "--host", "127.0.0.1", "--port", str(port)], stdout=f, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2).read()
+                break
+            except OSError:
+                assert proc.poll() is None, log.read_text()[-2000:]
+                time.sleep(0.3)
+        out = tmp_path / "ls"
+        done = run_cli("audit", "--server", url + "#kv=q4_0,rot=on", *COMMON, "--out", str(out))
+        assert done.returncode == 0, done.stderr
+        rep = json.loads((out / "report.json").read_text())
+        st = rep["servers"][0]["settings"]
+        assert rep["servers"][0]["kind"] == "llama-server"
+        assert (st["n_ctx"]["value"], st["slots"]["value"]) == (2048, 2)  # per slot: 4096 over 2 slots
+        assert st["adapter"] == {"value": canary_adapter_path().name, "source": "observed: GET /lora-adapters"}
+        assert st["build"]["source"] == "observed: GET /props"
+        q = rep["runs"][-1]
+        assert q["prompt_tokens_match"]["k"] == N and q["speed"]["clock"] == "the servers' own timings"
+    finally:
+        proc.kill()
+        proc.wait()

@@ -88,6 +88,26 @@ def test_llama_cpp_python_reports_model_and_build_the_rest_is_stated(tiny, serve
     assert st["slots"].value == 1 and info.facts["model_check"].startswith("the served file is on this machine")
 
 
+def test_llama_server_reports_context_slots_build_and_adapters(tiny, tmp_path, servers, model_path):
+    adapter = write_tiny_gguf(tmp_path / "smollm2-canary-lora.gguf")
+    # a remote llama-server (its model path is not on this machine): checked by its parameter counts
+    s = servers("llama-server", "/models/SmolLM2-135M-Instruct.Q4_1.gguf", adapter=adapter)
+    info = check_model(probe(parse_server(s.url + "#kv=q4_0,rot=off"), 5, adapter), load_model(model_path), adapter)
+    st = info.settings
+    assert info.kind == "llama-server"
+    assert (st["n_ctx"].value, st["n_ctx"].source) == (2048, "observed: GET /props")
+    assert (st["slots"].value, st["build"].value) == (2, "b1-0c1e570")
+    assert (st["adapter"].value, st["adapter"].source) == ("smollm2-canary-lora.gguf", "observed: GET /lora-adapters")
+    assert st["model"].value == "SmolLM2-135M-Instruct.Q4_1.gguf" and st["rotation"].value is False
+    assert info.facts["model_check"] == "parameter and vocabulary counts equal the local file's"
+    with pytest.raises(ServerError, match="serves a model with 134515008 parameters"):
+        check_model(info, load_model(tiny), adapter)
+    with pytest.raises(ServerError, match="applies adapter"):
+        check_model(info, load_model(model_path), None)
+    with pytest.raises(ServerError, match="reports n_ctx 2048"):
+        probe(parse_server(s.url + "#kv=q4_0,ctx=4096"), 5, adapter)
+
+
 def test_ollama_model_digest_is_checked_against_the_gguf(tiny, tmp_path, servers):
     sha = sha256_file(tiny)
     s = servers("ollama", tiny, model_sha256=sha)
@@ -140,6 +160,20 @@ def test_requests_are_greedy_and_raw(tiny, prompts, tmp_path, servers):
     assert body["options"]["num_predict"] == 16
 
 
+def test_llama_server_is_asked_not_to_reuse_its_cache_and_its_own_timings_are_used(tiny, prompts, tmp_path, servers):
+    s = servers("llama-server", tiny)
+    res = _audit(tiny, prompts, tmp_path / "a", [s.url + "#kv=q8_0,rot=on"])
+    body = s.generations()[0]
+    assert body["cache_prompt"] is False and body["return_tokens"] is True and body["n_predict"] == 16
+    assert body["temperature"] == 0 and body["top_k"] == 1
+    q = res.report["runs"][2]
+    assert q["speed"]["clock"] == "the servers' own timings" and q["served_by"] == {s.url: N}
+    with sqlite3.connect(res.store_path) as c:
+        stored = json.loads(c.execute("SELECT tokens_json FROM generations WHERE run_key = ? LIMIT 1",
+                                      (q["key"],)).fetchone()[0])
+    assert 0 not in stored  # the end-of-generation token llama-server lists is not part of the answer
+
+
 def test_a_fleet_shares_one_queue_and_every_answer_names_its_server(tiny, prompts, tmp_path, servers):
     a, b = servers("llama-cpp-python", tiny), servers("llama-cpp-python", tiny)
     res = _audit(tiny, prompts, tmp_path / "a", [a.url + "#kv=q4_0,rot=on", b.url + "#kv=q4_0,rot=on"])
@@ -158,6 +192,8 @@ def test_a_fleet_shares_one_queue_and_every_answer_names_its_server(tiny, prompt
     assert dict(tags) == q["served_by"]
     md = res.md_path.read_text()
     assert "## Servers" in md and "q4_0 / q4_0 (stated)" in md and "llama-cpp-python 0.3.36 (observed)" in md
+    again = _audit(tiny, prompts, tmp_path / "a", [a.url + "#kv=q4_0,rot=on", b.url + "#kv=q4_0,rot=on"])
+    assert again.generated == 0 and again.json_path.read_bytes() == res.json_path.read_bytes()
 
 
 def test_f16_servers_are_the_reference_and_noise_runs(tiny, prompts, tmp_path, servers):

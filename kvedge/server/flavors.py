@@ -184,9 +184,12 @@ class LlamaServer(Flavor):
         if api == "chat":
             return _openai_completion(body)
         t = body.get("timings") or {}
+        tokens = list(body.get("tokens") or [])
+        if body.get("stop_type") == "eos" and tokens:
+            tokens = tokens[:-1]  # it lists the end-of-generation token; in-process runs store the answer only
         return Answer(
             body.get("content", ""), "max_tokens" if body.get("stop_type") == "limit" else "eog",
-            body.get("tokens") or None, body.get("tokens_evaluated"), body.get("tokens_predicted"),
+            tokens or None, body.get("tokens_evaluated"), body.get("tokens_predicted"),
             t["prompt_ms"] / 1000 if "prompt_ms" in t else None,
             t["predicted_ms"] / 1000 if "predicted_ms" in t else None,
         )

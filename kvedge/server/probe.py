@@ -139,26 +139,26 @@ def check_model(info: ServerInfo, model: ModelInfo, adapter: Path | None) -> Ser
     see; record how the check was made (`facts["model_check"]`)."""
     f = info.facts
     name = model.path.name
-    how = "not verifiable: the server reports no digest, counts or local path"
+    path = f.get("model_path")
     if f.get("model_sha256"):
         if f["model_sha256"] != model.sha256:
             raise ServerError(f"{info.url} serves a model with sha256 {f['model_sha256'][:16]}, not {name} "
                               f"({model.sha256[:16]})")
         how = "sha256 of the served GGUF equals the local file's"
+    elif path and Path(path).is_file():  # a server on this machine: compare the files themselves
+        if sha256_file(Path(path)) != model.sha256:
+            raise ServerError(f"{info.url} serves {path}, which is not {model.path}")
+        how = "the served file is on this machine and its sha256 equals the audited file's"
     elif f.get("n_params") is not None and f.get("n_vocab") is not None:
         local = _local_counts(model)
         if (f["n_params"], f["n_vocab"]) != (local["n_params"], local["n_vocab"]):
             raise ServerError(f"{info.url} serves a model with {f['n_params']} parameters and {f['n_vocab']} tokens; "
                               f"{name} has {local['n_params']} and {local['n_vocab']}")
         how = "parameter and vocabulary counts equal the local file's"
-    path = f.get("model_path")
-    if path and Path(path).is_file():  # a server on this machine: compare the files themselves
-        if sha256_file(Path(path)) != model.sha256:
-            raise ServerError(f"{info.url} serves {path}, which is not {model.path}")
-        how = "the served file is on this machine and its sha256 equals the audited file's"
-    elif how.startswith("not verifiable") and info.settings["model"].value and \
-            posixpath.basename(str(info.settings["model"].value)) == name:
-        how = "file name only (the server reports no digest or counts)"
+    elif posixpath.basename(str(info.settings["model"].value or "")) == name:
+        how = "file name only (the server reports no digest, counts or local path)"
+    else:
+        how = "not verifiable: the server reports no digest, counts or local path"
     adapter_setting = info.settings["adapter"]
     if adapter_setting.provenance == "observed":
         expected_sha = sha256_file(adapter) if adapter else None
