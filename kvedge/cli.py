@@ -65,11 +65,11 @@ def audit(
                                    "instead of default model + canary adapter."),
     batch: Optional[int] = typer.Option(None, "--batch", help="Prompts decoded together (default: chosen from the "
                                         "model's KV size, 16 for small models); 1 decodes one prompt at a time."),
-    server: Optional[list[str]] = typer.Option(None, "--server", help="Audit a running llama-server, Ollama or "
+    server: Optional[list[str]] = typer.Option(None, "--server", metavar="URL", help="Audit a running llama-server, Ollama or "
                                                "OpenAI-compatible endpoint instead (repeatable; servers with the same "
                                                "settings share the work). State what it does not report in the URL: "
                                                "http://host:8080#kv=q4_0,rot=on (see docs/server.md)."),
-    server_kv: Optional[str] = typer.Option(None, "--server-kv", help="KV cache type of the --server endpoints that "
+    server_kv: Optional[str] = typer.Option(None, "--server-kv", metavar="TYPE", help="KV cache type of the --server endpoints that "
                                             "state none (servers do not report it), e.g. q4_0."),
     server_timeout: float = typer.Option(300.0, "--server-timeout", help="Seconds one server request may take."),
     server_patience: float = typer.Option(120.0, "--server-patience", help="Seconds a server may stay unreachable "

@@ -16,22 +16,15 @@ NOT_SCORED = ("not measured: a server gives no per-position distributions to tea
               "are measured only between in-process runs)")
 
 
-def _speed(gens: Sequence, origins: Sequence[dict]) -> dict[str, Any]:
+def _server_speed(speed: dict[str, Any], gens: Sequence, origins: Sequence[dict]) -> dict[str, Any]:
+    """The summary's speed of a server run, with the servers' own token counts, and which clock timed it."""
     tokens = sum(int(o.get("completion_tokens") or len(g.tokens)) for g, o in zip(gens, origins))
     seconds = sum(g.seconds for g in gens)
     server_clock = all(o.get("timings") == "server" for o in origins)
-    prompt_tokens = sum(g.n_prompt_tokens for g in gens)
-    prompt_s = sum(g.prompt_seconds for g in gens)
-    return {
-        "decode_tokens": tokens,
-        "decode_tokens_per_s": tokens / seconds if seconds else None,
-        "prompt_tokens": prompt_tokens,
-        "prompt_tokens_per_s": prompt_tokens / prompt_s if server_clock and prompt_s else None,
-        "generations": len(gens),
-        "truncated_by_ctx": sum(1 for g in gens if g.stop_reason == "ctx"),
-        "clock": "the servers' own timings" if server_clock else
-                 "kvedge's wall clock per request (network and queueing included)",
-    }
+    return {**speed, "decode_tokens": tokens, "decode_tokens_per_s": tokens / seconds if seconds else None,
+            "prompt_tokens_per_s": speed["prompt_tokens_per_s"] if server_clock else None,
+            "clock": "the servers' own timings" if server_clock else
+                     "kvedge's wall clock per request (network and queueing included)"}
 
 
 def annotate(report: dict[str, Any], outcome: AuditOutcome, audit: ServerAudit, store: Store) -> dict[str, Any]:
@@ -61,7 +54,7 @@ def annotate(report: dict[str, Any], outcome: AuditOutcome, audit: ServerAudit, 
         entry["prompt_tokens_match"] = wilson(
             sum(o["prompt_tokens_server"] == o["prompt_tokens_local"] for o in counted), len(counted)).to_dict()
         entry["retried"] = sum(1 for o in origins if o.get("attempts", 1) > 1)
-        entry["speed"] = _speed(gens, origins)
+        entry["speed"] = _server_speed(entry["speed"], gens, origins)
         if entry["kld"]["value"] is None:
             entry["kld_note"] = NOT_SCORED
     ref = next(r for r in outcome.runs if r.spec.is_reference)
@@ -81,6 +74,8 @@ def _mark(setting: dict) -> str:
 def _shown(setting: dict) -> str:
     """`q4_0 (stated)`, `on (implied)`, `? (unknown)`: a value and how kvedge knows it."""
     v = setting["value"]
+    if v is None and _mark(setting) == "not applicable":
+        return "n/a"
     value = "?" if v is None else "on" if v is True else "off" if v is False else str(v)
     return f"{value} ({_mark(setting)})"
 

@@ -203,14 +203,8 @@ class ServerRuntime:
         self.factory, self.servers = factory, servers
         self._texts: dict[tuple[int, ...], str] = {}
 
-    def __enter__(self) -> "ServerRuntime":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def close(self) -> None:
-        pass
+        pass  # the servers outlive the run; the tokenizer is the factory's
 
     def tokenize(self, rendered: str) -> list[int]:
         toks = self.factory._tokenizer.tokenize(rendered)
