@@ -47,7 +47,7 @@ class ByteTokenizer:
 class FakeServer:
     """One server of `kind` (llama-server, llama-cpp-python, ollama, openai) on 127.0.0.1.
 
-    `fail_next` answers that many generation requests with HTTP 503; `context_chars` answers prompts
+    `fail_next` answers that many generation requests with HTTP `fail_status` (503); `context_chars` answers prompts
     longer than that with the kind's context error; `stop()` and `start()` take it down and bring it
     back on the same port (a restart), optionally as another model (`model_path`)."""
 
@@ -57,7 +57,9 @@ class FakeServer:
         self.adapter, self.adapter_sha256, self.policy = adapter, adapter_sha256, policy
         self.requests: list[tuple[str, str, Any]] = []
         self.fail_next = 0
+        self.fail_status = 503
         self.context_chars: int | None = None
+        self.drop_text = False  # answer without the text field (a broken or unknown API)
         self.port = 0
         self._httpd: ThreadingHTTPServer | None = None
         self._lock = threading.Lock()
@@ -150,7 +152,7 @@ class FakeServer:
         with self._lock:
             if self.fail_next > 0:
                 self.fail_next -= 1
-                return 503, {"error": {"message": "Service Unavailable", "code": 503}}
+                return self.fail_status, {"error": {"message": "busy", "code": self.fail_status}}
         chat = path == routes[1]
         prompt = "".join(m["content"] for m in body["messages"]) if chat else body["prompt"]
         if self.context_chars is not None and len(prompt) > self.context_chars:
@@ -166,6 +168,8 @@ class FakeServer:
             else:
                 choice["text"] = text
             out["usage"] = {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
+            if self.drop_text:
+                choice.pop("message" if chat else "text")
             return 200, out
         if self.kind == "llama-server":
             out = shape("llama_server_completion", MODEL_PATH=str(self.model_path))

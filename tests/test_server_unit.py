@@ -189,9 +189,10 @@ def test_f16_servers_are_the_reference_and_noise_runs(tiny, prompts, tmp_path, s
     assert all(r["kld"]["value"] is None for r in rep["runs"])  # no in-process reference to score against
 
 
-def test_retries_with_backoff_lose_and_repeat_nothing(tiny, prompts, tmp_path, servers):
+@pytest.mark.parametrize("status", [503, 429])
+def test_retries_with_backoff_lose_and_repeat_nothing(tiny, prompts, tmp_path, servers, status):
     s = servers("llama-cpp-python", tiny)
-    s.fail_next = 3
+    s.fail_next, s.fail_status = 3, status
     res = _audit(tiny, prompts, tmp_path / "a", [s.url + "#kv=q4_0,rot=on"])
     q = res.report["runs"][2]
     assert q["retried"] >= 1 and q["speed"]["generations"] == N
@@ -302,3 +303,10 @@ def test_chat_only_endpoints_get_messages_and_the_report_says_so(tiny, prompts, 
     assert body["messages"][0] == {"role": "system", "content": "Be brief."} and body["model"] == "smollm2-canary"
     q = res.report["runs"][2]
     assert q["request"].startswith("chat messages") and q["prompt_tokens_match"]["n"] == N
+
+
+def test_an_answer_without_its_text_is_an_error_not_a_refusal(tiny, prompts, tmp_path, servers):
+    s = servers("llama-cpp-python", tiny)
+    s.drop_text = True
+    with pytest.raises(ServerError, match="answer has no text"):
+        _audit(tiny, prompts, tmp_path / "a", [s.url + "#kv=q4_0,rot=on"])

@@ -2,8 +2,8 @@
 exponential backoff that the caller drives (the dispatcher re-asks a server what it is before it trusts
 it again after a failure, so retrying is not hidden in here).
 
-A transport failure (refused or reset connection, timeout) and a 5xx answer are `Unreachable`: worth
-retrying, the server may be restarting or busy. A 4xx answer is returned: the request itself is wrong,
+A transport failure (refused or reset connection, timeout), a 5xx, 408 or 429 answer are `Unreachable`:
+worth retrying, the server may be restarting or busy. A 4xx answer is returned: the request itself is wrong,
 and sending it again will not help.
 """
 
@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 T = TypeVar("T")
 
+RETRYABLE = (408, 429)  # a request timeout or a busy server: worth asking again, like a 5xx
 BACKOFF_START = 0.5  # seconds before the first retry; doubled each time
 BACKOFF_CAP = 8.0
 
@@ -83,7 +84,7 @@ class Client:
                 raw = exc.read()
             except (OSError, http.client.HTTPException):
                 raw = b""
-            if exc.code >= 500:
+            if exc.code >= 500 or exc.code in RETRYABLE:
                 raise Unreachable(f"HTTP {exc.code} from {self.base_url}{path}: {_reply(exc.code, raw).error_message()}") from None
             return _reply(exc.code, raw)
         except (urllib.error.URLError, OSError, http.client.HTTPException, socket.timeout) as exc:

@@ -97,11 +97,22 @@ def _finish(reason: Any) -> str:
     return "max_tokens" if reason in ("length", "limit") else "eog"
 
 
+def _field(body: Any, *path: Any) -> Any:
+    """body[path...], or ServerError: an answer without its text must never be read as an empty answer
+    (which the detector would count as a refusal)."""
+    try:
+        for p in path:
+            body = body[p]
+    except (KeyError, IndexError, TypeError):
+        raise ServerError(f"the server's answer has no {'/'.join(map(str, path))}: {str(body)[:200]}") from None
+    return body
+
+
 def _openai_completion(body: dict) -> Answer:
-    choice = (body.get("choices") or [{}])[0]
+    choice = _field(body, "choices", 0)
     usage = body.get("usage") or {}
     timings = body.get("timings") or {}  # llama-server adds its own timings to OpenAI answers
-    text = choice["message"]["content"] if "message" in choice else choice.get("text", "")
+    text = _field(choice, "message", "content") if "message" in choice else _field(choice, "text")
     return Answer(
         text or "", _finish(choice.get("finish_reason")), None, usage.get("prompt_tokens"),
         usage.get("completion_tokens"),
@@ -188,7 +199,7 @@ class LlamaServer(Flavor):
         if body.get("stop_type") == "eos" and tokens:
             tokens = tokens[:-1]  # it lists the end-of-generation token; in-process runs store the answer only
         return Answer(
-            body.get("content", ""), "max_tokens" if body.get("stop_type") == "limit" else "eog",
+            _field(body, "content"), "max_tokens" if body.get("stop_type") == "limit" else "eog",
             tokens or None, body.get("tokens_evaluated"), body.get("tokens_predicted"),
             t["prompt_ms"] / 1000 if "prompt_ms" in t else None,
             t["predicted_ms"] / 1000 if "predicted_ms" in t else None,
@@ -280,7 +291,7 @@ class Ollama(Flavor):
         return "/api/generate", {"model": model, "prompt": text, "raw": True, "stream": False, "options": options}
 
     def answer(self, api: str, body: dict) -> Answer:
-        text = (body.get("message") or {}).get("content", "") if api == "chat" else body.get("response", "")
+        text = _field(body, "message", "content") if api == "chat" else _field(body, "response")
         ns = 1e9
         return Answer(
             text or "", _finish(body.get("done_reason")), None, body.get("prompt_eval_count"),
