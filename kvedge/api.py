@@ -21,9 +21,9 @@ from .report import write_pair
 from .runtime import LLAMA_CPP, RuntimeFactory, RuntimeOptions, parse_kv, parse_kv_list, parse_rotation
 from .server import parse_servers
 from .server.runtime import DEFAULT_PATIENCE, DEFAULT_TIMEOUT
-from .template import chat_template_for
 from .store import Store
 from .summary import summarize
+from .template import chat_template_for
 
 Log = Callable[[str], None]
 
@@ -97,7 +97,8 @@ def audit(
                           "settings (state them with --server-kv or URL#kv=...,rot=...)")
     if server_timeout <= 0 or server_patience < 0:
         raise KvedgeError("--server-timeout must be positive and --server-patience not negative")
-    kv, rotation = kv or DEFAULT_KV, rotation or DEFAULT_ROTATION
+    kv = DEFAULT_KV if kv is None else kv
+    rotation = DEFAULT_ROTATION if rotation is None else rotation
     configs = parse_kv_list(kv)
     parse_rotation(rotation)
     if noise is not None and noise not in NOISE_VARIANTS:

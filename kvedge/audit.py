@@ -43,6 +43,9 @@ def auto_batch(model: ModelInfo) -> int:
     return max(1, min(16, CACHE_BUDGET // max(1, per_seq)))
 
 
+_ROTATION_LABEL = {True: "on", False: "off", None: "?"}
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """One llama.cpp configuration of an audit."""
@@ -67,7 +70,7 @@ class RunSpec:
             return f"{self.kv.name} noise ({self.variant[6:]})"
         if not self.kv.quantized:
             return self.kv.name
-        return f"{self.kv.name} rot={ {True: 'on', False: 'off'}.get(self.rotation, '?') }"
+        return f"{self.kv.name} rot={_ROTATION_LABEL[self.rotation]}"
 
     def options(self, base: RuntimeOptions) -> RuntimeOptions:
         if self.is_noise:
