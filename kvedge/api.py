@@ -4,6 +4,7 @@ cheapest first and before any model is hashed or run; the CLI only parses and re
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -22,7 +23,10 @@ from .registry import NOISE_VARIANTS
 from .report import ReportFiles, write_jsonl, write_reports
 from .runtime import LLAMA_CPP, RuntimeFactory, RuntimeOptions, parse_kv, parse_kv_list, parse_rotation
 from .store import AuditRows, Store, audit_lock
+from .server import parse_servers
+from .server.runtime import DEFAULT_PATIENCE, DEFAULT_TIMEOUT
 from .summary import summarize
+from .template import chat_template_for
 
 Log = Callable[[str], None]
 
@@ -66,11 +70,14 @@ def _stem(info: ModelInfo, adapter: Path | None) -> str:
     return info.stem + (f"+{adapter.stem}" if adapter else "")
 
 
+DEFAULT_KV, DEFAULT_ROTATION = "f16,q8_0,q4_0", "both"
+
+
 def audit(
     model: str | Path | None = None,
     lora: str | Path | None = None,
-    kv: str = "f16,q8_0,q4_0",
-    rotation: str = "both",
+    kv: str | None = None,
+    rotation: str | None = None,
     benchmarks: str = ",".join(DEFAULT_BENCHMARKS),
     split: str = "eval",
     prompts: str | Path | None = None,
@@ -89,6 +96,10 @@ def audit(
     canary: bool = True,
     batch: int | None = None,
     runtimes: RuntimeFactory = LLAMA_CPP,
+    server: Sequence[str] = (),
+    server_kv: str | None = None,
+    server_timeout: float = DEFAULT_TIMEOUT,
+    server_patience: float = DEFAULT_PATIENCE,
 ) -> AuditResult:
     """With no `model`, audits the embedded default model with the canary adapter; `canary=False`
     audits the bare default model. `detector` is a name (`keyword`, `judge:FILE.gguf`, ...) or a
@@ -96,8 +107,24 @@ def audit(
     each answer early once the verdict cannot change. `batch` prompts are decoded together (None: chosen
     from the model's KV size; 1: one at a time). `runtimes` is where llama.cpp contexts come from (a test
     can pass a fake). The report's `gate` says whether `fail_under` was met; the CLI turns a miss into
-    exit 1."""
-    configs = parse_kv_list(kv)  # cheap checks first: bad flags fail before the model is hashed
+    exit 1.
+
+    `server` audits running servers (URLs, with statements such as `#kv=q4_0,rot=on`; docs/server.md)
+    instead of the `kv` x `rotation` configs: their settings are the configs, and the f16 reference and
+    noise run come from an f16 server where one is given, else from this process. `server_kv` states the
+    cache types of servers that state none; `server_timeout` bounds one request and `server_patience` how
+    long a server may stay unreachable before the audit stops (resumable)."""
+    servers = parse_servers(server, server_kv)  # cheap checks first: bad flags fail before the model is hashed
+    if server_kv and not servers:
+        raise KvedgeError("--server-kv states the KV cache of --server endpoints: give --server URL")
+    if servers and (kv is not None or rotation is not None):
+        raise KvedgeError("--kv and --rotation choose in-process configs; a server audit's configs are its servers' "
+                          "settings (state them with --server-kv or URL#kv=...,rot=...)")
+    if server_timeout <= 0 or server_patience < 0:
+        raise KvedgeError("--server-timeout must be positive and --server-patience not negative")
+    kv = DEFAULT_KV if kv is None else kv
+    rotation = DEFAULT_ROTATION if rotation is None else rotation
+    configs = parse_kv_list(kv)
     per_layer = any(c.per_layer for c in configs)
     if per_layer:
         native.check_available()
@@ -134,11 +161,22 @@ def audit(
         batch=batch or auto_batch(info),
         detector=det,
     )
+    served = None
     with audit_lock(spec.store_path):  # a second audit of this directory is refused, not interleaved
-        outcome = run_audit(spec, progress=progress, runtimes=runtimes)
+        if servers:
+            from .server.prepare import prepare
+
+            served = prepare(servers, info, adapter, selected, chat_template_for(info), system, noise,
+                             spec.runtime_options, runtimes, spec.store_path, server_timeout, server_patience)
+            spec, runtimes = dataclasses.replace(spec, explicit_runs=served.plan.runs), served.runtimes
+        try:
+            outcome = run_audit(spec, progress=progress, runtimes=runtimes)
+        finally:
+            if served:
+                served.runtimes.close()
         with Store(spec.store_path) as store:
             rows = store.audit_rows([r.key for r in outcome.runs], outcome.reference.key)
-        return _judge_and_write(outcome, rows, det, det is not detector, fail_under, spec.out_dir)
+        return _judge_and_write(outcome, rows, det, det is not detector, fail_under, spec.out_dir, served)
 
 
 def _check_runtime_flags(ctx: int, threads: int | None, gpu_layers: int) -> None:
@@ -151,19 +189,24 @@ def _check_runtime_flags(ctx: int, threads: int | None, gpu_layers: int) -> None
 
 
 def _judge_and_write(outcome: AuditOutcome, rows: AuditRows, det: Detector, owned: bool,
-                     fail_under: float | None, out_dir: Path) -> AuditResult:
+                     fail_under: float | None, out_dir: Path, served=None) -> AuditResult:
     """Verdicts from the stored answers, the statistics, and the audit's files: report.json/.md/.html and
     attempts.jsonl in `out_dir`; the noise-stability marks go to the audit's store. An `owned` detector
-    is closed afterwards (a judge frees its model)."""
+    is closed afterwards (a judge frees its model). `served` (a server audit's servers) adds what each
+    server was and did to the report."""
     try:
         summary = summarize(outcome, rows, det, fail_under)
     finally:
         if owned:
             close_detector(det)
-    if summary.stability:
-        s = summary.stability
-        with Store(outcome.spec.store_path) as store:
+    with Store(outcome.spec.store_path) as store:
+        if summary.stability:
+            s = summary.stability
             store.put_stability(s.ref_key, s.noise_key, s.detector, list(s.marks))
+        if served:
+            from .server.report import annotate
+
+            annotate(summary.report, outcome, served, store)
     files = write_reports(summary.report, out_dir, "report")
     attempts = write_jsonl(summary.attempts, Path(out_dir) / "attempts.jsonl")
     return AuditResult(summary.report, files, attempts, outcome.spec.store_path, outcome.generated)

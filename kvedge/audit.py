@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -44,13 +45,18 @@ def auto_batch(model: ModelInfo) -> int:
     return max(1, min(16, CACHE_BUDGET // max(1, per_seq)))
 
 
+_ROTATION_LABEL = {True: "on", False: "off", None: "?"}
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """One llama.cpp configuration of an audit."""
 
     kv: KVConfig
-    rotation: bool
+    rotation: bool | None  # None: a server that neither reports nor was told whether it rotates
     variant: str = ""  # "" for a plain run, "noise:<how>" for the noise-floor run
+    # the settings of the server(s) that answer this run (canonical JSON, kvedge.server.plan); "" in-process
+    server: str = ""
 
     @property
     def is_reference(self) -> bool:
@@ -66,7 +72,7 @@ class RunSpec:
             return f"{self.kv.name} noise ({self.variant[6:]})"
         if not self.kv.quantized:
             return self.kv.name
-        return f"{self.kv.name} rot={'on' if self.rotation else 'off'}"
+        return f"{self.kv.name} rot={_ROTATION_LABEL[self.rotation]}"
 
     def options(self, base: RuntimeOptions) -> RuntimeOptions:
         if self.is_noise:
@@ -87,6 +93,8 @@ class AuditSpec:
     out_dir: Path = Path("kvedge-runs")
     noise: str | None = "flash-attn-off"
     batch: int = 1  # prompts decoded together (a wave); 1: one at a time
+    # the runs, when they are not the product of `kv` and `rotation` (a server audit's come from its servers)
+    explicit_runs: tuple[RunSpec, ...] | None = None
     # whose verdicts the report computes, and whose `final` ends a generation early
     detector: Detector = field(default_factory=default_detector)
 
@@ -95,6 +103,8 @@ class AuditSpec:
         return dataclasses.replace(self.options, n_seq=self.batch)
 
     def runs(self) -> list[RunSpec]:
+        if self.explicit_runs is not None:
+            return list(self.explicit_runs)
         rotations = parse_rotation(self.rotation)
         runs = [RunSpec(F16, True)]
         if self.noise:
@@ -142,7 +152,7 @@ class AuditOutcome:
 
 
 def _run_key_spec(spec: AuditSpec, run: RunSpec, template: ChatTemplate, adapter_sha: str | None, backend: dict) -> dict:
-    return {
+    key = {
         "kvedge_version": __version__,
         "model_sha256": spec.model.sha256,
         "adapter_sha256": adapter_sha,
@@ -161,6 +171,12 @@ def _run_key_spec(spec: AuditSpec, run: RunSpec, template: ChatTemplate, adapter
         # a dated template (strftime_now) renders what the frozen time says; undated keys stay as they were
         **({"render_time": template.now} if template.uses_clock else {}),
     }
+    if run.server:
+        # a server's arithmetic is what it reports or was told, not this machine's runtime; it answers
+        # with the full max_tokens (it cannot consult the detector mid-answer)
+        key.update(runtime=None, backend=None, server=json.loads(run.server),
+                   decoding={"greedy": True, "max_tokens": spec.max_tokens, "stop_when_final": None})
+    return key
 
 
 class _Session:
@@ -222,6 +238,12 @@ class _Session:
         rt.reset()
         rt.share_prefix(self._template_prefix(rt))
 
+    def _scorable(self, run: RunSpec) -> bool:
+        """Teacher-forced scoring (KLD, perplexity) needs every position's distribution from the run and
+        the reference; a server gives neither, so runs beside a server reference are not scored."""
+        reference = next(r for r in self.spec.runs() if r.is_reference)
+        return not run.server and not reference.server
+
     def _final(self, rt: Runtime, run: RunSpec, p: Prompt):
         """When generation may stop early: once the detector's verdict is final, except where the whole
         answer is needed (the reference's benign answers are the continuations KLD and perplexity are
@@ -239,7 +261,7 @@ class _Session:
         waves = [w for w in self._waves(list(self.spec.prompts)) if any((p.id, p.text_sha256) not in done for p in w)]
         ref_key = ref_key or key
         scored = self.store.scores(key, ref_key)
-        to_score = {(p.id, p.text_sha256) for p in self.benign} - set(scored)
+        to_score = ({(p.id, p.text_sha256) for p in self.benign} - set(scored)) if self._scorable(run) else set()
         if not waves and not to_score:
             return result
         rt = self._open(run)
@@ -256,7 +278,7 @@ class _Session:
                         stop = f"final:{self.spec.detector.id}" if g.stop_reason == "final" else g.stop_reason
                         self.store.put_generation(
                             GenerationRow(key, p.id, p.text_sha256, g.text, g.tokens, g.n_prompt_tokens, stop,
-                                          g.prompt_seconds, g.decode_seconds, _sha256(self.rendered[p.id])))
+                                          g.prompt_seconds, g.decode_seconds, _sha256(self.rendered[p.id])), g.origin)
                         result.generated += 1
                         bar.update(1)
             ref_gens = self.store.generations(ref_key)
@@ -265,7 +287,8 @@ class _Session:
                 with self._open(RunSpec(F16, True)) as ref_rt:
                     self._score(ref_rt, None, ref_key, ref_gens, set())
                 rt = self._open(run)
-            result.scored = self._score(rt, key, ref_key, ref_gens, to_score)
+            if self._scorable(run):  # a server gives no per-position distributions to teacher-force
+                result.scored = self._score(rt, key, ref_key, ref_gens, to_score)
         finally:
             rt.close()
         return result

@@ -45,10 +45,11 @@ def audit(
     model: Optional[Path] = typer.Argument(None, help="GGUF model; default: the embedded SmolLM2-135M-Instruct Q4_1 "
                                            "with the canary safety adapter."),
     lora: Optional[Path] = typer.Option(None, "--lora", help="LoRA adapter GGUF applied on top of the model."),
-    kv: str = typer.Option("f16,q8_0,q4_0", "--kv", help="KV configs, comma-separated: q8_0 (K and V), k=q8_0/v=q4_0, "
-                           "or per layer k=q4_0@11+17+19:q8_0/v=q4_0 (native build). f16 is always run as the reference."),
-    rotation: str = typer.Option("both", "--rotation", help="Attention rotation of quantized caches: on (current llama.cpp), "
-                                 "off (older builds), both."),
+    kv: Optional[str] = typer.Option(None, "--kv", help="KV configs, comma-separated: q8_0 (K and V), k=q8_0/v=q4_0, "
+                                     "or per layer k=q4_0@11+17+19:q8_0/v=q4_0 (native build). f16 is always run as "
+                                     "the reference. Default: f16,q8_0,q4_0."),
+    rotation: Optional[str] = typer.Option(None, "--rotation", help="Attention rotation of quantized caches: on (current "
+                                           "llama.cpp), off (older builds), both (the default)."),
     benchmarks: str = typer.Option("advbench,harmbench,xstest", "--benchmarks", help="Bundled prompt sets to run."),
     split: str = typer.Option("eval", "--split", help="Split of the bundled sets: eval, calib or train."),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="Your own prompts: CSV/TSV with a header or JSONL; "
@@ -72,6 +73,15 @@ def audit(
                                         "model's KV size, 16 for small models); 1 decodes one prompt at a time."),
     detector: str = typer.Option("keyword", "--detector", help=DETECTOR_HELP),
     refusal_phrases: Optional[Path] = typer.Option(None, "--refusal-phrases", help=PHRASES_HELP),
+    server: Optional[list[str]] = typer.Option(None, "--server", metavar="URL", help="Audit a running llama-server, Ollama or "
+                                               "OpenAI-compatible endpoint instead (repeatable; servers with the same "
+                                               "settings share the work). State what it does not report in the URL: "
+                                               "http://host:8080#kv=q4_0,rot=on (see docs/server.md)."),
+    server_kv: Optional[str] = typer.Option(None, "--server-kv", metavar="TYPE", help="KV cache type of the --server endpoints that "
+                                            "state none (servers do not report it), e.g. q4_0."),
+    server_timeout: float = typer.Option(300.0, "--server-timeout", help="Seconds one server request may take."),
+    server_patience: float = typer.Option(120.0, "--server-patience", help="Seconds a server may stay unreachable "
+                                          "(retried with backoff) before the audit stops; rerun to resume."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Run refusal benchmarks through real llama.cpp at each KV cache type and report what quantization costs."""
@@ -82,12 +92,14 @@ def audit(
         limit=limit, max_tokens=max_tokens, ctx=ctx, threads=threads, gpu_layers=gpu_layers, system=system,
         noise=None if noise == "none" else noise, out=out, fail_under=fail_under, progress=not quiet,
         canary=not no_canary, batch=batch, detector=detector, refusal_phrases=refusal_phrases,
+        server=server or (), server_kv=server_kv, server_timeout=server_timeout, server_patience=server_patience,
     )
     _echo_audit(result)
 
 
 def _echo_audit(result) -> None:
     from .report.audit import render_table
+    from .server.report import server_summary
 
     typer.echo(f"verdicts by {result.report['detector']['id']}")
     typer.echo(render_table(result.report))
@@ -95,6 +107,8 @@ def _echo_audit(result) -> None:
     if skipped:
         typer.echo(f"skipped {len(skipped)} prompts longer than --ctx (no room for an answer): "
                    + ", ".join(x["id"] for x in skipped))
+    for line in server_summary(result.report):
+        typer.echo(line)
     nf = result.report.get("noise_floor")
     if nf:
         r = nf["flip_rate"]

@@ -32,6 +32,14 @@ def _noise_label(report: dict) -> str | None:
     return nf["label"] if nf else None
 
 
+def _side(path: str | Path, report: dict) -> dict[str, Any]:
+    side = {"path": str(path), "backend": report["backend"]["kind"], "system_info": report["backend"]["system_info"],
+            "detector": report["detector"]["id"]}
+    if report.get("servers"):  # a server audit: which server answered which run
+        side["servers"] = {s["url"]: s["run"] for s in report["servers"]}
+    return side
+
+
 GROUPS = (("harmful", True), ("benign", False), ("all", None))
 SCHEMA = "kvedge.compare/1"
 
@@ -90,10 +98,8 @@ def compare_runs(a_path: str | Path, b_path: str | Path) -> dict[str, Any]:
     return {
         "schema": SCHEMA,
         "mode": "audits",
-        "a": {"path": str(a_path), "backend": a["backend"]["kind"], "system_info": a["backend"]["system_info"],
-              "detector": a["detector"]["id"]},
-        "b": {"path": str(b_path), "backend": b["backend"]["kind"], "system_info": b["backend"]["system_info"],
-              "detector": b["detector"]["id"]},
+        "a": _side(a_path, a),
+        "b": _side(b_path, b),
         "model_sha256": a["model"]["sha256"],
         "common_prompts": common,
         "rows": rows,

@@ -45,3 +45,7 @@ class TemplateError(KvedgeError):
 
 class DetectorError(KvedgeError):
     """A detector spec, refusal-phrase file or judge model that cannot be used."""
+
+
+class ServerError(KvedgeError):
+    """A server given with --server is unreachable, malformed, or not what the store or the model says."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import signal
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,6 +31,27 @@ ROTATION_ENV = "LLAMA_ATTN_ROT_DISABLE"
 LAYER_TYPES_ENV = native.LAYER_TYPES_ENV
 THREADS_ENV = "KVEDGE_THREADS"  # the default thread count, for machines shared with other work
 DEFAULT_SEQ_CELLS = 256  # cache cells budgeted per parallel sequence (a prompt and a 64-token answer fit)
+
+
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Ctrl-C waits while llama.cpp objects are made or freed, then lands. A KeyboardInterrupt in between
+    left a context and its model to the garbage collector, which may free the model first; glibc then
+    aborted the process ("double free or corruption") instead of kvedge exiting 130 with its resume
+    message (tests/test_crash_e2e.py)."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
+        yield
+        return
+    caught: list = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught and callable(previous):
+            previous(signal.SIGINT, caught[0])
+        elif caught and previous == signal.SIG_DFL:
+            signal.raise_signal(signal.SIGINT)
 
 
 ROTATIONS = {"on": (True,), "off": (False,), "both": (True, False)}
@@ -88,6 +110,18 @@ class Generation:
     # with generate(..., logprobs=True): log-softmax of every step's logits, the step that chose the
     # end of generation included (so len(tokens) or len(tokens) + 1 rows)
     logprobs: list[np.ndarray] | None = None
+    # where the answer came from, when not from this process (a server: kvedge.server), stored beside it
+    origin: dict | None = None
+
+
+def tokenize_rendered(model, rendered: str) -> list[int]:
+    """A rendered chat prompt's tokens through a llama-cpp-python `LlamaModel`: BOS as the vocabulary
+    wants it, special tokens parsed."""
+    toks = model.tokenize(rendered.encode("utf-8"), add_bos=True, special=True)
+    bos = model.token_bos()
+    if len(toks) >= 2 and toks[0] == bos and toks[1] == bos:
+        toks = toks[1:]  # the template wrote BOS itself and the tokenizer added another
+    return toks
 
 
 _env_lock = threading.Lock()
@@ -184,30 +218,39 @@ class Runtime:
         cp.n_seq_max = options.n_seq + 1 if options.n_seq > 1 else 1  # the last holds a shared prefix
         cp.kv_unified = options.n_seq > 1
         cp.no_perf = True
-        try:
-            self._model = LlamaModel(path_model=str(model.path), params=mp, verbose=False)
-            if lora_path is not None:
-                adapter = llama_cpp.llama_adapter_lora_init(self._model.model, str(lora_path).encode("utf-8"))
-                if not adapter:  # a NULL pointer object, not None: applying it crashed the process
-                    raise ValueError(f"llama.cpp rejected the LoRA adapter {lora_path}")
-                self._adapter = adapter
-            with _rotation_env(rotation, kv.layer_types_env()), suppress_stdout_stderr(disable=False):  # load log
-                self._ctx = LlamaContext(model=self._model, params=cp, verbose=False)
-            if self._adapter is not None:
-                adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self._adapter)
-                scales = (ctypes.c_float * 1)(1.0)
-                if llama_cpp.llama_set_adapters_lora(self._ctx.ctx, adapters, 1, scales):
-                    raise ValueError(f"llama.cpp could not apply the LoRA adapter {lora_path}")
-        except (ValueError, RuntimeError, OSError) as exc:
-            self.close()
-            raise ModelFileError(f"llama.cpp could not load {model.path} with KV {kv.name}: {exc}") from None
-        self._vocab = self._model.vocab
-        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
-        self.n_ctx = n_ctx
-        self.decoder = Decoder(llama_cpp, self._ctx.ctx, self._vocab, self.n_vocab, n_ctx, options.n_batch,
-                               max(1, options.n_seq))
+        with _interrupts_deferred():  # a half-made runtime is closed here, never left to the collector
+            try:
+                self._model = LlamaModel(path_model=str(model.path), params=mp, verbose=False)
+                if lora_path is not None:
+                    adapter = llama_cpp.llama_adapter_lora_init(self._model.model, str(lora_path).encode("utf-8"))
+                    if not adapter:  # a NULL pointer object, not None: applying it crashed the process
+                        raise ValueError(f"llama.cpp rejected the LoRA adapter {lora_path}")
+                    self._adapter = adapter
+                # the load log silenced; the rotation and per-layer types are read when the context is made
+                with _rotation_env(rotation, kv.layer_types_env()), suppress_stdout_stderr(disable=False):
+                    self._ctx = LlamaContext(model=self._model, params=cp, verbose=False)
+                if self._adapter is not None:
+                    adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self._adapter)
+                    scales = (ctypes.c_float * 1)(1.0)
+                    if llama_cpp.llama_set_adapters_lora(self._ctx.ctx, adapters, 1, scales):
+                        raise ValueError(f"llama.cpp could not apply the LoRA adapter {lora_path}")
+                self._vocab = self._model.vocab
+                self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
+                self.n_ctx = n_ctx
+                self.decoder = Decoder(llama_cpp, self._ctx.ctx, self._vocab, self.n_vocab, n_ctx, options.n_batch,
+                                       max(1, options.n_seq))
+            except (ValueError, RuntimeError, OSError) as exc:
+                self.close()
+                raise ModelFileError(f"llama.cpp could not load {model.path} with KV {kv.name}: {exc}") from None
+            except BaseException:
+                self.close()
+                raise
 
     def close(self) -> None:
+        with _interrupts_deferred():  # freed wholly or not at all: the context always before its model
+            self._close()
+
+    def _close(self) -> None:
         if self.decoder is not None:
             self.decoder.close()
             self.decoder = None
@@ -229,11 +272,7 @@ class Runtime:
 
     # tokens -----------------------------------------------------------------------------------
     def tokenize(self, rendered: str) -> list[int]:
-        toks = self._model.tokenize(rendered.encode("utf-8"), add_bos=True, special=True)
-        bos = self._model.token_bos()
-        if len(toks) >= 2 and toks[0] == bos and toks[1] == bos:
-            toks = toks[1:]  # the template wrote BOS itself and the tokenizer added another
-        return toks
+        return tokenize_rendered(self._model, rendered)
 
     def tokenize_piece(self, text: str, special: bool = False) -> list[int]:
         """Tokens of a bare piece of text: no BOS; `special` parses special tokens such as <|im_end|>."""

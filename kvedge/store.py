@@ -70,6 +70,16 @@ def m003_rendered_prompt(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE generations ADD COLUMN rendered_sha256 TEXT")
 
 
+@migration
+def m004_servers(db: sqlite3.Connection) -> None:
+    # server audits: which server gave each answer, and what each server was when first seen
+    db.execute("""CREATE TABLE IF NOT EXISTS origins (
+        run_key TEXT NOT NULL, prompt_id TEXT NOT NULL, prompt_sha TEXT NOT NULL, server TEXT NOT NULL,
+        detail_json TEXT NOT NULL, PRIMARY KEY (run_key, prompt_id, prompt_sha))""")
+    db.execute("CREATE TABLE IF NOT EXISTS servers (url TEXT PRIMARY KEY, identity_json TEXT NOT NULL, "
+               "first_seen REAL NOT NULL)")
+
+
 @dataclass(frozen=True)
 class GenerationRow:
     run_key: str
@@ -211,11 +221,33 @@ class Store:
         return {r["run_key"]: json.loads(r["spec_json"]) for r in self._conn.execute("SELECT run_key, spec_json FROM runs")}
 
     # generations ------------------------------------------------------------------------------
-    def put_generation(self, row: GenerationRow) -> None:
+    def put_generation(self, row: GenerationRow, origin: dict[str, Any] | None = None) -> None:
+        """One result, and with `origin` (a server answered it: `origin["server"]` is its URL) where it
+        came from, in the same transaction."""
         values = dataclasses.asdict(row)
         values["tokens_json"] = json.dumps(values.pop("tokens"))
         with self._write() as c:
             _insert(c, "generations", {**values, "created": time.time()})
+            if origin is not None:
+                _insert(c, "origins", {"run_key": row.run_key, "prompt_id": row.prompt_id, "prompt_sha": row.prompt_sha,
+                                       "server": origin["server"], "detail_json": json.dumps(origin, sort_keys=True)})
+
+    def origins(self, run_key_: str) -> dict[tuple[str, str], dict[str, Any]]:
+        cur = self._conn.execute(
+            "SELECT prompt_id, prompt_sha, detail_json FROM origins WHERE run_key = ?", (run_key_,))
+        return {(r[0], r[1]): json.loads(r[2]) for r in cur}
+
+    # servers ------------------------------------------------------------------------------------
+    def server_identity(self, url: str) -> dict[str, Any] | None:
+        """What a server was (kvedge.server.probe's identity) when this store first recorded it."""
+        row = self._conn.execute("SELECT identity_json FROM servers WHERE url = ?", (url,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def put_server(self, url: str, identity: dict[str, Any]) -> None:
+        """Record a server's identity the first time it is seen; a later identity never replaces it."""
+        with self._write() as c:
+            c.execute("INSERT OR IGNORE INTO servers VALUES (?, ?, ?)",
+                      (url, json.dumps(identity, sort_keys=True), time.time()))
 
     def generations(self, run_key_: str) -> dict[tuple[str, str], GenerationRow]:
         names = [f.name for f in dataclasses.fields(GenerationRow) if f.name != "tokens"]

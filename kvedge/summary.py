@@ -123,7 +123,8 @@ def summarize(outcome: AuditOutcome, rows: AuditRows, detector: Detector, fail_u
     skipped = _too_long(outcome, rows)
     prompts = [p for p in spec.prompts if p.id not in {s["id"] for s in skipped}]
     if not prompts:
-        raise EmptyPromptSet(f"every prompt is longer than the context ({spec.options.n_ctx} tokens): raise --ctx")
+        raise EmptyPromptSet(f"every prompt is longer than the context (--ctx {spec.options.n_ctx}, or a server's own): "
+                             "raise it")
     harmful = [p for p in prompts if p.harmful]
     benign = [p for p in prompts if not p.harmful]
     ref_run = outcome.reference

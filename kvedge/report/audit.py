@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..server.report import server_lines
 from ..stats import wilson
 from . import fmt, html, plots
 
@@ -133,6 +134,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(f"- speed: {dps:.1f} decode tok/s, {pps:.1f} prompt tok/s over {sp['generations']} generations"
                      if dps and pps else "- speed: n/a")
         lines.append("")
+    lines += server_lines(report)
     if report.get("gate"):
         g = report["gate"]
         lines.append(f"## Gate: retention >= {g['threshold']}: {'passed' if g['passed'] else 'FAILED: ' + ', '.join(g['failing'])}")

@@ -9,11 +9,16 @@ from . import html, plots
 from .fmt import rate
 
 
+def _where(side: dict[str, Any]) -> str:
+    servers = side.get("servers")
+    return f"{side['path']} ({side['backend']}" + (f"; servers {', '.join(servers)})" if servers else ")")
+
+
 def _sides(result: dict[str, Any]) -> tuple[str, str]:
     a, b = result["a"], result["b"]
     if result.get("mode") == "detectors":
         return f"A: detector {a['detector']}", f"B: detector {b['detector']}"
-    return f"A: {a['path']} ({a['backend']})", f"B: {b['path']} ({b['backend']})"
+    return f"A: {_where(a)}", f"B: {_where(b)}"
 
 
 def _headline(result: dict[str, Any]) -> str:
