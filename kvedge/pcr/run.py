@@ -52,7 +52,7 @@ def torch_threads(n: int):
         torch.set_num_threads(old)
 
 
-def _scheme(type_name: str, rotation: bool) -> Scheme | None:
+def cache_scheme(type_name: str, rotation: bool) -> Scheme | None:
     # an f32 cache is simulated as f16: llama.cpp's flash attention reads K and V as f16 whatever the
     # cache stores (measured: f32 and f16 caches give identical logits, docs/pcr.md)
     return None if type_name in ("f16", "f32") else parse_scheme(type_name, rotation)
@@ -126,7 +126,7 @@ class PcrPass:
 
     def rotation(self, rotation: bool) -> dict:
         kv, L = self.spec.kv, self.tm.hp.n_layer
-        tk, tv = _scheme(kv.type_k, rotation), _scheme(kv.type_v, rotation)
+        tk, tv = cache_scheme(kv.type_k, rotation), cache_scheme(kv.type_v, rotation)
         self.log(f"rotation {'on' if rotation else 'off'}: all-layer runs")
         both = self.full(CachePlan(tk, tv))
         k_only = self.full(CachePlan(tk, None)) if tk and tv else both if tk else None
@@ -221,7 +221,7 @@ def run_pcr(spec: PcrSpec, log: Callable[[str], None] = lambda m: None) -> dict[
         results, quant_fid = [], []
         for rot in spec.rotations:
             results.append(ps.rotation(rot))
-            tk, tv = _scheme(spec.kv.type_k, rot), _scheme(spec.kv.type_v, rot)
+            tk, tv = cache_scheme(spec.kv.type_k, rot), cache_scheme(spec.kv.type_v, rot)
             quant_fid.append(quant_fidelity(rot, llama_f16, llama_q[rot], sim_f16, ps.engine.continuation_logits(CachePlan(tk, tv))))
         fidelity = Fidelity(top1, f16_kld, n_pos, tuple(quant_fid), tm.verified)
     seconds = time.perf_counter() - t0
