@@ -13,7 +13,6 @@ config, and PCR's prescription against the choice.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -48,16 +47,10 @@ def _check_file(ref: FileRef, root: Path, what: str) -> Path:
 
 def load_deployment(folder: str | Path) -> tuple[dict, Deployment]:
     """deploy.json of a folder whose files are all as export wrote them (else DeploymentError)."""
+    from ..report import read_document
+
     root = Path(folder)
-    path = root / "deploy.json"
-    if not path.is_file():
-        raise DeploymentError(f"no deploy.json in {root}: run `kvedge export --out {root}` first")
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DeploymentError(f"{path} is not a kvedge deployment: {exc}") from None
-    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
-        raise DeploymentError(f"{path} is not a {SCHEMA} deployment (schema {doc.get('schema') if isinstance(doc, dict) else None!r})")
+    doc = read_document(root / "deploy.json", SCHEMA, DeploymentError, f"run `kvedge export --out {root}` first")
     for name, f in sorted(doc.get("files", {}).items()):
         _check_file(FileRef(name, f["sha256"], f["size_bytes"]), root, "file")
     dep = Deployment.from_dict(doc["deployment"])

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_write_text
+from ..errors import KvedgeError
 
 
 def write_pair(report: dict[str, Any], markdown: str, out_dir: Path, name: str) -> tuple[Path, Path]:
@@ -16,3 +17,18 @@ def write_pair(report: dict[str, Any], markdown: str, out_dir: Path, name: str) 
     atomic_write_text(jp, json.dumps(report, indent=2) + "\n")
     atomic_write_text(mp, markdown)
     return jp, mp
+
+
+def read_document(path: Path, schema: str, error: type[KvedgeError], missing: str) -> dict[str, Any]:
+    """A JSON document kvedge wrote, whose `schema` starts with `schema`; `error(...)` otherwise, with
+    `missing` as the advice when the file is not there."""
+    if not path.is_file():
+        raise error(f"no {path.name} at {path}: {missing}")
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{path} is not a kvedge document: {exc}") from None
+    found = doc.get("schema") if isinstance(doc, dict) else None
+    if not str(found or "").startswith(schema):
+        raise error(f"{path} is not a {schema} document (schema {found!r})")
+    return doc
