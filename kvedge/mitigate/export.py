@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable
@@ -120,17 +120,11 @@ def diagnose(spec: ExportSpec, log: Log) -> dict:
     return _cached(spec.work / "pcr" / "key.json", spec.key(step="pcr", ctx=PCR_CTX), run)
 
 
-def _caches(carrier: str) -> tuple[str, ...]:
-    from .simulate import CARRIER_CACHES
-
-    return CARRIER_CACHES[carrier]
-
-
 def smoothing_choice(spec: ExportSpec, torch_: _Torch, verdict: dict, evidence_layers: list[int], log: Log):
     from ..pcr.run import torch_threads
-    from .simulate import SmoothingChoice, choose_smoothing
+    from .simulate import CARRIER_CACHES, SmoothingChoice, choose_smoothing
 
-    caches = _caches(verdict["carrier"])
+    caches = CARRIER_CACHES[verdict["carrier"]]
 
     def run() -> dict:
         log(f"choosing the smoothing of {'+'.join(c.upper() for c in caches)} in simulation")
@@ -259,12 +253,28 @@ class CalibBench:
         return self.reports
 
 
-def _model_ref(path: Path, sha: str, size: int, name: str | None = None) -> FileRef:
-    return FileRef(name or str(path.resolve()), sha, size)
+def _file_ref(path: Path, sha: str, size: int) -> FileRef:
+    return FileRef(str(path.resolve()), sha, size)
+
+
+@dataclass
+class Decision:
+    """What the candidates loop found: the order, what was chosen (None: nothing met the target), the
+    runner-up, PCR's prescription, and why a candidate was skipped."""
+
+    order: list[cands.Candidate]
+    unmitigated: cands.Candidate
+    prescription: cands.Candidate
+    chosen: cands.Candidate | None = None
+    runner_up: cands.Candidate | None = None
+    skipped: dict[cands.Candidate, str] = field(default_factory=dict)
+
+    @property
+    def final(self) -> cands.Candidate:
+        return self.chosen or cands.Candidate("kv", F16, self.unmitigated.rotation)
 
 
 def run_export(spec: ExportSpec, log: Log, progress: bool = True) -> ExportResult:
-    rot = "on" if spec.rotation else "off"
     pcr = diagnose(spec, log)
     rot_entry = pcr["rotations"][0]
     verdict = rot_entry["verdict"]
@@ -273,110 +283,112 @@ def run_export(spec: ExportSpec, log: Log, progress: bool = True) -> ExportResul
 
     torch_ = _Torch(spec, log)
     choice = None
-    wants = spec.smooth == "force" or (spec.smooth == "auto" and verdict["mode"] == "outlier-crushes-safety")
-    if wants:
+    if spec.smooth == "force" or (spec.smooth == "auto" and verdict["mode"] == "outlier-crushes-safety"):
         choice = smoothing_choice(spec, torch_, verdict, evidence_layers, log)
         log(f"smoothing: {choice.reason}")
     smoothed = choice is not None and choice.chosen is not None
     prescription = cands.prescription(verdict, spec.kv, spec.rotation, smoothed)
-    order = cands.candidates(spec.model, spec.kv, spec.rotation, verdict["carrier"], prescription, smoothed, verdict)
-
+    decision = Decision(cands.candidates(spec.model, spec.kv, spec.rotation, verdict["carrier"], prescription, smoothed,
+                                         verdict), cands.Candidate("kv", spec.kv, spec.rotation), prescription)
     bench = CalibBench(spec, progress)
-    unmitigated = cands.Candidate("kv", spec.kv, spec.rotation)
-    log(f"calib split: f16 reference, noise run and the unmitigated {unmitigated.label}")
-    bench.measure(unmitigated)
+    log(f"calib split: f16 reference, noise run and the unmitigated {decision.unmitigated.label}")
+    bench.measure(decision.unmitigated)
     patched: Patched | None = None
-    skipped: dict[cands.Candidate, str] = {}
-    chosen = None
-    for c in order:
+    for c in decision.order:
         if c.smoothed:
             patched = build_patched(spec, torch_, choice, log)
             if not patched.passed:
-                skipped[c] = "the smoothed model failed its self-check: " + patched.info["self_check_summary"]
-                log(skipped[c])
+                decision.skipped[c] = "the smoothed model failed its self-check: " + patched.info["self_check_summary"]
+                log(decision.skipped[c])
                 continue
         if c.kind == "per-layer":
             cands.measure_per_layer(c)
         log(f"calib split: measuring {c.label}")
         m = bench.measure(c, patched)
+        met = spec.target.met(m)
         log(f"  flips -{m.harmful.lost}/+{m.harmful.gained} harmful, -{m.benign.lost}/+{m.benign.gained} benign: "
-            f"{'meets' if spec.target.met(m) else 'misses'} the target")
-        if spec.target.met(m):
-            chosen = c
+            f"{'meets' if met else 'misses'} the target")
+        if met:
+            decision.chosen = c
             break
     # the unmitigated config was measured first as the baseline: it competes in its place in the order
-    measured_order = [c for c in order if c in bench.measured]
-    ms = [bench.measured[c][0] for c in measured_order]
-    i_runner = runner_up(ms, spec.target, measured_order.index(chosen) if chosen else None)
-    reports = bench.final_reports()
-    doc, files = _document(spec, pcr, rot_entry, evidence_layers, choice, patched, order, measured_order, skipped,
-                           bench, chosen, prescription, measured_order[i_runner] if i_runner is not None else None,
-                           unmitigated, reports)
+    measured = [c for c in decision.order if c in bench.measured]
+    i = runner_up([bench.measured[c][0] for c in measured], spec.target,
+                  measured.index(decision.chosen) if decision.chosen else None)
+    decision.runner_up = measured[i] if i is not None else None
+    doc, files = _document(spec, rot_entry, pcr["fidelity"], evidence_layers, choice, patched, decision, bench)
     written = write_deployment(spec.out, files, doc)
     return ExportResult(doc, spec.out, tuple(written))
 
 
-def _document(spec, pcr, rot_entry, evidence_layers, choice, patched, order, measured_order, skipped, bench, chosen,
-              prescription, runner, unmitigated, reports) -> tuple[dict, dict[str, bytes | Path]]:
-    """deploy.json and the files beside it."""
+def _deployment(spec: ExportSpec, final: cands.Candidate, patched: Patched | None) -> tuple[Deployment, dict[str, Path]]:
+    """What to run, and the smoothed files to copy when they are it."""
     m = spec.model
-    files: dict[str, bytes | Path] = {}
-    adapter_ref = _model_ref(spec.adapter, spec.adapter_sha, spec.adapter.stat().st_size) if spec.adapter else None
-    source = {"model": _model_ref(m.path, m.sha256, m.size_bytes).__dict__, "adapter": adapter_ref.__dict__ if adapter_ref else None}
-    final = chosen or cands.Candidate("kv", F16, spec.rotation)
-    if final.smoothed:
-        model_ref = FileRef(patched.model.name, patched.info["model_sha256"], patched.info["model_bytes"])
-        files[patched.model.name] = patched.model
-        dep_adapter = None
-        if patched.adapter:
-            dep_adapter = FileRef(patched.adapter.name, patched.info["adapter_sha256"], patched.adapter.stat().st_size)
-            files[patched.adapter.name] = patched.adapter
+    if not final.smoothed:
+        adapter = _file_ref(spec.adapter, spec.adapter_sha, spec.adapter.stat().st_size) if spec.adapter else None
+        model = _file_ref(m.path, m.sha256, m.size_bytes)
+        files: dict[str, Path] = {}
     else:
-        model_ref, dep_adapter = _model_ref(m.path, m.sha256, m.size_bytes), adapter_ref
+        model = FileRef(patched.model.name, patched.info["model_sha256"], patched.info["model_bytes"])
+        adapter = (FileRef(patched.adapter.name, patched.info["adapter_sha256"], patched.adapter.stat().st_size)
+                   if patched.adapter else None)
+        files = {patched.model.name: patched.model} | ({patched.adapter.name: patched.adapter} if patched.adapter else {})
     launch = Launch(final.kv.type_k, final.kv.type_v, final.rotation, spec.options.n_ctx, True, final.layer_types)
-    dep = Deployment(model_ref, dep_adapter, launch)
-    title = f"kvedge deployment of {m.path.name}: KV {final.label}"
-    renderings = render_all(dep, title)
-    for name, text in renderings.items():
-        files[name] = text.encode("utf-8")
-    ollama_ok, ollama_note = ollama_support(launch)
+    return Deployment(model, adapter, launch), files
 
-    def bytes_at_ctx(c: cands.Candidate) -> dict:
-        bpt = c.bytes_per_token(m)
-        return {"kv_bytes_per_token": bpt, "kv_bytes_at_ctx": bpt * spec.options.n_ctx,
-                "kv_mib_at_ctx": bpt * spec.options.n_ctx / 2**20}
 
-    cand_rows = []
-    for c in order:
-        row = c.to_dict(m) | {"prescription": c == prescription}
+def _candidate_rows(spec: ExportSpec, decision: Decision, bench: CalibBench) -> list[dict]:
+    rows = []
+    for c in decision.order:
+        row = c.to_dict(spec.model) | {"prescription": c == decision.prescription}
         if c in bench.measured:
             meas, where = bench.measured[c]
             row |= {"measured": meas.to_dict() | where, "meets_target": spec.target.met(meas)}
         else:
-            row |= {"measured": None, "meets_target": None,
-                    "not_measured": skipped.get(c, "a cheaper candidate met the target first" if chosen else "")}
-        cand_rows.append(row)
-    unmit_meas = bench.measured[unmitigated][0]
-    evidence_files: dict[str, dict] = {}
-    pcr_dir = spec.work / "pcr"
+            why = decision.skipped.get(c, "a cheaper candidate met the target first" if decision.chosen else "")
+            row |= {"measured": None, "meets_target": None, "not_measured": why}
+        rows.append(row)
+    return rows
+
+
+def _document(spec: ExportSpec, rot_entry: dict, fidelity: dict, evidence_layers: list[int], choice,
+              patched: Patched | None, decision: Decision, bench: CalibBench) -> tuple[dict, dict[str, bytes | Path]]:
+    """deploy.json and the files beside it."""
+    m = spec.model
+    final = decision.final
+    dep, files = _deployment(spec, final, patched)
+    launch = dep.launch
+    for name, text in render_all(dep, f"kvedge deployment of {m.path.name}: KV {final.label}").items():
+        files[name] = text.encode("utf-8")
+    ollama_ok, ollama_note = ollama_support(launch)
+
+    def kv_bytes(c: cands.Candidate) -> dict:
+        bpt = c.bytes_per_token(m)
+        return {"kv_bytes_per_token": bpt, "kv_bytes_at_ctx": bpt * spec.options.n_ctx,
+                "kv_mib_at_ctx": bpt * spec.options.n_ctx / 2**20}
+
     for name in ("pcr.json", "pcr.md"):
-        files[f"evidence/{name}"] = pcr_dir / name
-    for which, rep in reports.items():
+        files[f"evidence/{name}"] = spec.work / "pcr" / name
+    audits: dict[str, dict] = {}
+    for which, rep in bench.final_reports().items():
         files[f"evidence/calib-{which}.json"] = (json.dumps(rep, indent=2) + "\n").encode("utf-8")
-        evidence_files[which] = {"report": f"evidence/calib-{which}.json",
-                                 "store": str((bench.orig_dir if which == "original" else bench.smooth_dir) / "kvedge.sqlite"),
-                                 "runs": [{"label": r["label"], "key": r["key"]} for r in rep["runs"]]}
-    orig = reports["original"]
+        audits[which] = {"report": f"evidence/calib-{which}.json",
+                         "store": str((bench.orig_dir if which == "original" else bench.smooth_dir) / "kvedge.sqlite"),
+                         "runs": [{"label": r["label"], "key": r["key"]} for r in rep["runs"]]}
+    orig = bench.reports["original"]
+    chosen = decision.chosen
+    source_adapter = _file_ref(spec.adapter, spec.adapter_sha, spec.adapter.stat().st_size) if spec.adapter else None
     doc = {
         "schema": SCHEMA,
         "kvedge_version": __version__,
         "deployment": dep.to_dict() | {
-            "label": final.label, "kind": final.kind, "smoothed": final.smoothed, **bytes_at_ctx(final),
+            "label": final.label, "kind": final.kind, "smoothed": final.smoothed, **kv_bytes(final),
             "rotation_requirement": rotation_requirement(final.rotation), "env": launch.env,
         },
-        "source": source,
+        "source": {"model": asdict(_file_ref(m.path, m.sha256, m.size_bytes)),
+                   "adapter": asdict(source_adapter) if source_adapter else None},
         "unmitigated": {"type_k": spec.kv.type_k, "type_v": spec.kv.type_v, "rotation": spec.rotation,
-                        "label": unmitigated.label, **bytes_at_ctx(unmitigated)},
+                        "label": decision.unmitigated.label, **kv_bytes(decision.unmitigated)},
         "target": spec.target.to_dict(),
         "decision": {
             "qualified": chosen is not None,
@@ -384,21 +396,22 @@ def _document(spec, pcr, rot_entry, evidence_layers, choice, patched, order, mea
             "reason": (f"{chosen.label} is the fewest KV bytes that meets the target on the calib split"
                        if chosen else "no candidate met the target on the calib split: kvedge recommends the f16 "
                        "cache (the reference) rather than a configuration it could not show to be safe"),
-            "runner_up": runner.label if runner else None,
-            "prescription": {"label": prescription.label, "verdict": rot_entry["verdict"]["mode"],
-                             "was_chosen": chosen == prescription, "file": _prescription_file(prescription, patched)},
-            "unmitigated_on_calib": unmit_meas.to_dict(),
-            "candidates": cand_rows,
+            "runner_up": decision.runner_up.label if decision.runner_up else None,
+            "prescription": {"label": decision.prescription.label, "verdict": rot_entry["verdict"]["mode"],
+                             "was_chosen": chosen == decision.prescription,
+                             "file": _prescription_file(decision.prescription, patched)},
+            "unmitigated_on_calib": bench.measured[decision.unmitigated][0].to_dict(),
+            "candidates": _candidate_rows(spec, decision, bench),
         },
         "smoothing": _smoothing_doc(choice, patched),
         "evidence": {
             "pcr": {"report": "evidence/pcr.json", "verdict": rot_entry["verdict"], "evidence_layers": evidence_layers,
                     "damage": rot_entry["all_layers"]["k_and_v"]["damage"], "concentration": rot_entry["concentration"],
-                    "fidelity": pcr["fidelity"]},
+                    "fidelity": fidelity},
             "calib": {"split": "calib", "limit": spec.limit, "n_prompts": orig["prompts_summary"]["n"],
                       "max_tokens": spec.max_tokens, "detector": orig["detector"], "backend": orig["backend"]["kind"],
                       "noise_floor": {k: orig["noise_floor"][k] for k in ("label", "flip_rate", "harmful", "benign")},
-                      "audits": evidence_files},
+                      "audits": audits},
         },
         "renderings": {"llama-server": "llama-server.sh", "llama-cli": "llama-cli.sh",
                        "llama-cpp-python": "llama-cpp-python.json",
@@ -415,9 +428,9 @@ def _prescription_file(p: cands.Candidate, patched: Patched | None) -> dict | No
     """Where the smoothed files are when PCR prescribed them (verify can measure them beside the choice)."""
     if not p.smoothed or patched is None or not patched.passed:
         return None
-    return {"model": FileRef(str(patched.model.resolve()), patched.info["model_sha256"], patched.info["model_bytes"]).__dict__,
-            "adapter": FileRef(str(patched.adapter.resolve()), patched.info["adapter_sha256"],
-                               patched.adapter.stat().st_size).__dict__ if patched.adapter else None}
+    return {"model": asdict(FileRef(str(patched.model.resolve()), patched.info["model_sha256"], patched.info["model_bytes"])),
+            "adapter": asdict(FileRef(str(patched.adapter.resolve()), patched.info["adapter_sha256"],
+                                      patched.adapter.stat().st_size)) if patched.adapter else None}
 
 
 def _smoothing_doc(choice, patched: Patched | None) -> dict | None:

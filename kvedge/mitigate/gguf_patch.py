@@ -79,8 +79,9 @@ def _dequantize(raw: np.ndarray, qtype: Q) -> np.ndarray:
 def _scale_float(data: np.ndarray, scale: np.ndarray, dtype: type) -> np.ndarray | None:
     """data * scale in `dtype`, or None when that is not exact (overflow, subnormal loss)."""
     x = data.astype(np.float32)
-    y = (x * scale).astype(dtype)
-    back = y.astype(np.float32) / scale
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is the answer "not exact", not a warning
+        y = (x * scale).astype(dtype)
+        back = y.astype(np.float32) / scale
     return y if np.all(np.isfinite(y)) and np.array_equal(back, x) else None
 
 
@@ -125,7 +126,8 @@ def scale_tensor(raw: np.ndarray, qtype: Q, ts: TensorScale) -> tuple[np.ndarray
         values = (deq.reshape(len(scale), -1) * scale.reshape(-1, 1)).reshape(deq.shape)
     else:
         values = _dequantize(raw, qtype) * scale.reshape(1, -1)
-    as_f16 = values.astype(np.float16)
+    with np.errstate(over="ignore"):
+        as_f16 = values.astype(np.float16)
     if np.all(np.isfinite(as_f16)) and np.array_equal(as_f16.astype(np.float32), values):
         return as_f16, Q.F16
     return values.astype(np.float32), Q.F32
