@@ -124,7 +124,7 @@ def test_verify_the_smoothed_deployment(smoothed):
     rep = json.loads((smoothed["out"] / "verify" / "verify.json").read_text())
     assert rep["schema"] == "kvedge.verify/1" and rep["split"] == "eval" and rep["prompts_summary"]["n"] == 4
     roles = [r["role"] for r in rep["rows"]]
-    assert roles == ["reference", "noise", "unmitigated", "smoothed-f16", "deployment"]
+    assert roles == ["reference", "noise", "unmitigated", "deployment-f16", "deployment"]
     rec = rep["recovery"]["deployment"]
     assert rec["memory_overhead"] == 0 and rec["n_prompts"] == 4
     if rec["flips_unmitigated"]:

@@ -153,34 +153,33 @@ def run_verify(spec: VerifySpec, log: Log, progress: bool = True) -> dict[str, A
 
     reports = {"original": orig}
     mitigations: dict[str, tuple[Measured, dict[str, bool], KVConfig]] = {}
-    if smoothed:
-        rep = run(dep.model.resolve(root), dep.adapter.resolve(root) if dep.adapter else None, [dep_kv], None, "deployment")
-        reports["deployment"] = rep
-        e = run_entry(rep, dep_kv, L.rotation)
-        v = report_verdicts(rep, e["label"])
-        row("smoothed-f16", "smoothed f16", next(r for r in rep["runs"] if r["reference"]), "deployment", F16,
+
+    def smoothed_audit(role: str, label: str, model: FileRef, adapter: FileRef | None, kv: KVConfig) -> None:
+        """A smoothed model's own audit: at f16 (its verdicts against the original's show the smoothing's
+        exactness on eval) and at the cache types, judged against the original's f16."""
+        rep = run(model.resolve(root), adapter.resolve(root) if adapter else None, [kv], None, role)
+        reports[role] = rep
+        row(f"{role}-f16", f"{label} (f16 KV)", next(r for r in rep["runs"] if r["reference"]), role, F16,
             report_verdicts(rep, "f16"), True)
-    elif dep_kv == F16:
-        e, v = ref_entry, ref
-    else:
-        e = run_entry(orig, dep_kv, L.rotation)
-        v = report_verdicts(orig, e["label"])
+        e = run_entry(rep, kv, L.rotation)
+        v = report_verdicts(rep, e["label"])
+        mitigations[role] = (row(role, label, e, role, kv, v, True), v, kv)
+
     label = doc["deployment"]["label"]
-    mitigations["deployment"] = (row("deployment", label, e, "deployment" if smoothed else "original", dep_kv, v, smoothed),
-                                 v, dep_kv)
+    if smoothed:
+        smoothed_audit("deployment", label, dep.model, dep.adapter, dep_kv)
+    else:
+        e = ref_entry if dep_kv == F16 else run_entry(orig, dep_kv, L.rotation)
+        v = report_verdicts(orig, e["label"])
+        mitigations["deployment"] = (row("deployment", label, e, "original", dep_kv, v, False), v, dep_kv)
 
     presc = doc["decision"]["prescription"]
     pfile = presc.get("file")
     if pfile and not smoothed:
-        pm, pa = FileRef.from_dict(pfile["model"]), FileRef.from_dict(pfile["adapter"]) if pfile.get("adapter") else None
-        present = pm.resolve(root).is_file() and sha256_file(pm.resolve(root)) == pm.sha256 and (
-            pa is None or (pa.resolve(root).is_file() and sha256_file(pa.resolve(root)) == pa.sha256))
-        if present:
-            rep = run(pm.resolve(root), pa.resolve(root) if pa else None, [unmit], None, "prescription")
-            reports["prescription"] = rep
-            e = run_entry(rep, unmit, L.rotation)
-            v = report_verdicts(rep, e["label"])
-            mitigations["prescription"] = (row("prescription", presc["label"], e, "prescription", unmit, v, True), v, unmit)
+        pm = FileRef.from_dict(pfile["model"])
+        pa = FileRef.from_dict(pfile["adapter"]) if pfile.get("adapter") else None
+        if all(r.resolve(root).is_file() and sha256_file(r.resolve(root)) == r.sha256 for r in (pm, pa) if r):
+            smoothed_audit("prescription", presc["label"], pm, pa, unmit)
         else:
             log(f"PCR's prescription ({presc['label']}) is not in the work folder any more: not measured on eval")
 
