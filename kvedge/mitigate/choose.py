@@ -21,6 +21,8 @@ from ..noise import Flips, Judgement, flips, judge
 if TYPE_CHECKING:
     from ..runtime import KVConfig
 
+NOISE = "flash-attn-off"  # the f16 noise run every judgement here is made against (the audit's default)
+
 
 @dataclass(frozen=True)
 class Target:

@@ -24,17 +24,16 @@ from ..errors import KvedgeError
 from ..model import ModelInfo, inspect_model, sha256_file
 from ..runtime import F16, KVConfig, RuntimeOptions
 from . import candidates as cands
-from .choose import Measured, Target, measure, report_verdicts, run_entry, runner_up
+from .choose import NOISE, Measured, Target, measure, report_verdicts, run_entry, runner_up
 from .deploy import SCHEMA, Deployment, FileRef, Launch, ollama_support, render_all, rotation_requirement
 from .gguf_patch import PatchError, check_space
 
 Log = Callable[[str], None]
 PCR_CTX = 2048
-NOISE = "flash-attn-off"
 
 
 class ExportError(KvedgeError):
-    """The deployment cannot be written, or the export's own check of its output failed."""
+    """The deployment folder cannot be used or written."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +53,11 @@ class ExportSpec:
     @property
     def adapter_sha(self) -> str | None:
         return sha256_file(self.adapter) if self.adapter else None
+
+    @property
+    def calib_options(self) -> RuntimeOptions:
+        """How llama.cpp runs the PCR calibration prompts (the smoothing's statistics and self-check too)."""
+        return RuntimeOptions(n_ctx=PCR_CTX, n_threads=self.options.n_threads)
 
     def key(self, **extra: Any) -> dict:
         return {"kvedge_version": __version__, "model_sha256": self.model.sha256, "adapter_sha256": self.adapter_sha,
@@ -92,8 +96,7 @@ class _Torch:
         from ..pcr.calibset import build_calibset, select_calib_prompts
 
         self.log("calibration prompts through llama.cpp")
-        return build_calibset(self.spec.model, self.spec.adapter, select_calib_prompts(),
-                              RuntimeOptions(n_ctx=PCR_CTX, n_threads=self.spec.options.n_threads))
+        return build_calibset(self.spec.model, self.spec.adapter, select_calib_prompts(), self.spec.calib_options)
 
     @cached_property
     def tm(self):
@@ -112,8 +115,7 @@ def diagnose(spec: ExportSpec, log: Log) -> dict:
 
     def run() -> dict:
         log("PCR diagnosis (torch pass over the calibration prompts)")
-        rep = run_pcr(PcrSpec(spec.model, spec.adapter, spec.kv, (spec.rotation,),
-                              RuntimeOptions(n_ctx=PCR_CTX, n_threads=spec.options.n_threads)), log)
+        rep = run_pcr(PcrSpec(spec.model, spec.adapter, spec.kv, (spec.rotation,), spec.calib_options), log)
         write_pair(rep, render_markdown(rep), spec.work / "pcr", "pcr")
         return rep
 
@@ -193,8 +195,7 @@ def build_patched(spec: ExportSpec, torch_: _Torch, choice, log: Log) -> Patched
                                  provenance | {"kvedge.smoothing.source_sha256": spec.adapter_sha or ""})
     log("checking the smoothed model against the original at f16 KV (llama.cpp)")
     patched_info = inspect_model(model_out)
-    check = self_check(spec.model, spec.adapter, patched_info, adapter_out, torch_.cal,
-                       RuntimeOptions(n_ctx=PCR_CTX, n_threads=spec.options.n_threads))
+    check = self_check(spec.model, spec.adapter, patched_info, adapter_out, torch_.cal, spec.calib_options)
     info = {"model_sha256": patched_info.sha256, "model_bytes": patched_info.size_bytes,
             "adapter_sha256": sha256_file(adapter_out) if adapter_out else None,
             "patch": {"model": rep_model.to_dict(), "adapter": rep_adapter.to_dict() if rep_adapter else None},

@@ -21,8 +21,8 @@ from ..pcr.calibset import CalibSet
 from ..pcr.fidelity import f16_agreement, llama_logits
 from ..registry import NOISE_VARIANTS
 from ..runtime import F16, RuntimeOptions
+from .choose import NOISE
 
-NOISE = "flash-attn-off"
 
 
 @dataclass(frozen=True)

@@ -24,11 +24,10 @@ from ..errors import KvedgeError
 from ..model import inspect_model, sha256_file
 from ..runtime import F16, KVConfig, RuntimeOptions
 from ..stats import Estimate, bootstrap, ratio_of_means
-from .choose import Measured, Target, measure, report_verdicts, run_entry
+from .choose import NOISE, Measured, Target, measure, report_verdicts, run_entry
 from .deploy import SCHEMA, Deployment, FileRef, disagreements
 
 VERIFY_SCHEMA = "kvedge.verify/1"
-NOISE = "flash-attn-off"
 Log = Callable[[str], None]
 
 
