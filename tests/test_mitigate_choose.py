@@ -111,3 +111,37 @@ def test_recovery_is_two_sided_and_paired():
     one = one_sided_recovery(ref[:10], mit[:10], unmit[:10])
     assert one.value == pytest.approx(1.0)
     assert one_sided_recovery(ref[:10], mit[:10], ref[:10]) is None
+
+
+def test_no_qualifying_candidate_means_f16():
+    from kvedge.mitigate.export import Decision
+
+    unmit = cands.Candidate("kv", KVConfig("q4_0", "q4_0"), False)
+    d = Decision([unmit], unmit, unmit)
+    assert d.final.kv == KVConfig("f16", "f16") and d.final.label == "f16"
+    d.chosen = unmit
+    assert d.final == unmit
+
+
+def test_write_deployment_is_all_or_nothing(tmp_path):
+    import json
+
+    from kvedge.mitigate.export import ExportError, write_deployment
+
+    big = tmp_path / "model.gguf"
+    big.write_bytes(b"GGUF" + bytes(1000))
+    out = tmp_path / "deploy"
+    written = write_deployment(out, {"m.gguf": big, "llama-server.sh": b"#!/bin/sh\n", "evidence/x.json": b"{}"}, {})
+    assert sorted(p.relative_to(out).as_posix() for p in written) == ["deploy.json", "evidence/x.json", "llama-server.sh", "m.gguf"]
+    doc = json.loads((out / "deploy.json").read_text())
+    assert set(doc["files"]) == {"m.gguf", "llama-server.sh", "evidence/x.json"}
+    assert (out / "llama-server.sh").stat().st_mode & 0o111
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    with pytest.raises(ExportError, match="not an empty folder"):
+        write_deployment(out, {"a": b""}, {})
+    # a file that cannot be copied half-way through: nothing of this export is kept
+    out2 = tmp_path / "deploy2"
+    (tmp_path / "unreadable").mkdir()  # copying a folder as a file fails after a.txt is staged
+    with pytest.raises(ExportError, match="nothing was kept"):
+        write_deployment(out2, {"a.txt": b"x", "m.gguf": tmp_path / "unreadable"}, {})
+    assert not out2.exists()
