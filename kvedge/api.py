@@ -403,3 +403,109 @@ def build_native(backend: str = "cpu", force: bool = False, dry_run: bool = Fals
     """Build kvedge's native llama.cpp for `backend` (cpu, cuda, metal) with native/build.sh into the
     per-user cache; returns the script's exit status. Per-layer KV configs need it."""
     return native.build(backend, force=force, dry_run=dry_run, jobs=jobs)
+
+
+SMOOTH_MODES = ("auto", "force", "off")
+
+
+def export(
+    model: str | Path | None = None,
+    lora: str | Path | None = None,
+    kv: str = "q4_0",
+    rotation: str = "on",
+    target: str | float = "noise",
+    out: str | Path | None = None,
+    limit: int | None = None,
+    max_tokens: int = 64,
+    ctx: int = 4096,
+    threads: int | None = None,
+    smooth: str = "auto",
+    work: str | Path | None = None,
+    canary: bool = True,
+    progress: bool = True,
+    log: Log | None = None,
+):
+    """kvedge export: the smallest KV configuration (K/V types, or the smoothed model at `kv`) that meets
+    `target` on the calib split, written to `out` as deploy.json and each runtime's launch files. `kv` is
+    the unmitigated configuration wanted; `rotation` whether the target runtime rotates (on|off).
+    Returns `mitigate.export.ExportResult`."""
+    from .calib.gguf_torch import check_architecture
+    from .mitigate.choose import parse_target
+    from .mitigate.export import ExportSpec, check_out_dir, run_export
+    from .mitigate.gguf_patch import PatchError, check_space
+
+    config = parse_kv(kv)
+    if not config.quantized:
+        raise KvedgeError(f"--kv {config.name} is not quantized: nothing to mitigate (f16 is the reference)")
+    rotations = parse_rotation(rotation)
+    if len(rotations) != 1:
+        raise KvedgeError("--rotation for a deployment is on or off: the runtime either rotates or it does not")
+    goal = parse_target(target)
+    if smooth not in SMOOTH_MODES:
+        raise KvedgeError(f"--smooth must be one of {', '.join(SMOOTH_MODES)}, not {smooth!r}")
+    if out is None:
+        raise KvedgeError("--out DIR is required: the deployment folder to write")
+    if limit is not None and limit < 1:
+        raise KvedgeError("--limit must be at least 1")
+    if max_tokens < 1:
+        raise KvedgeError(f"--max-tokens must be at least 1, not {max_tokens}")
+    _check_runtime_flags(ctx, threads, 0)
+    out = Path(out)
+    check_out_dir(out)
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise KvedgeError("export diagnoses with a torch pass: install it with pip install 'kvedge[pcr]'") from None
+    info = load_model(model)
+    check_architecture(info.architecture)
+    config = config.resolve(info)  # checks it fits the model
+    if config.per_layer:
+        native.require_native()
+    adapter = _adapter_for(info, model, lora, canary)
+    if smooth != "off":
+        # the smoothed copies may land in the deployment folder: room for them before any work
+        try:
+            check_space(out, info.size_bytes + (adapter.stat().st_size if adapter else 0), "the smoothed model")
+        except PatchError as exc:
+            raise KvedgeError(str(exc)) from None
+    stem = _stem(info, adapter)
+    spec = ExportSpec(
+        model=info, adapter=adapter, kv=config, rotation=rotations[0], target=goal, out=out,
+        work=Path(work) if work else Path("kvedge-runs") / stem / f"export-{config.name.replace('/', '_')}-rot-{rotation}",
+        limit=limit, max_tokens=max_tokens, options=RuntimeOptions(n_ctx=ctx, n_threads=threads), smooth=smooth,
+    )
+    return run_export(spec, log or (lambda m: None), progress)
+
+
+def verify(
+    deployment: str | Path,
+    target: str | float | None = None,
+    limit: int | None = None,
+    max_tokens: int | None = None,
+    threads: int | None = None,
+    out: str | Path | None = None,
+    progress: bool = True,
+    log: Log | None = None,
+) -> tuple[dict[str, Any], ReportFiles]:
+    """kvedge verify: audit exactly what DEPLOY_DIR/deploy.json says on the eval split, beside the unmitigated
+    config and f16. `target` overrides the export's (e.g. a stricter CI gate). Returns the report (its
+    `gate.passed` is the verdict; the CLI turns a miss into exit 1) and its files (verify.json, .md, .html)."""
+    from .mitigate.choose import Target, parse_target
+    from .mitigate.verify import VerifySpec, load_deployment, run_verify
+
+    goal = parse_target(target) if target is not None else None
+    if limit is not None and limit < 1:
+        raise KvedgeError("--limit must be at least 1")
+    if max_tokens is not None and max_tokens < 1:
+        raise KvedgeError("--max-tokens must be at least 1")
+    _check_runtime_flags(64, threads, 0)
+    folder = Path(deployment)
+    doc, dep = load_deployment(folder)
+    if goal is None:
+        t = doc["target"]
+        goal = Target(t["kind"], t["value"])
+    out_dir = Path(out) if out else folder / "verify"
+    spec = VerifySpec(folder, doc, dep, goal, out_dir, limit,
+                      max_tokens or doc["evidence"]["calib"]["max_tokens"], RuntimeOptions(n_threads=threads))
+    rep = run_verify(spec, log or (lambda m: None), progress)
+    return rep, write_reports(rep, out_dir, "verify")

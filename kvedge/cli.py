@@ -256,6 +256,63 @@ def build_native(
         raise typer.Exit(code)
 
 
+@command
+def export(
+    model: Optional[Path] = typer.Argument(None, help="GGUF model; default: SmolLM2-135M-Instruct + canary adapter."),
+    lora: Optional[Path] = typer.Option(None, "--lora", help="LoRA adapter GGUF applied on top of the model."),
+    kv: str = typer.Option("q4_0", "--kv", help="The cache you want to run: q4_0 (K and V) or k=q8_0/v=q4_0."),
+    rotation: str = typer.Option("on", "--rotation", help="Does the target runtime rotate quantized caches: on "
+                                 "(current llama.cpp) or off (older builds)."),
+    target: str = typer.Option("noise", "--target", help="noise (flips within the f16 noise floor) or a retention "
+                               "R in 0..1 of f16's refusals and answers."),
+    out: Path = typer.Option(..., "--out", help="The deployment folder to write (new or empty)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="At most N calib prompts of each group."),
+    max_tokens: int = typer.Option(64, "--max-tokens", help="Tokens generated per prompt (greedy)."),
+    ctx: int = typer.Option(4096, "--ctx", help="The deployment's context size (KV memory is reported at it)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for llama.cpp and torch."),
+    smooth: str = typer.Option("auto", "--smooth", help="Channel smoothing: auto (when PCR prescribes it and the "
+                               "simulation finds it helps), force, or off."),
+    work: Optional[Path] = typer.Option(None, "--work", help="Where measurements are kept for resuming (default "
+                                        "kvedge-runs/<model-stem>/export-<kv>-rot-<on|off>/)."),
+    no_canary: bool = typer.Option(False, "--no-canary", help="With no MODEL, export the bare default model."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress messages."),
+) -> None:
+    """Choose the smallest KV configuration that stays safe (on the calib split) and write it for each runtime."""
+    from .api import export as run
+    from .report.mitigate import export_lines
+
+    result = run(model=model, lora=lora, kv=kv, rotation=rotation, target=target, out=out, limit=limit,
+                 max_tokens=max_tokens, ctx=ctx, threads=threads, smooth=smooth, work=work, canary=not no_canary,
+                 progress=not quiet, log=_log(quiet))
+    for line in export_lines(result.deploy, result.out):
+        typer.echo(line)
+
+
+@command
+def verify(
+    deployment: Path = typer.Argument(..., help="A folder written by kvedge export."),
+    target: Optional[str] = typer.Option(None, "--target", help="Judge against this target instead of the "
+                                         "export's: noise or a retention R in 0..1."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="At most N eval prompts of each group."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Tokens per prompt (default: the export's)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Where verify.json, verify.md, verify.html and the stores go "
+                                       "(default DEPLOYMENT/verify/)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress messages."),
+) -> None:
+    """Audit exactly what deploy.json says on held-out prompts: recovery, noise floor, memory. Exit 1 on a miss."""
+    from .api import verify as run
+    from .report.mitigate import verify_lines
+
+    rep, files = run(deployment, target=target, limit=limit, max_tokens=max_tokens, threads=threads, out=out,
+                      progress=not quiet, log=_log(quiet))
+    for line in verify_lines(rep):
+        typer.echo(line)
+    typer.echo(f"reports: {' '.join(map(str, files))}")
+    if not rep["gate"]["passed"]:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     """Exit codes: 0 done, 1 a gate failed, 2 bad input (one line on stderr), 130 interrupted."""
     try:

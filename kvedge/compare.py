@@ -3,7 +3,6 @@ against the noise floor the first measured; or two detectors on one audit's stor
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -13,18 +12,12 @@ from .stats import wilson
 
 
 def load_report(path: str | Path) -> dict[str, Any]:
+    from .report import read_document
+
     p = Path(path)
     if p.is_dir():
         p = p / "report.json"
-    if not p.is_file():
-        raise RunDirError(f"no audit report at {p}: run `kvedge audit --out DIR` first")
-    try:
-        report = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RunDirError(f"{p} is not a kvedge report: {exc}") from None
-    if not isinstance(report, dict) or not str(report.get("schema", "")).startswith("kvedge.audit/"):
-        raise RunDirError(f"{p} is not a kvedge audit report")
-    return report
+    return read_document(p, "kvedge.audit/", RunDirError, "run `kvedge audit --out DIR` first")
 
 
 def _noise_label(report: dict) -> str | None:

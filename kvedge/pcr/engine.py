@@ -8,6 +8,7 @@ runs that only need the safety signal stop at the readout layer.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -85,14 +86,18 @@ class Engine:
         return {key: (x.detach(), x.grad.detach() if x.grad is not None else torch.zeros_like(x))
                 for key, x in keep.items()}
 
-    def continuation_logits(self, plan: CachePlan) -> list[Tensor]:
+    def continuation_logits(self, plan: CachePlan,
+                            wrap: Callable[[KVTransform], KVTransform] | None = None) -> list[Tensor]:
         """Per prompt, logits [len(continuation), V] at the last prompt token and at each teacher-forced
-        token of llama.cpp's greedy continuation but the last: the positions the fidelity check compares."""
+        token of llama.cpp's greedy continuation but the last: the positions the fidelity check compares.
+        `wrap` changes what the plan's cache simulation does (e.g. a reparametrisation around it)."""
         n = len(self.cal.prefix)
         suffixes = [list(p.tokens[n:]) + list(p.continuation[:-1]) for p in self.cal.prompts]
         packed = Packed.of(list(self.cal.prefix), suffixes)
         idx = [[packed.index(i, j) for j in range(-len(p.continuation), 0)] for i, p in enumerate(self.cal.prompts)]
         transform = self.tm.sim(plan, packed)
+        if wrap is not None:
+            transform = wrap(transform)
         flat = torch.as_tensor([i for row in idx for i in row], dtype=torch.long)
         with torch.inference_mode():
             logits = self.tm.forward(packed, transform, logits_at=flat).logits

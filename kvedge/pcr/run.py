@@ -54,7 +54,7 @@ def torch_threads(n: int):
         torch.set_num_threads(old)
 
 
-def _scheme(type_name: str, rotation: bool) -> Scheme | None:
+def cache_scheme(type_name: str, rotation: bool) -> Scheme | None:
     # an f32 cache is simulated as f16: llama.cpp's flash attention reads K and V as f16 whatever the
     # cache stores (measured: f32 and f16 caches give identical logits, docs/pcr.md)
     return None if type_name in ("f16", "f32") else parse_scheme(type_name, rotation)

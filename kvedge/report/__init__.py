@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..atomic import atomic_write_text
+from ..errors import KvedgeError
 
 # schema name -> (module, Markdown renderer, HTML renderer)
 _KINDS = {
@@ -21,6 +22,7 @@ _KINDS = {
     "kvedge.pcr": ("pcr", "render_markdown", "render_html"),
     "kvedge.sweep": ("sweep", "render_sweep_markdown", "render_html"),
     "kvedge.compare": ("compare", "render_markdown", "render_html"),
+    "kvedge.verify": ("mitigate", "render_verify_markdown", "render_html"),
 }
 
 
@@ -57,3 +59,18 @@ def write_jsonl(rows: Iterable[dict[str, Any]], path: Path) -> Path:
     """One JSON object a line (attempts.jsonl), written atomically."""
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return Path(path)
+
+
+def read_document(path: Path, schema: str, error: type[KvedgeError], missing: str) -> dict[str, Any]:
+    """A JSON document kvedge wrote, whose `schema` starts with `schema`; `error(...)` otherwise, with
+    `missing` as the advice when the file is not there."""
+    if not path.is_file():
+        raise error(f"no {path.name} at {path}: {missing}")
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{path} is not a kvedge document: {exc}") from None
+    found = doc.get("schema") if isinstance(doc, dict) else None
+    if not str(found or "").startswith(schema):
+        raise error(f"{path} is not a {schema} document (schema {found!r})")
+    return doc
