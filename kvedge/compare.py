@@ -15,6 +15,8 @@ def load_report(path: str | Path) -> dict[str, Any]:
     from .report import read_document
 
     p = Path(path)
+    if not p.exists():
+        raise RunDirError(f"no audit report at {p}: run `kvedge audit --out DIR` first")
     if p.is_dir():
         p = p / "report.json"
     return read_document(p, "kvedge.audit/", RunDirError, "run `kvedge audit --out DIR` first")

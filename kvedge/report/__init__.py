@@ -65,7 +65,7 @@ def read_document(path: Path, schema: str, error: type[KvedgeError], missing: st
     """A JSON document kvedge wrote, whose `schema` starts with `schema`; `error(...)` otherwise, with
     `missing` as the advice when the file is not there."""
     if not path.is_file():
-        raise error(f"no {path.name} at {path}: {missing}")
+        raise error(f"no {path.name} in {path.parent}: {missing}")
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
