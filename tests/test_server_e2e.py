@@ -132,8 +132,8 @@ def test_server_audit_at_f16_and_q4_0_agrees_with_the_in_process_audit(tmp_path,
             # the server tokenized kvedge's templated prompt into the very tokens the in-process run saw
             assert r["prompt_tokens_match"]["k"] == r["prompt_tokens_match"]["n"] == N
             assert r["speed"]["generations"] == N and r["kld"]["value"] is None
-    cmp_path = tmp_path / "cmp.json"
-    proc = run_cli("compare", str(local), str(served), "--out", str(cmp_path))
+    cmp_path = tmp_path / "cmp" / "compare.json"
+    proc = run_cli("compare", str(local), str(served), "--out", str(cmp_path.parent))
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(cmp_path.read_text())["rows"]
     assert {(r["config"], r["prompts"]) for r in rows} == {

@@ -76,10 +76,10 @@ class KVPlans:
 
     def at(self, kind: str, layer: int) -> Scheme | None:
         """The scheme of one layer's K or V cache (None: f16)."""
-        return _scheme(self.kv.types(kind, self.n_layer)[layer], self.rotation)
+        return cache_scheme(self.kv.types(kind, self.n_layer)[layer], self.rotation)
 
     def base(self, kind: str) -> Scheme | None:
-        return _scheme(self.kv.type_k if kind == "k" else self.kv.type_v, self.rotation)
+        return cache_scheme(self.kv.type_k if kind == "k" else self.kv.type_v, self.rotation)
 
     def quantizes(self, kind: str) -> bool:
         return any(self.at(kind, l) is not None for l in range(self.n_layer))
@@ -87,7 +87,7 @@ class KVPlans:
     def plan(self, k: bool = True, v: bool = True, layers: frozenset[int] | None = None) -> CachePlan:
         """The config's K and/or V (the other cache f16), on `layers` only if given."""
         def own(overrides):
-            return tuple((l, _scheme(t, self.rotation)) for l, t in overrides)
+            return tuple((l, cache_scheme(t, self.rotation)) for l, t in overrides)
 
         return CachePlan(self.base("k") if k else None, self.base("v") if v else None, layers,
                          own(self.kv.layers_k) if k else (), own(self.kv.layers_v) if v else ())
