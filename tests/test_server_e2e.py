@@ -137,7 +137,7 @@ def test_server_audit_at_f16_and_q4_0_agrees_with_the_in_process_audit(tmp_path,
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(cmp_path.read_text())["rows"]
     assert {(r["config"], r["prompts"]) for r in rows} == {
-        ("f16", "harmful"), ("f16", "benign"), ("q4_0 rot=on", "harmful"), ("q4_0 rot=on", "benign")}
+        (c, g) for c in ("f16", "q4_0 rot=on") for g in ("harmful", "benign", "all")}
     for r in rows:
         # laptop (in-process) vs server: any disagreement must be within the in-process audit's noise floor
         assert r["vs_noise_of_a"]["verdict"] == "within noise", r
