@@ -135,7 +135,13 @@ def rejudge(
     """Judge an audit's stored answers with another detector: nothing is generated."""
     from .api import rejudge as run
 
-    _echo_audit(run(run_dir, detector=detector, refusal_phrases=refusal_phrases, out=out, fail_under=fail_under))
+    result = run(run_dir, detector=detector, refusal_phrases=refusal_phrases, out=out, fail_under=fail_under)
+    cut_by = result.report["settings"].get("stop_when_final")
+    if cut_by and cut_by != result.report["detector"]["id"]:
+        # the answers end where the audit's detector could decide; another detector sees only that opening
+        typer.echo(f"note: the audit ended answers once {cut_by} could decide them, so {result.report['detector']['id']} "
+                   f"judges their openings; for whole answers audit with --detector {detector}", err=True)
+    _echo_audit(result)
 
 
 @command

@@ -84,8 +84,13 @@ def test_cli_rejudge_and_compare_exit_codes(audited, monkeypatch, capsys, tmp_pa
         out, err = capsys.readouterr()
         return exc.value.code, out, err
 
-    code, out, _ = main("rejudge", run, "--out", str(tmp_path / "rj"))
+    code, out, err = main("rejudge", run, "--out", str(tmp_path / "rj"))
     assert code == 0 and "verdicts by keyword-v1" in out and "report.html" in out and "attempts.jsonl" in out
+    assert err == ""  # the detector that ended the answers judges them again: nothing to warn of
+    phrases = tmp_path / "p.txt"
+    phrases.write_text("prefix: sure\n")
+    code, out, err = main("rejudge", run, "--refusal-phrases", str(phrases), "--out", str(tmp_path / "rj2"))
+    assert code == 0 and "note: the audit ended answers once keyword-v1 could decide them" in err
     for args, needle in ((["rejudge", run, "--detector", "oracle"], "unknown detector 'oracle'"),
                          (["rejudge", run, "--detector", "judge"], "the judge needs a model"),
                          (["rejudge", run, "--refusal-phrases", str(tmp_path / "none.txt")], "not found"),
