@@ -120,9 +120,13 @@ class FakeRuntimes:
         return FakeRuntime(kv, rotation, options, self.policy, self._countdown)
 
 
-def write_tiny_gguf(path: Path) -> Path:
-    """A small, valid GGUF that describes a llama model (no real weights): enough for kvedge to inspect,
-    hash and key an audit whose runtime is fake."""
+TINY_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def write_tiny_gguf(path: Path, template: str = TINY_TEMPLATE) -> Path:
+    """A small, valid GGUF that describes a llama model (no real weights) with `template` as its chat
+    template: enough for kvedge to inspect, hash and key an audit whose runtime is fake."""
     import gguf
 
     w = gguf.GGUFWriter(str(path), "llama")
@@ -132,8 +136,7 @@ def write_tiny_gguf(path: Path) -> Path:
     w.add_embedding_length(64)
     w.add_head_count(2)
     w.add_head_count_kv(1)
-    w.add_chat_template("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
-                        "{% if add_generation_prompt %}<assistant>{% endif %}")
+    w.add_chat_template(template)
     w.add_tensor("token_embd.weight", np.zeros((VOCAB, 64), dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()

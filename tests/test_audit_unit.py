@@ -122,22 +122,8 @@ def test_interrupt_prints_how_to_resume(monkeypatch, capsys, tiny, prompts, tmp_
 # -- what the model saw, one writer per directory, flags checked before any work ---------------------------
 
 def _dated_gguf(tmp_path):
-    import gguf
-    import numpy as np
-
-    path = tmp_path / "dated.gguf"
-    w = gguf.GGUFWriter(str(path), "llama")
-    for add, v in ((w.add_block_count, 2), (w.add_context_length, 512), (w.add_embedding_length, 64),
-                   (w.add_head_count, 2), (w.add_head_count_kv, 1)):
-        add(v)
-    w.add_chat_template("Today is {{ strftime_now('%d %b %Y %H:%M:%S') }}.{% for m in messages %}"
-                        "<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>")
-    w.add_tensor("token_embd.weight", np.zeros((128, 64), dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return write_tiny_gguf(tmp_path / "dated.gguf", "Today is {{ strftime_now('%d %b %Y %H:%M:%S') }}."
+                           "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>")
 
 
 def test_a_dated_template_is_frozen_per_audit_directory(tmp_path, prompts, monkeypatch):

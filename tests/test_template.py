@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 import time
 
-import numpy as np
 import pytest
 
+from fakes import write_tiny_gguf
 from kvedge import template as template_mod
 from kvedge.errors import TemplateError
 from kvedge.template import ChatTemplate
@@ -111,21 +111,7 @@ def test_no_randomness_reaches_a_rendering():
 
 
 def _gguf_with_template(path, source: str):
-    import gguf
-
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(2)
-    w.add_context_length(512)
-    w.add_embedding_length(64)
-    w.add_head_count(2)
-    w.add_head_count_kv(1)
-    w.add_chat_template(source)
-    w.add_tensor("token_embd.weight", np.zeros((128, 64), dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return write_tiny_gguf(path, source)
 
 
 def test_an_injection_carried_by_a_gguf_is_contained(tmp_path):
