@@ -132,8 +132,7 @@ def audit(
     if noise is not None and noise not in NOISE_VARIANTS:
         raise KvedgeError(f"unknown --noise {noise!r}: choose from {', '.join(NOISE_VARIANTS.names())} or none")
     _check_fail_under(fail_under)
-    if max_tokens < 1:
-        raise KvedgeError(f"--max-tokens must be at least 1, not {max_tokens}")
+    _check_counts(max_tokens=max_tokens)
     _check_runtime_flags(ctx, threads, gpu_layers)
     if batch is not None and not 1 <= batch <= MAX_BATCH:
         raise KvedgeError(f"--batch must be between 1 and {MAX_BATCH}, not {batch}")
@@ -179,11 +178,17 @@ def audit(
         return _judge_and_write(outcome, rows, det, det is not detector, fail_under, spec.out_dir, served)
 
 
+def _check_counts(**flags: int | None) -> None:
+    """Flags that count something (None: not given) must count at least one."""
+    for name, value in flags.items():
+        if value is not None and value < 1:
+            raise KvedgeError(f"--{name.replace('_', '-')} must be at least 1, not {value}")
+
+
 def _check_runtime_flags(ctx: int, threads: int | None, gpu_layers: int) -> None:
     if ctx < 64:
         raise KvedgeError(f"--ctx must be at least 64, not {ctx}")
-    if threads is not None and threads < 1:
-        raise KvedgeError(f"--threads must be at least 1, not {threads}")
+    _check_counts(threads=threads)
     if gpu_layers < -1:
         raise KvedgeError(f"--gpu-layers takes a count of layers or -1 for all, not {gpu_layers}")
 
@@ -445,10 +450,7 @@ def export(
         raise KvedgeError(f"--smooth must be one of {', '.join(SMOOTH_MODES)}, not {smooth!r}")
     if out is None:
         raise KvedgeError("--out DIR is required: the deployment folder to write")
-    if limit is not None and limit < 1:
-        raise KvedgeError("--limit must be at least 1")
-    if max_tokens < 1:
-        raise KvedgeError(f"--max-tokens must be at least 1, not {max_tokens}")
+    _check_counts(limit=limit, max_tokens=max_tokens)
     _check_runtime_flags(ctx, threads, 0)
     out = Path(out)
     check_out_dir(out)
@@ -494,11 +496,7 @@ def verify(
     from .mitigate.verify import VerifySpec, load_deployment, run_verify
 
     goal = parse_target(target) if target is not None else None
-    if limit is not None and limit < 1:
-        raise KvedgeError("--limit must be at least 1")
-    if max_tokens is not None and max_tokens < 1:
-        raise KvedgeError("--max-tokens must be at least 1")
-    _check_runtime_flags(64, threads, 0)
+    _check_counts(limit=limit, max_tokens=max_tokens, threads=threads)
     folder = Path(deployment)
     doc, dep = load_deployment(folder)
     if goal is None:
