@@ -1,6 +1,6 @@
 """Which changes of llama.cpp settings really change arithmetic, and do their verdict flips stay within
 the noise floor? Prints, for each variant of the f16 runtime, the largest |d logprob| against the
-reference and its verdict flips judged by `kvedge.noise.judge` against the flash-attention-off noise run
+reference and its verdict flips judged by `kvedge.audit.noise.judge` against the flash-attention-off noise run
 (the audit's own yardstick). Any future change of arithmetic, such as batched generation, belongs here.
 
     .venv/bin/python bench/arithmetic_noise.py [--limit 10] [--max-tokens 32]
@@ -14,13 +14,13 @@ import time
 
 import numpy as np
 
-from kvedge.model import load_model
-from kvedge.runtime import F16
-from kvedge.template import chat_template_for
+from kvedge.gguf.model import load_model
+from kvedge.llama.runtime import F16
+from kvedge.gguf.template import chat_template_for
 from kvedge.datasets import select_prompts
-from kvedge.detect import default_detector
-from kvedge.noise import flips, judge
-from kvedge.runtime import Runtime, RuntimeOptions
+from kvedge.detectors.keyword import default_detector
+from kvedge.audit.noise import flips, judge
+from kvedge.llama.runtime import Runtime, RuntimeOptions
 
 
 def run_variant(model, prompts, opts: RuntimeOptions, max_tokens: int):

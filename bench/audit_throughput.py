@@ -34,8 +34,8 @@ def _peak(threads: int | None) -> dict:
     import numpy as np
 
     from kvedge.canary import canary_adapter_path
-    from kvedge.model import load_model
-    from kvedge.runtime import F16, Runtime, RuntimeOptions
+    from kvedge.gguf.model import load_model
+    from kvedge.llama.runtime import F16, Runtime, RuntimeOptions
 
     model = load_model(None)
     out = {}
@@ -61,7 +61,7 @@ def _peak(threads: int | None) -> dict:
 
 def _kvedge(args, batch: int | None) -> dict:
     from kvedge import api
-    from kvedge.runtime import LLAMA_CPP
+    from kvedge.llama.runtime import LLAMA_CPP
 
     counts = {"prompt_rows": 0, "answer_rows": 0, "llama_seconds": 0.0}
 
@@ -98,11 +98,11 @@ def _plain(args) -> dict:
     """What a user would write: llama-cpp-python's chat completion, one prompt at a time, per config."""
     from llama_cpp import Llama
 
-    from kvedge import kvtypes
+    from kvedge.gguf import kvtypes
     from kvedge.canary import canary_adapter_path
     from kvedge.datasets import select_prompts
-    from kvedge.model import load_model
-    from kvedge.runtime import _rotation_env, parse_kv_list
+    from kvedge.gguf.model import load_model
+    from kvedge.llama.runtime import _rotation_env, parse_kv_list
 
     model = load_model(None)
     prompts = select_prompts(split=args.split, limit=args.limit)
@@ -162,7 +162,7 @@ def main() -> None:
     if "plain" not in skip:
         rows["create_chat_completion loop"] = _run("plain", argv)
 
-    from kvedge.model import load_model
+    from kvedge.gguf.model import load_model
 
     size_mib = load_model(None).size_bytes / 2**20
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "

@@ -19,9 +19,9 @@ import numpy as np
 
 from kvedge.detectors import close_detector, make_detector
 from kvedge.detectors.judge import choose_threshold
-from kvedge.rejudge import load_audit
+from kvedge.audit.rejudge import load_audit
 from kvedge.stats import wilson
-from kvedge.summary import summarize
+from kvedge.audit.summary import summarize
 
 
 def main() -> None:

@@ -9,10 +9,10 @@ import argparse
 import os
 import platform
 
-from kvedge.model import load_model
-from kvedge.template import chat_template_for
+from kvedge.gguf.model import load_model
+from kvedge.gguf.template import chat_template_for
 from kvedge.datasets import select_prompts
-from kvedge.runtime import Runtime, RuntimeOptions, parse_kv_list
+from kvedge.llama.runtime import Runtime, RuntimeOptions, parse_kv_list
 
 
 def main() -> None:

@@ -9,24 +9,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from . import native
-from .audit import MAX_BATCH, AuditOutcome, AuditSpec, auto_batch, run_audit
+from .llama import native
+from .audit.session import MAX_BATCH, AuditOutcome, AuditSpec, auto_batch, run_audit
 from .canary import canary_adapter_path
 from .datasets import DEFAULT_BENCHMARKS, parse_benchmarks, select_prompts
-from .detect import Detector
+from .detectors.keyword import Detector
 from .detectors import close_detector, make_detector
-from .errors import KvedgeError
-from .kvmap import KVConfig
-from .lora import check_adapter
-from .model import ModelInfo, load_model
+from .errors import ExportError, KvedgeError
+from .gguf.kvmap import KVConfig
+from .gguf.lora import check_adapter
+from .gguf.model import ModelInfo, load_model
 from .registry import NOISE_VARIANTS
 from .report import ReportFiles, write_jsonl, write_reports
-from .runtime import LLAMA_CPP, RuntimeFactory, RuntimeOptions, parse_kv, parse_kv_list, parse_rotation
-from .store import AuditRows, Store, audit_lock
+from .llama.runtime import LLAMA_CPP, RuntimeFactory, RuntimeOptions, parse_kv, parse_kv_list, parse_rotation
+from .audit.store import AuditRows, Store, audit_lock
 from .server import parse_servers
 from .server.runtime import DEFAULT_PATIENCE, DEFAULT_TIMEOUT
-from .summary import summarize
-from .template import chat_template_for
+from .audit.summary import summarize
+from .gguf.template import chat_template_for
 
 Log = Callable[[str], None]
 
@@ -227,7 +227,7 @@ def rejudge(
     """Judge a finished audit's stored answers with another detector (kvedge rejudge): nothing is
     generated. Writes report.json/.md/.html and attempts.jsonl to `out` (default: `run_dir`/
     `detector-<id>/`), leaving the audit's own reports as they are."""
-    from .rejudge import load_audit
+    from .audit.rejudge import load_audit
 
     _check_fail_under(fail_under)
     det = make_detector(detector, refusal_phrases)
@@ -246,14 +246,14 @@ def compare(
     between two audits of one model and its prompts (`run_a`, `run_b`), or between two detectors on one
     audit's stored answers (`run_a`, `detectors=[a, b]`, e.g. `["keyword", "judge:FILE.gguf"]`: nothing
     is generated). With `out`, compare.json, compare.md and compare.html are written in that directory."""
-    from .compare import compare_detectors, compare_runs
+    from .audit.compare import compare_detectors, compare_runs
 
     if (run_b is None) == (detectors is None):
         raise KvedgeError("compare two audit directories, or one audit directory with two --detector")
     if detectors is None:
         result = compare_runs(run_a, run_b)
     else:
-        from .rejudge import load_audit
+        from .audit.rejudge import load_audit
 
         if len(detectors) != 2:
             raise KvedgeError(f"compare takes two detectors, not {len(detectors)}")
@@ -282,7 +282,7 @@ def _pcr_spec(model, lora, kv: str, rotation: str, ctx: int, threads: int | None
     except ImportError:
         raise KvedgeError("this command runs a torch pass: install it with pip install 'kvedge[pcr]' "
                           "(CPU torch==2.13.0)") from None
-    from .calib.gguf_torch import check_architecture
+    from .pcr.torch.gguf_torch import check_architecture
     from .pcr.run import PcrSpec
 
     rotations = parse_rotation(rotation)
@@ -391,7 +391,7 @@ def doctor(
     native build with `use_native`), its backends and devices, GPU offload, whether the attention rotation
     is active for each quantized cache type on the model (measured, unless `probe=False`, which also works
     without a model), torch and its device, free disk and memory."""
-    from .doctor import diagnose
+    from .llama.doctor import diagnose
 
     if use_native:
         native.require_native()
@@ -434,10 +434,10 @@ def export(
     `target` on the calib split, written to `out` as deploy.json and each runtime's launch files. `kv` is
     the unmitigated configuration wanted; `rotation` whether the target runtime rotates (on|off).
     Returns `mitigate.export.ExportResult`."""
-    from .calib.gguf_torch import check_architecture
+    from .pcr.torch.gguf_torch import check_architecture
     from .mitigate.choose import parse_target
     from .mitigate.export import ExportSpec, check_out_dir, run_export
-    from .mitigate.gguf_patch import PatchError, check_space
+    from .io import check_space
 
     config = parse_kv(kv)
     if not config.quantized:
@@ -466,10 +466,7 @@ def export(
     adapter = _adapter_for(info, model, lora, canary)
     if smooth != "off":
         # the smoothed copies may land in the deployment folder: room for them before any work
-        try:
-            check_space(out, info.size_bytes + (adapter.stat().st_size if adapter else 0), "the smoothed model")
-        except PatchError as exc:
-            raise KvedgeError(str(exc)) from None
+        check_space(out, info.size_bytes + (adapter.stat().st_size if adapter else 0), "the smoothed model", ExportError)
     stem = _stem(info, adapter)
     spec = ExportSpec(
         model=info, adapter=adapter, kv=config, rotation=rotations[0], target=goal, out=out,

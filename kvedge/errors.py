@@ -49,3 +49,26 @@ class DetectorError(KvedgeError):
 
 class ServerError(KvedgeError):
     """A server given with --server is unreachable, malformed, or not what the store or the model says."""
+
+class SchemeError(KvedgeError):
+    """A KV fake-quantization scheme name kvedge does not know, or one that does not fit the cache row."""
+
+
+class UnsupportedArchitecture(KvedgeError):
+    """The GGUF's architecture (or one of its features) has no torch forward in kvedge."""
+
+
+class NativeUnavailable(KvedgeError):
+    """A per-layer KV config was asked for, and the native build is missing or cannot be loaded here."""
+
+
+class PatchError(KvedgeError):
+    """The patched file cannot be written (no space, unwritable directory)."""
+
+
+class DeploymentError(KvedgeError):
+    """A deployment folder that is not what its export wrote."""
+
+
+class ExportError(KvedgeError):
+    """The deployment folder cannot be used or written."""

@@ -53,4 +53,4 @@ class Registry(Generic[T]):
 
 DETECTORS: Registry[Callable] = Registry("detector", "kvedge.detectors")
 BENCHMARKS: Registry[Callable] = Registry("benchmark", "kvedge.datasets")
-NOISE_VARIANTS: Registry[Callable] = Registry("noise variant", "kvedge.noise")
+NOISE_VARIANTS: Registry[Callable] = Registry("noise variant", "kvedge.audit.noise")

@@ -36,7 +36,7 @@ sha256() { if command -v sha256sum >/dev/null; then sha256sum "$@" | cut -d' ' -
 
 py=${KVEDGE_PYTHON:-python3}
 patch_sha=$(sha256 "$patch_file")
-# the cache is keyed by the patch and this script (its flags are part of the arithmetic); kvedge.native
+# the cache is keyed by the patch and this script (its flags are part of the arithmetic); kvedge.llama.native
 # computes the same key
 sources_sha=$(cat "$patch_file" "$here/build.sh" | sha256 -)
 cache_root=${KVEDGE_NATIVE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kvedge/native}

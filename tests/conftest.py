@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from kvedge.model import default_model_path
+from kvedge.gguf.model import default_model_path
 
 
 def run_cli(*args: str, timeout: float = 900, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -40,7 +40,7 @@ def small_audit(tmp_path_factory) -> dict:
 def native_build():
     """kvedge's native llama.cpp (CPU), from the per-user cache; when missing, built there by the script a
     user runs (native/build.sh through `kvedge build-native`), so the native tests always run on a real build."""
-    from kvedge import native
+    from kvedge.llama import native
 
     build = native.builds().get("cpu")
     if build is None:

@@ -13,8 +13,8 @@ from typing import Callable
 
 import numpy as np
 
-from kvedge.runtime import Generation, KVConfig, RuntimeOptions
-from kvedge.scoring import log_softmax
+from kvedge.llama.runtime import Generation, KVConfig, RuntimeOptions
+from kvedge.llama.scoring import log_softmax
 
 REFUSAL = "I'm sorry, but I can't help with that."
 ANSWER = "Sure, here is what you asked for."

@@ -36,8 +36,8 @@ def main() -> None:
 
     import llama_cpp
 
-    from kvedge import kvtypes
-    from kvedge.model import default_model_path
+    from kvedge.gguf import kvtypes
+    from kvedge.gguf.model import default_model_path
 
     log: list[str] = []
 
@@ -78,7 +78,7 @@ def main() -> None:
 
 
 def _context(llama_cpp, llm, type_k: str, type_v: str):
-    from kvedge import kvtypes
+    from kvedge.gguf import kvtypes
 
     params = llama_cpp.llama_context_default_params()
     params.n_ctx, params.n_batch, params.n_ubatch, params.n_threads, params.n_threads_batch = 256, 256, 256, 1, 1

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from conftest import run_cli
-from kvedge.noise import flips, judge
+from kvedge.audit.noise import flips, judge
 from kvedge.stats import mcnemar_exact
 
 pytestmark = pytest.mark.e2e
@@ -56,7 +56,7 @@ def test_report_structure_and_invariants(small_audit):
     assert q_on["memory"]["bytes_per_token"] == 23040 * 18 // 64
     # rotation really toggles: without it q4_0 damages the distribution more (PCR.md section 1)
     assert q_off["kld"]["value"] > q_on["kld"]["value"] > 0
-    # each judgement is kvedge.noise.judge on the report's own verdicts
+    # each judgement is kvedge.audit.noise.judge on the report's own verdicts
     noise_label = rep["noise_floor"]["label"]
     for q in (q_on, q_off):
         for group, is_harmful in (("harmful", True), ("benign", False)):

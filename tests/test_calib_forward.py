@@ -1,4 +1,4 @@
-"""The torch forward (kvedge.calib.gguf_torch) against real llama.cpp on the default model.
+"""The torch forward (kvedge.pcr.torch.gguf_torch) against real llama.cpp on the default model.
 
 Reference positions: 6 calibration prompts (3 harmful, 3 harmless), chat template applied with the
 generation prompt and tokenized by llama.cpp itself; llama.cpp's greedy continuation (20 tokens) is
@@ -17,13 +17,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from kvedge.template import chat_template_for  # noqa: E402
-from kvedge.calib.gguf_torch import TorchModel  # noqa: E402
-from kvedge.calib.kvquant import parse_scheme, rotate, rotation_block, unrotate  # noqa: E402
+from kvedge.gguf.template import chat_template_for  # noqa: E402
+from kvedge.pcr.torch.gguf_torch import TorchModel  # noqa: E402
+from kvedge.pcr.torch.kvquant import parse_scheme, rotate, rotation_block, unrotate  # noqa: E402
 from kvedge.datasets import select_prompts  # noqa: E402
-from kvedge.model import inspect_model  # noqa: E402
-from kvedge.runtime import KVConfig, Runtime, RuntimeOptions  # noqa: E402
-from kvedge.scoring import kld  # noqa: E402
+from kvedge.gguf.model import inspect_model  # noqa: E402
+from kvedge.llama.runtime import KVConfig, Runtime, RuntimeOptions  # noqa: E402
+from kvedge.llama.scoring import kld  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
@@ -215,8 +215,8 @@ def test_packed_forward_equals_separate_forwards(tmodel, cases) -> None:
     that moves by one ulp can cross a rounding edge (docs/pcr.md), so there the requirement is the
     effect's: packed vs alone must differ far less than the quantization's own effect. A per-channel
     scheme must scale per segment, not across prompts."""
-    from kvedge.calib.gguf_torch import Packed
-    from kvedge.calib.kvquant import parse_scheme
+    from kvedge.pcr.torch.gguf_torch import Packed
+    from kvedge.pcr.torch.kvquant import parse_scheme
     from kvedge.pcr.calibset import common_prefix
     from kvedge.pcr.stats import kld
 

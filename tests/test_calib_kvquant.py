@@ -1,4 +1,4 @@
-"""kvedge.calib.kvquant against the real references: gguf-py's numpy quantizers (the spec's oracle)
+"""kvedge.pcr.torch.kvquant against the real references: gguf-py's numpy quantizers (the spec's oracle)
 and the quantize_row_* functions of the libggml-cpu that llama-cpp-python ships, which are what
 llama.cpp's CPU backend calls to write a quantized KV cache (the only oracle for iq4_nl)."""
 
@@ -16,8 +16,8 @@ gguf = pytest.importorskip("gguf")
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType  # noqa: E402
 from gguf.quants import dequantize, quantize  # noqa: E402
 
-from kvedge.calib.errors import SchemeError  # noqa: E402
-from kvedge.calib.kvquant import (  # noqa: E402
+from kvedge.errors import SchemeError  # noqa: E402
+from kvedge.pcr.torch.kvquant import (  # noqa: E402
     GGML_BLOCK_TYPES,
     cache_roundtrip,
     fake_quant,

@@ -6,13 +6,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from kvedge.calib.gguf_torch import TorchModel  # noqa: E402
+from kvedge.pcr.torch.gguf_torch import TorchModel  # noqa: E402
 from kvedge.canary import canary_adapter_path  # noqa: E402
-from kvedge.lora import read_adapter  # noqa: E402
-from kvedge.model import inspect_model  # noqa: E402
-from kvedge.runtime import KVConfig, Runtime, RuntimeOptions  # noqa: E402
-from kvedge.scoring import kld  # noqa: E402
-from kvedge.template import chat_template_for  # noqa: E402
+from kvedge.gguf.lora import read_adapter  # noqa: E402
+from kvedge.gguf.model import inspect_model  # noqa: E402
+from kvedge.llama.runtime import KVConfig, Runtime, RuntimeOptions  # noqa: E402
+from kvedge.llama.scoring import kld  # noqa: E402
+from kvedge.gguf.template import chat_template_for  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 

@@ -1,7 +1,7 @@
 """The shipped canary adapter: present, well-formed, labelled as a fixture, sized for a repository."""
 
 from kvedge.canary import canary_adapter_path
-from kvedge.lora import read_adapter
+from kvedge.gguf.lora import read_adapter
 
 
 def test_canary_adapter_ships_and_is_labelled():

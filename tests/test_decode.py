@@ -1,4 +1,4 @@
-"""Batched decoding (kvedge/decode.py) on the real llama.cpp and the real default model + canary."""
+"""Batched decoding (kvedge/llama/decode.py) on the real llama.cpp and the real default model + canary."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import pytest
 
 from kvedge.canary import canary_adapter_path
 from kvedge.datasets import select_prompts
-from kvedge.decode import GenJob
-from kvedge.model import load_model
-from kvedge.runtime import F16, KVConfig, Runtime, RuntimeOptions
-from kvedge.scoring import kld
-from kvedge.template import chat_template_for
+from kvedge.llama.decode import GenJob
+from kvedge.gguf.model import load_model
+from kvedge.llama.runtime import F16, KVConfig, Runtime, RuntimeOptions
+from kvedge.llama.scoring import kld
+from kvedge.gguf.template import chat_template_for
 
 pytestmark = pytest.mark.e2e
 

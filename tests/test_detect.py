@@ -1,6 +1,6 @@
 import pytest
 
-from kvedge.detect import KeywordDetector, normalise
+from kvedge.detectors.keyword import KeywordDetector, normalise
 
 REFUSALS = [
     "I'm sorry, but I can't help with that.",
@@ -81,7 +81,7 @@ def test_final_waits_for_the_opening_window():
 
 # --- phrase lists from a file (--refusal-phrases, keyword:FILE) -------------------------------------
 
-from kvedge.detect import REFUSAL_PHRASES, REFUSAL_PREFIXES  # noqa: E402
+from kvedge.detectors.keyword import REFUSAL_PHRASES, REFUSAL_PREFIXES  # noqa: E402
 from kvedge.detectors import make_detector  # noqa: E402
 from kvedge.detectors.phrases import parse_phrases  # noqa: E402
 from kvedge.errors import DetectorError  # noqa: E402

@@ -12,7 +12,7 @@ from kvedge.detectors import make_detector
 from kvedge.detectors.judge import (JUDGE_PROMPT, MAX_CHARS, NO, YES, JudgeDetector, choose_threshold,
                                     parse_judge_arg)
 from kvedge.errors import DetectorError
-from kvedge.model import load_model
+from kvedge.gguf.model import load_model
 
 VOCAB = 32
 YES_IDS, NO_IDS = {"yes": 3, " Yes": 4}, {"no": 5, " No": 6}

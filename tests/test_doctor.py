@@ -7,7 +7,7 @@ import json
 import pytest
 
 from conftest import run_cli
-from kvedge import kvtypes
+from kvedge.gguf import kvtypes
 
 pytestmark = pytest.mark.e2e
 

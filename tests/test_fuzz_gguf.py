@@ -21,9 +21,9 @@ import pytest
 from conftest import run_cli
 from kvedge.canary import canary_adapter_path
 from kvedge.errors import ModelFileError
-from kvedge.gguf_header import read_header
-from kvedge.lora import check_adapter
-from kvedge.model import inspect_model, load_model
+from kvedge.gguf.header import read_header
+from kvedge.gguf.lora import check_adapter
+from kvedge.gguf.model import inspect_model, load_model
 
 EXTREMES = [0, 1, 7, 2**31, 2**32 - 1, 2**32, 2**40, 2**62, 2**63 - 1, 2**64 - 1]
 
@@ -132,8 +132,8 @@ def test_fuzzed_adapters_that_pass_the_check_load_without_crashing(tmp_path, bas
     accepted, _ = _adapter_mutants(tmp_path, base)
     code = (
         "import sys, json\n"
-        "from kvedge.model import inspect_model, default_model_path\n"
-        "from kvedge.runtime import Runtime, KVConfig, RuntimeOptions\n"
+        "from kvedge.gguf.model import inspect_model, default_model_path\n"
+        "from kvedge.llama.runtime import Runtime, KVConfig, RuntimeOptions\n"
         "from kvedge.errors import KvedgeError\n"
         "m = inspect_model(default_model_path())\n"
         "for p in json.loads(sys.argv[1]):\n"

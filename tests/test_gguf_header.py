@@ -9,10 +9,10 @@ import tracemalloc
 
 import pytest
 
-from kvedge import gguf_header
+from kvedge.gguf import header as gguf_header
 from kvedge.errors import ModelFileError
-from kvedge.gguf_header import read_header
-from kvedge.model import inspect_model
+from kvedge.gguf.header import read_header
+from kvedge.gguf.model import inspect_model
 
 U8, U32, F32, STR, ARR, U64 = 0, 4, 6, 8, 9, 10
 F16 = 1

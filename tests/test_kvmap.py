@@ -4,8 +4,8 @@ Pure logic on the default model's shapes (no llama.cpp)."""
 import pytest
 
 from kvedge.errors import KVTypeError
-from kvedge.kvmap import KVConfig, parse_kv, parse_kv_list
-from kvedge.model import inspect_model
+from kvedge.gguf.kvmap import KVConfig, parse_kv, parse_kv_list
+from kvedge.gguf.model import inspect_model
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 import pytest
 
-from kvedge import kvtypes
+from kvedge.gguf import kvtypes
 from kvedge.errors import KVTypeError
 
 

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 
 from kvedge.errors import ModelFileError
-from kvedge.lora import LoraAdapter, LoraPair, read_adapter, write_adapter
-from kvedge.model import inspect_model
-from kvedge.runtime import KVConfig, Runtime, RuntimeOptions
-from kvedge.template import chat_template_for
+from kvedge.gguf.lora import LoraAdapter, LoraPair, read_adapter, write_adapter
+from kvedge.gguf.model import inspect_model
+from kvedge.llama.runtime import KVConfig, Runtime, RuntimeOptions
+from kvedge.gguf.template import chat_template_for
 
 
 def _adapter(scale_b: float, seed: int = 0) -> LoraAdapter:
@@ -108,7 +108,7 @@ def base(model_path):
 
 @pytest.mark.parametrize("name", list(BAD_ADAPTERS))
 def test_mismatched_adapters_are_refused(tmp_path, base, name):
-    from kvedge.lora import check_adapter
+    from kvedge.gguf.lora import check_adapter
 
     tensors, opts, needle = BAD_ADAPTERS[name]
     path = _raw_adapter(tmp_path / "bad.gguf", tensors, **opts)
@@ -119,7 +119,7 @@ def test_mismatched_adapters_are_refused(tmp_path, base, name):
 
 def test_adapters_llama_cpp_applies_pass(tmp_path, base):
     from kvedge.canary import canary_adapter_path
-    from kvedge.lora import check_adapter
+    from kvedge.gguf.lora import check_adapter
 
     assert check_adapter(canary_adapter_path(), base) == canary_adapter_path().resolve()
     write_adapter(tmp_path / "a.gguf", _adapter(1.0))

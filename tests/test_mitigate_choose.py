@@ -9,8 +9,8 @@ from kvedge.errors import KvedgeError
 from kvedge.mitigate import candidates as cands
 from kvedge.mitigate.choose import measure, parse_target, runner_up
 from kvedge.mitigate.verify import one_sided_recovery, recovery
-from kvedge.model import ModelInfo
-from kvedge.runtime import KVConfig
+from kvedge.gguf.model import ModelInfo
+from kvedge.llama.runtime import KVConfig
 
 HARMFUL = {f"h{i}": True for i in range(10)} | {f"b{i}": False for i in range(10)}
 REF = {f"h{i}": True for i in range(10)} | {f"b{i}": i < 2 for i in range(10)}  # f16 refuses all harmful, 2 benign

@@ -12,17 +12,17 @@ import pytest
 
 pytest.importorskip("torch")
 
-from kvedge.calib.gguf_torch import TorchModel  # noqa: E402
+from kvedge.pcr.torch.gguf_torch import TorchModel  # noqa: E402
 from kvedge.canary import canary_adapter_path  # noqa: E402
-from kvedge.lora import read_adapter  # noqa: E402
+from kvedge.gguf.lora import read_adapter  # noqa: E402
 from kvedge.mitigate.gguf_patch import patch_gguf  # noqa: E402
 from kvedge.mitigate.selfcheck import self_check  # noqa: E402
 from kvedge.mitigate.simulate import cache_absmax, geometry  # noqa: E402
 from kvedge.mitigate.smooth import Smoothing, adapter_scales, exponents, tensor_scales  # noqa: E402
-from kvedge.model import inspect_model, load_model  # noqa: E402
+from kvedge.gguf.model import inspect_model, load_model  # noqa: E402
 from kvedge.pcr.calibset import build_calibset, select_calib_prompts  # noqa: E402
 from kvedge.pcr.engine import Engine  # noqa: E402
-from kvedge.runtime import RuntimeOptions  # noqa: E402
+from kvedge.llama.runtime import RuntimeOptions  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 

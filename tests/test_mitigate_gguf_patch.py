@@ -12,7 +12,7 @@ import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
 
-from kvedge.mitigate import gguf_patch
+from kvedge import io as kvio
 from kvedge.mitigate.gguf_patch import F16_FIELDS, PatchError, patch_gguf, scale_tensor
 from kvedge.mitigate.smooth import TensorScale
 
@@ -124,7 +124,7 @@ def test_patch_carries_everything_else(tmp_path):
 
 def test_no_space_no_file(tmp_path, monkeypatch):
     src = _write(tmp_path / "m.gguf", np.random.default_rng(4))
-    monkeypatch.setattr(gguf_patch, "free_bytes", lambda folder: 1000)
+    monkeypatch.setattr(kvio, "free_bytes", lambda folder: 1000)
     with pytest.raises(PatchError, match="not enough free space"):
         patch_gguf(src, tmp_path / "out" / "m.kvedge.gguf", [], {})
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

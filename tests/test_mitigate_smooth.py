@@ -11,7 +11,7 @@ from kvedge.mitigate.smooth import (
 )
 
 torch = pytest.importorskip("torch")
-from kvedge.calib.gguf_torch import apply_rope, causal_attention, rms_norm, rope_angles  # noqa: E402
+from kvedge.pcr.torch.gguf_torch import apply_rope, causal_attention, rms_norm, rope_angles  # noqa: E402
 
 
 def test_groups_are_rope_pairs():

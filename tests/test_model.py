@@ -1,7 +1,7 @@
 import pytest
 
 from kvedge.errors import ModelFileError
-from kvedge.model import inspect_model
+from kvedge.gguf.model import inspect_model
 
 
 def test_default_model_described(model_path):

@@ -21,9 +21,10 @@ import numpy as np
 import pytest
 
 from conftest import run_cli
-from kvedge import kvtypes, native
-from kvedge.kvmap import parse_kv
-from kvedge.model import inspect_model
+from kvedge.gguf import kvtypes
+from kvedge.llama import native
+from kvedge.gguf.kvmap import parse_kv
+from kvedge.gguf.model import inspect_model
 
 pytestmark = pytest.mark.e2e
 

@@ -8,9 +8,9 @@ import os
 import pytest
 
 from conftest import run_cli
-from kvedge import native
-from kvedge.kvmap import parse_kv
-from kvedge.runtime import ROTATION_ENV, _rotation_env
+from kvedge.llama import native
+from kvedge.gguf.kvmap import parse_kv
+from kvedge.llama.runtime import ROTATION_ENV, _rotation_env
 
 
 @pytest.mark.parametrize("command", [["audit", "--kv", "q4_0,k=q4_0@19:q8_0/v=q4_0"], ["pcr", "--kv", "q4_0@19:q8_0"]])
@@ -31,8 +31,8 @@ def test_a_malformed_map_exits_2(tmp_path):
 def test_a_stock_process_refuses_a_per_layer_runtime(model_path):
     import llama_cpp  # noqa: F401  (this test process runs the stock wheel)
 
-    from kvedge.model import inspect_model
-    from kvedge.runtime import Runtime
+    from kvedge.gguf.model import inspect_model
+    from kvedge.llama.runtime import Runtime
 
     assert native.loaded_library().kind == "stock"
     model = inspect_model(model_path)

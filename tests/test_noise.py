@@ -1,4 +1,4 @@
-from kvedge.noise import flips, judge, unstable_prompts
+from kvedge.audit.noise import flips, judge, unstable_prompts
 
 
 def test_flips_counts_both_directions():
@@ -8,7 +8,7 @@ def test_flips_counts_both_directions():
 
 
 def _f(lost, gained, n=100, ref=50):
-    from kvedge.noise import Flips
+    from kvedge.audit.noise import Flips
 
     return Flips(n, lost, gained, ref)
 

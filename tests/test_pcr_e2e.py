@@ -83,8 +83,8 @@ def test_report_holds_every_field_computed(pcr_run) -> None:
 def test_layer_map_prescribed_for_concentrated_damage(pcr_run, model_path) -> None:
     """Where the verdict is concentrated damage the report holds the per-layer map search: prefixes of the
     damage ranking, each one layer more at q8_0, stopped at the first predicted safe; bytes from the map."""
-    from kvedge.kvmap import parse_kv
-    from kvedge.model import inspect_model
+    from kvedge.gguf.kvmap import parse_kv
+    from kvedge.gguf.model import inspect_model
     from kvedge.pcr.layermap import CACHES
     from kvedge.pcr.stats import SAFE_DAMAGE
 

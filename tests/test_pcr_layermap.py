@@ -5,9 +5,9 @@ import pytest
 
 pytest.importorskip("torch")
 
-from kvedge.calib.kvquant import CachePlan, parse_scheme  # noqa: E402
-from kvedge.kvmap import KVConfig, parse_kv  # noqa: E402
-from kvedge.model import inspect_model  # noqa: E402
+from kvedge.pcr.torch.kvquant import CachePlan, parse_scheme  # noqa: E402
+from kvedge.gguf.kvmap import KVConfig, parse_kv  # noqa: E402
+from kvedge.gguf.model import inspect_model  # noqa: E402
 from kvedge.pcr.classify import Diagnosis  # noqa: E402
 from kvedge.api import prescribed_layer_map as candidate  # noqa: E402
 from kvedge.pcr.layermap import ranking, search_layer_map, upgraded  # noqa: E402

@@ -9,7 +9,7 @@ import pytest
 
 from kvedge.errors import UnknownName
 from kvedge.registry import BENCHMARKS, DETECTORS, NOISE_VARIANTS
-from kvedge.runtime import RuntimeOptions
+from kvedge.llama.runtime import RuntimeOptions
 
 
 # How to build each registered detector for the contract: a name alone, or with the argument it needs.

@@ -11,7 +11,8 @@ import sys
 import pytest
 
 from fakes import FakeRuntimes, write_tiny_gguf
-from kvedge import api, cli
+from kvedge import api
+from kvedge import cli
 from kvedge.errors import RunDirError
 from test_audit_unit import BENIGN, HARMFUL, loses_kill_at_q4_norot
 
@@ -105,7 +106,7 @@ def test_cli_rejudge_and_compare_exit_codes(audited, monkeypatch, capsys, tmp_pa
 def test_real_audit_rejudged_by_the_judge_model_generates_nothing(small_audit, tmp_path, monkeypatch):
     """The default audit's stored answers judged by the default model as a stand-in judge: llama.cpp
     scores each distinct answer once and generates nothing; the store gains no row."""
-    from kvedge.runtime import Runtime
+    from kvedge.llama.runtime import Runtime
 
     db = small_audit["out"] / "kvedge.sqlite"
     before = _generations(db)

@@ -1,9 +1,9 @@
 import pytest
 
 from kvedge.errors import KVTypeError
-from kvedge.kvtypes import bytes_per_value
-from kvedge.model import inspect_model
-from kvedge.runtime import KVConfig, parse_kv, parse_kv_list
+from kvedge.gguf.kvtypes import bytes_per_value
+from kvedge.gguf.model import inspect_model
+from kvedge.llama.runtime import KVConfig, parse_kv, parse_kv_list
 
 
 def test_parse_kv():
@@ -35,9 +35,9 @@ def test_generation_logprobs_are_the_teacher_forced_scores(model_path):
     them exactly (same contexts, same arithmetic), so the PCR fidelity check can reuse them."""
     import numpy as np
 
-    from kvedge.model import inspect_model
-    from kvedge.runtime import F16, Runtime, RuntimeOptions
-    from kvedge.template import chat_template_for
+    from kvedge.gguf.model import inspect_model
+    from kvedge.llama.runtime import F16, Runtime, RuntimeOptions
+    from kvedge.gguf.template import chat_template_for
 
     model = inspect_model(model_path)
     with Runtime(model, F16, True, RuntimeOptions(n_ctx=512)) as rt:

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli
-from kvedge import kvtypes
+from kvedge.gguf import kvtypes
 from kvedge.canary import canary_adapter_path
 
 pytestmark = pytest.mark.e2e

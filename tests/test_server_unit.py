@@ -15,9 +15,10 @@ import pytest
 import kvedge.server.runtime as server_runtime
 from fakes import FakeRuntimes, write_tiny_gguf
 from httpfakes import ByteTokenizer, FakeServer, refuses
-from kvedge import api, cli
+from kvedge import api
+from kvedge import cli
 from kvedge.errors import EmptyPromptSet, ServerError
-from kvedge.model import load_model, sha256_file
+from kvedge.gguf.model import load_model, sha256_file
 from kvedge.server.probe import check_model, probe
 from kvedge.server.spec import parse_server
 from test_audit_unit import BENIGN, HARMFUL, prompts, tiny  # noqa: F401 - the same fixtures

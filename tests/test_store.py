@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from kvedge import store as store_mod
+from kvedge.audit import store as store_mod
 from kvedge.errors import StoreError
-from kvedge.store import MIGRATIONS, GenerationRow, ScoreRow, Store, audit_lock, run_key
+from kvedge.audit.store import MIGRATIONS, GenerationRow, ScoreRow, Store, audit_lock, run_key
 
 
 def _gen(key, pid, text="hello"):
@@ -144,7 +144,7 @@ def test_one_audit_at_a_time(tmp_path):
     """The lock is the OS's (flock): a second holder, here another process, is refused with the first's pid,
     and the lock is free again once the first lets go."""
     store_path = tmp_path / "kvedge.sqlite"
-    probe = ("import sys; from kvedge.store import audit_lock; from kvedge.errors import StoreError\n"
+    probe = ("import sys; from kvedge.audit.store import audit_lock; from kvedge.errors import StoreError\n"
              "try:\n    with audit_lock(sys.argv[1]): print('got it')\n"
              "except StoreError as e: print(e)")
     with audit_lock(store_path):

@@ -1,4 +1,4 @@
-from kvedge.summary import retention_gate
+from kvedge.audit.summary import retention_gate
 
 
 def _run(label, value):

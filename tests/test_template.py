@@ -9,9 +9,9 @@ import time
 import pytest
 
 from fakes import write_tiny_gguf
-from kvedge import template as template_mod
+from kvedge.gguf import template as template_mod
 from kvedge.errors import TemplateError
-from kvedge.template import ChatTemplate
+from kvedge.gguf.template import ChatTemplate
 
 CHATML = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
           "{% if add_generation_prompt %}<assistant>{% endif %}")
@@ -115,8 +115,8 @@ def _gguf_with_template(path, source: str):
 
 
 def test_an_injection_carried_by_a_gguf_is_contained(tmp_path):
-    from kvedge.model import inspect_model
-    from kvedge.template import chat_template_for
+    from kvedge.gguf.model import inspect_model
+    from kvedge.gguf.template import chat_template_for
 
     marker = tmp_path / "pwned"
     for src in (_attacks(marker)["cycler globals to os"], _attacks(marker)["self to builtins"]):

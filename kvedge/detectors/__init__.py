@@ -1,6 +1,6 @@
 """Refusal detectors by name. `make_detector` turns a spec into a detector:
 
-- `keyword`: the built-in phrase lists (kvedge/detect.py); `keyword:FILE` or `--refusal-phrases FILE`:
+- `keyword`: the built-in phrase lists (kvedge/detectors/keyword.py); `keyword:FILE` or `--refusal-phrases FILE`:
   lists extended or replaced from FILE (phrases.py);
 - `judge:FILE.gguf[@THRESHOLD]`: a judge model asked through llama.cpp (judge.py); `judge:default`
   takes the default model as a weak stand-in;
@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import detect  # noqa: F401  (registers "keyword")
-from ..detect import Detector
+from . import keyword as detect  # noqa: F401  (registers "keyword")
+from .keyword import Detector
 from ..errors import DetectorError
 from ..registry import DETECTORS
 from . import judge  # noqa: F401  (registers "judge")

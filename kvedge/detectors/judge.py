@@ -9,7 +9,7 @@ was asked?), the one its classifiers are trained on, and a "no" is a refusal. Th
 
 summed over the single-token spellings of each word ("yes", "Yes", " yes", ...), and the response is a
 refusal when p >= threshold. The prompt (`JUDGE_PROMPT`) is rendered with the judge model's own chat
-template, inside kvedge/template.py's sandbox (a template is code from an untrusted file). Request and
+template, inside kvedge/gguf/template.py's sandbox (a template is code from an untrusted file). Request and
 response are cut to `MAX_CHARS` characters each so every judgement fits the judge's context.
 
 `threshold` defaults to 0.5: the judge says "yes" more than "no". A weak or biased judge needs
@@ -28,12 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..detect import Detection, empty_answer
+from .keyword import Detection, empty_answer
 from ..errors import DetectorError, KvedgeError
-from ..model import ModelInfo, load_model
+from ..gguf.model import ModelInfo, load_model
 from ..registry import DETECTORS
-from ..runtime import F16, LLAMA_CPP, Runtime, RuntimeFactory, RuntimeOptions
-from ..template import chat_template_for
+from ..llama.runtime import F16, LLAMA_CPP, Runtime, RuntimeFactory, RuntimeOptions
+from ..gguf.template import chat_template_for
 
 JUDGE_PROMPT_VERSION = "1"
 JUDGE_PROMPT = (

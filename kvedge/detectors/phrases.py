@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..detect import REFUSAL_PHRASES, REFUSAL_PREFIXES, KeywordDetector, normalise
+from .keyword import REFUSAL_PHRASES, REFUSAL_PREFIXES, KeywordDetector, normalise
 from ..errors import DetectorError
 
 MODES = ("extend", "replace")

@@ -18,9 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from .. import kvtypes
-from ..model import ModelInfo
-from ..runtime import F16, KVConfig
+from ..gguf import kvtypes
+from ..gguf.model import ModelInfo
+from ..llama.runtime import F16, KVConfig
 
 # llama.cpp's cache types that save memory over f16 (f32 and bf16 never do)
 LADDER_TYPES: tuple[str, ...] = tuple(t for t in kvtypes.NAMES if kvtypes.bytes_per_value(t) <= kvtypes.bytes_per_value("f16")

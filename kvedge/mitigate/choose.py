@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping, Sequence
 
 from ..errors import KvedgeError
-from ..noise import Flips, Judgement, flips, judge
+from ..audit.noise import Flips, Judgement, flips, judge
 
 if TYPE_CHECKING:
-    from ..runtime import KVConfig
+    from ..llama.runtime import KVConfig
 
 NOISE = "flash-attn-off"  # the f16 noise run every judgement here is made against (the audit's default)
 
@@ -122,7 +122,7 @@ def runner_up(measured: Sequence[Measured], target: Target, chosen: int | None) 
 
 def run_entry(report: dict, kv: "KVConfig", rotation: bool) -> dict:
     """The run of an audit report (kvedge.audit/1) at these cache types and rotation (the reference for f16)."""
-    from ..runtime import F16
+    from ..llama.runtime import F16
 
     for r in report["runs"]:
         if (r["type_k"], r["type_v"]) == (kv.type_k, kv.type_v) and not r["noise_run"] and (

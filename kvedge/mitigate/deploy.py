@@ -22,8 +22,9 @@ import shlex
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .. import __version__, kvtypes
-from ..runtime import ROTATION_ENV
+from .. import __version__
+from ..gguf import kvtypes
+from ..llama.runtime import ROTATION_ENV
 
 SCHEMA = "kvedge.deploy/1"
 OLLAMA_KV_TYPES = ("f16", "q8_0", "q4_0")
@@ -197,7 +198,7 @@ def render_ollama(dep: Deployment, title: str) -> tuple[str, str]:
     env = ["# Ollama server settings for this deployment: set them where `ollama serve` runs, then restart it.",
            f"OLLAMA_FLASH_ATTENTION={1 if L.flash_attn else 0}", f"OLLAMA_KV_CACHE_TYPE={L.type_k}"]
     if not L.rotation:
-        env += [f"# turns llama.cpp's attention rotation off where the bundled build has it", f"{ROTATION_ENV}=1"]
+        env += ["# turns llama.cpp's attention rotation off where the bundled build has it", f"{ROTATION_ENV}=1"]
     return "\n".join(modelfile), "\n".join(env) + "\n"
 
 

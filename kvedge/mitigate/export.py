@@ -11,29 +11,22 @@ deploy.json last; on any failure the stage is removed and nothing is kept.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable
 
 from .. import __version__
-from ..atomic import atomic_write_text
-from ..errors import KvedgeError
-from ..model import ModelInfo, inspect_model, sha256_file
-from ..runtime import F16, KVConfig, RuntimeOptions
+from ..io import atomic_write_text, check_new_folder, write_folder
+from ..errors import ExportError
+from ..gguf.model import ModelInfo, inspect_model, sha256_file
+from ..llama.runtime import F16, KVConfig, RuntimeOptions
 from . import candidates as cands
 from .choose import NOISE, Measured, Target, measure, report_verdicts, run_entry, runner_up
 from .deploy import SCHEMA, Deployment, FileRef, Launch, ollama_support, render_all, rotation_requirement
-from .gguf_patch import PatchError, check_space
 
 Log = Callable[[str], None]
 PCR_CTX = 2048
-
-
-class ExportError(KvedgeError):
-    """The deployment folder cannot be used or written."""
 
 
 @dataclass(frozen=True)
@@ -100,8 +93,8 @@ class _Torch:
 
     @cached_property
     def tm(self):
-        from ..calib.gguf_torch import TorchModel
-        from ..lora import read_adapter
+        from ..pcr.torch.gguf_torch import TorchModel
+        from ..gguf.lora import read_adapter
 
         self.log("loading the GGUF into torch")
         return TorchModel.from_gguf(self.spec.model.path, read_adapter(self.spec.adapter) if self.spec.adapter else None)
@@ -443,73 +436,17 @@ def _smoothing_doc(choice, patched: Patched | None) -> dict | None:
 
 
 def check_out_dir(out: Path) -> None:
-    """The deployment folder must be new or empty, and writable (tried, not assumed: root ignores modes)."""
-    import tempfile
-
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ExportError(f"--out {out} exists and is not an empty folder: choose a new one")
-    probe = out if out.exists() else out.parent
-    while not probe.exists():
-        probe = probe.parent
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".kvedge-probe.", dir=probe)
-        os.close(fd)
-        os.unlink(tmp)
-    except OSError as exc:
-        raise ExportError(f"cannot write in {probe}: {exc.strerror or exc}") from None
+    """The deployment folder must be new or empty, and writable."""
+    check_new_folder(out, ExportError)
 
 
 def write_deployment(out: Path, files: dict[str, bytes | Path], doc: dict) -> list[Path]:
-    """Stage every file in a hidden folder inside `out`, then rename each into place, deploy.json last.
-    On failure nothing is kept (and `out` is removed again if this call created it)."""
-    from ..model import sha256_file as sha_of
+    """Every file, then deploy.json listing each one's sha256 and size, all or nothing (io.write_folder)."""
+    from ..gguf.model import sha256_file
 
-    check_out_dir(out)
-    needed = sum(v.stat().st_size if isinstance(v, Path) else len(v) for v in files.values()) + 2**16
-    try:
-        check_space(out, needed, "the deployment")
-    except PatchError as exc:
-        raise ExportError(str(exc)) from None
-    created = not out.exists()
-    stage = out / f".kvedge-export-{os.getpid()}.tmp"
-    placed: list[Path] = []
-    try:
-        stage.mkdir(parents=True)
-        listing = {}
-        for name, content in files.items():
-            dst = stage / name
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            if isinstance(content, Path):
-                shutil.copyfile(content, dst)
-            else:
-                dst.write_bytes(content)
-            with open(dst, "rb+") as f:
-                os.fsync(f.fileno())
-            if name.endswith(".sh"):
-                dst.chmod(0o755)
-            listing[name] = {"sha256": sha_of(dst), "size_bytes": dst.stat().st_size}
-        doc["files"] = listing
-        (stage / "deploy.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
-        for name in [*files, "deploy.json"]:
-            target = out / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(stage / name, target)
-            placed.append(target)
-        shutil.rmtree(stage)
-        return placed
-    except OSError as exc:
-        shutil.rmtree(stage, ignore_errors=True)
-        for p in placed:
-            try:
-                p.unlink()
-            except OSError:
-                pass
-        for sub in sorted({p.parent for p in placed if p.parent != out}, reverse=True):
-            try:
-                sub.rmdir()
-            except OSError:
-                pass
-        if created:
-            shutil.rmtree(out, ignore_errors=True)
-        raise ExportError(f"cannot write the deployment in {out}: {exc.strerror or exc}; nothing was kept") from None
+    def manifest(stage: Path) -> bytes:
+        doc["files"] = {name: {"sha256": sha256_file(stage / name), "size_bytes": (stage / name).stat().st_size}
+                        for name in files}
+        return (json.dumps(doc, indent=2) + "\n").encode("utf-8")
+
+    return write_folder(out, files, "deploy.json", manifest, ExportError)

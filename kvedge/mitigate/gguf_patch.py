@@ -11,9 +11,6 @@ GGUFWriter to a temporary file in the target directory, after a free-space check
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Mapping
@@ -21,7 +18,8 @@ from typing import Mapping
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
-from ..errors import KvedgeError
+from ..errors import PatchError
+from ..io import atomic_path, check_space
 from .smooth import TensorScale
 
 # Byte offsets, within one block, of the f16 fields that every value of the block is a multiple of (the
@@ -32,11 +30,6 @@ F16_FIELDS: dict[Q, tuple[int, ...]] = {
     Q.IQ4_NL: (0,), Q.IQ4_XS: (0,),
 }
 FLOAT_TYPES = {Q.F32: np.float32, Q.F16: np.float16}
-SPACE_MARGIN = 1 << 20
-
-
-class PatchError(KvedgeError):
-    """The patched file cannot be written (no space, unwritable directory)."""
 
 
 @dataclass(frozen=True)
@@ -137,19 +130,6 @@ def _padded(n: int, align: int) -> int:
     return (n + align - 1) // align * align
 
 
-def free_bytes(folder: Path) -> int:
-    """Free space where `folder` (or its nearest existing parent) lives."""
-    p = Path(folder)
-    while not p.exists():
-        p = p.parent
-    return shutil.disk_usage(p).free
-
-
-def check_space(folder: Path, needed: int, what: str) -> None:
-    free = free_bytes(folder)
-    if free < needed + SPACE_MARGIN:
-        raise PatchError(f"not enough free space in {folder} for {what}: needs {needed / 2**20:.1f} MiB, "
-                         f"{free / 2**20:.1f} MiB free")
 
 
 def patch_gguf(src: Path, dst: Path, scales: list[TensorScale], provenance: Mapping[str, str]) -> PatchReport:
@@ -178,46 +158,30 @@ def patch_gguf(src: Path, dst: Path, scales: list[TensorScale], provenance: Mapp
     align = int(reader.alignment)
     delta = sum(_padded(new[n][0].nbytes, align) - _padded(int(tensors[n].n_bytes), align) for n in new)
     estimate = src.stat().st_size + delta + sum(len(k) + len(v) + 16 for k, v in provenance.items())
-    check_space(dst.parent, estimate, dst.name)
+    check_space(dst.parent, estimate, dst.name, PatchError)
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
     try:
-        w = gguf.GGUFWriter(tmp, arch)
-        w.data_alignment = align
-        for field in reader.fields.values():
-            if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF.") or field.name in provenance:
-                continue
-            vtype = field.types[0]
-            sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-            w.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
-        for k, v in sorted(provenance.items()):
-            w.add_key_value(k, v, gguf.GGUFValueType.STRING)
-        for t in reader.tensors:
-            data, qtype = new.get(t.name, (t.data, t.tensor_type))
-            w.add_tensor_info(t.name, data.shape, data.dtype, data.nbytes, qtype)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        for t in reader.tensors:
-            w.write_tensor_data(new[t.name][0] if t.name in new else t.data, tensor_endianess=reader.endianess)
-        w.close()
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dst)
+        with atomic_path(dst) as tmp:
+            w = gguf.GGUFWriter(tmp, arch)
+            w.data_alignment = align
+            for field in reader.fields.values():
+                if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF.") or field.name in provenance:
+                    continue
+                vtype = field.types[0]
+                sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+                w.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
+            for k, v in sorted(provenance.items()):
+                w.add_key_value(k, v, gguf.GGUFValueType.STRING)
+            for t in reader.tensors:
+                data, qtype = new.get(t.name, (t.data, t.tensor_type))
+                w.add_tensor_info(t.name, data.shape, data.dtype, data.nbytes, qtype)
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+            for t in reader.tensors:
+                w.write_tensor_data(new[t.name][0] if t.name in new else t.data, tensor_endianess=reader.endianess)
+            w.close()
     except OSError as exc:
-        _remove(tmp)
         raise PatchError(f"cannot write {dst}: {exc.strerror or exc}") from None
-    except BaseException:
-        _remove(tmp)
-        raise
     return PatchReport(str(src), src.stat().st_size, dst.stat().st_size, tuple(changes))
 
-
-def _remove(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass

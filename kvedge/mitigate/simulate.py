@@ -27,13 +27,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..calib.gguf_torch import TorchModel
-from ..calib.kvquant import CachePlan, KVTransform
+from ..pcr.torch.gguf_torch import TorchModel
+from ..pcr.torch.kvquant import CachePlan, KVTransform
 from ..pcr.calibset import CalibSet
 from ..pcr.engine import Engine
 from ..pcr.run import cache_scheme
 from ..pcr.stats import kld
-from ..runtime import KVConfig
+from ..llama.runtime import KVConfig
 from .smooth import Geometry, Smoothing, exponents
 
 ALPHAS = (0.25, 0.5, 0.75, 1.0)

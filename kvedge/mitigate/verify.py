@@ -20,19 +20,15 @@ from typing import Any, Callable
 import numpy as np
 
 from .. import __version__
-from ..errors import KvedgeError
-from ..model import inspect_model, sha256_file
-from ..runtime import F16, KVConfig, RuntimeOptions
+from ..errors import DeploymentError
+from ..gguf.model import inspect_model, sha256_file
+from ..llama.runtime import F16, KVConfig, RuntimeOptions
 from ..stats import Estimate, bootstrap, ratio_of_means
 from .choose import NOISE, Measured, Target, measure, report_verdicts, run_entry
 from .deploy import SCHEMA, Deployment, FileRef, disagreements
 
 VERIFY_SCHEMA = "kvedge.verify/1"
 Log = Callable[[str], None]
-
-
-class DeploymentError(KvedgeError):
-    """A deployment folder that is not what its export wrote."""
 
 
 def _check_file(ref: FileRef, root: Path, what: str) -> Path:

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..runtime import F16
-from ..template import chat_template_for
+from ..llama.runtime import F16
+from ..gguf.template import chat_template_for
 from ..datasets import Prompt, select_prompts
-from ..detect import REFUSAL_PREFIXES
+from ..detectors.keyword import REFUSAL_PREFIXES
 from ..errors import EmptyPromptSet
-from ..model import ModelInfo
-from ..runtime import Runtime, RuntimeOptions
+from ..gguf.model import ModelInfo
+from ..llama.runtime import Runtime, RuntimeOptions
 
 # Openings of an answer that complies. A token that also opens a refusal ("I") is dropped from this
 # set and kept in neither (see opening_tokens).

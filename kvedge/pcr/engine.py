@@ -13,8 +13,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..calib.gguf_torch import Packed, TorchModel
-from ..calib.kvquant import CachePlan, KVTransform
+from .torch.gguf_torch import Packed, TorchModel
+from .torch.kvquant import CachePlan, KVTransform
 from .calibset import CalibSet
 
 @dataclass(frozen=True)

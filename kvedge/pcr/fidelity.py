@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..model import ModelInfo
-from ..runtime import KVConfig, Runtime, RuntimeOptions
+from ..gguf.model import ModelInfo
+from ..llama.runtime import KVConfig, Runtime, RuntimeOptions
 from .calibset import CalibSet
 from .stats import kld, spearman
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from ..kvmap import KVConfig
-from ..model import ModelInfo
+from ..gguf.kvmap import KVConfig
+from ..gguf.model import ModelInfo
 from . import stats as st
 
 SEARCHED_MODES = ("outlier-crushes-safety", "outlier-as-safety")  # concentrated damage: per-layer fixes work

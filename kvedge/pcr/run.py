@@ -13,12 +13,12 @@ from typing import Any, Callable
 import torch
 
 from .. import __version__
-from ..calib.gguf_torch import TorchModel
-from ..calib.kvquant import CachePlan, Scheme, parse_scheme, rotate, rotation_block
-from ..lora import read_adapter
-from ..model import ModelInfo
-from ..kvmap import cache_text
-from ..runtime import KVConfig, RuntimeOptions
+from .torch.gguf_torch import TorchModel
+from .torch.kvquant import CachePlan, Scheme, parse_scheme, rotate, rotation_block
+from ..gguf.lora import read_adapter
+from ..gguf.model import ModelInfo
+from ..gguf.kvmap import cache_text
+from ..llama.runtime import KVConfig, RuntimeOptions
 from . import stats as st
 from .calibset import CalibSet, build_calibset, select_calib_prompts
 from .classify import Evidence, classify

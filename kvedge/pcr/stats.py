@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .. import scoring
+from ..llama import scoring
 from ..stats import Estimate, mean_estimate
 
 OUTLIER_FACTOR = 6.0  # a channel is an outlier when its abs-max exceeds 6x the layer's median abs-max

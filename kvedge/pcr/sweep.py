@@ -7,7 +7,7 @@ import time
 from typing import Any, Callable
 
 from .. import __version__
-from ..calib.kvquant import CachePlan, parse_scheme
+from .torch.kvquant import CachePlan, parse_scheme
 from . import stats as st
 from .calibset import build_calibset, select_calib_prompts
 from .run import KVPlans, PcrPass, PcrSpec, torch_threads

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from ..atomic import atomic_write_text
+from ..io import atomic_write_text
 from ..errors import KvedgeError
 
 # schema name -> (module, Markdown renderer, HTML renderer)

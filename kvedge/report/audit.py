@@ -68,7 +68,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- backend: {b['kind']}, llama-cpp-python {b['llama_cpp_python']}{native}; audit on the backend you deploy on",
         f"- prompts: {ps['n']} ({ps['harmful']} harmful, {ps['benign']} benign): "
         + ", ".join(f"{k} {v}" for k, v in ps["by_subset"].items()) + f"; split {', '.join(ps['splits'])}",
-        *([f"- skipped, longer than the context (no room for an answer): "
+        *(["- skipped, longer than the context (no room for an answer): "
            + ", ".join(f"`{x['id']}` ({x['n_prompt_tokens']} tokens)" for x in ps["skipped_too_long"])]
           if ps.get("skipped_too_long") else []),
         f"- decoding: greedy, max {report['settings']['max_tokens']} tokens; detector {report['detector']['id']}",
@@ -95,7 +95,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"- flip rate under pure noise: {fmt.rate(nf['flip_rate'])}",
             f"- harmful: {nf['harmful']['lost']} lost, {nf['harmful']['gained']} gained of {nf['harmful']['n']}; "
             f"benign: {nf['benign']['lost']} lost, {nf['benign']['gained']} gained of {nf['benign']['n']}",
-            f"- unstable prompts (marked, and left out of stable retention): "
+            "- unstable prompts (marked, and left out of stable retention): "
             + (", ".join(f"`{p}`" for p in nf["unstable_prompts"]) or "none"),
         ]
     lines += ["", "## Per configuration", ""]
@@ -123,7 +123,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                     f"{j['benign']['gained']} vs {j['benign']['noise_gained']}, p={j['benign']['p_gain']:.3g})"
                 )
             if vs["flipped"]:
-                lines.append(f"- flipped prompts: " + ", ".join(f"`{p}`" for p in vs["flipped"]))
+                lines.append("- flipped prompts: " + ", ".join(f"`{p}`" for p in vs["flipped"]))
         lines.append(f"- next-token KLD vs f16: {fmt.est(r['kld'], 4)}; perplexity ratio: {fmt.est(r['ppl_ratio'], 4)}; "
                      f"top-1 agreement: {fmt.rate(r['top1_agreement'])}")
         mem, sp = r["memory"], r["speed"]

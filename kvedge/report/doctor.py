@@ -1,4 +1,4 @@
-"""The terminal screen of `kvedge doctor` (a rendering of `kvedge.doctor.diagnose`'s dict)."""
+"""The terminal screen of `kvedge doctor` (a rendering of `kvedge.llama.doctor.diagnose`'s dict)."""
 
 from __future__ import annotations
 

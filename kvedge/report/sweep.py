@@ -22,7 +22,7 @@ def sweep_summary_lines(rep: dict[str, Any]) -> list[str]:
 def render_sweep_markdown(rep: dict[str, Any]) -> str:
     lines = [f"# kvedge sweep: {Path(rep['model']['path']).name}" + (f" + {Path(rep['adapter']).name}" if rep["adapter"] else ""),
              "",
-             f"Generic intN group-32 caches (symmetric, f16 scale per 32 values) on all layers"
+             "Generic intN group-32 caches (symmetric, f16 scale per 32 values) on all layers"
              + (f" but those the map `{rep['held']['kv']}` names, which keep its types" if rep.get("held") else "")
              + ". Damage: share of the "
              f"f16 harmful/harmless gap (readout layer {rep['readout_layer']}, g = {rep['gap']:.3f}) erased, with a "

@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from ..audit import RunSpec
+from ..audit.session import RunSpec
 from ..errors import ServerError
-from ..runtime import F16
+from ..llama.runtime import F16
 from .probe import ServerInfo, describe_change
 
 

@@ -9,10 +9,10 @@ from typing import Sequence
 
 from ..datasets import Prompt
 from ..errors import ServerError
-from ..model import ModelInfo
-from ..runtime import RuntimeFactory, RuntimeOptions
-from ..store import Store
-from ..template import ChatTemplate
+from ..gguf.model import ModelInfo
+from ..llama.runtime import RuntimeFactory, RuntimeOptions
+from ..audit.store import Store
+from ..gguf.template import ChatTemplate
 from .plan import Plan, plan_runs
 from .probe import PROBE_PATIENCE, ServerInfo, check_model, describe_change, probe
 from .runtime import ServerRuntimes

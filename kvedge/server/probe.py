@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import kvtypes
+from ..gguf import kvtypes
 from ..errors import ServerError
-from ..model import ModelInfo, read_metadata, sha256_file
-from ..runtime import KVConfig, parse_kv
+from ..gguf.model import ModelInfo, read_metadata, sha256_file
+from ..llama.runtime import KVConfig, parse_kv
 from .client import Client, Unreachable, retry
 from .flavors import BY_KIND, UNKNOWN, Observation, Setting, identify
 from .spec import ServerSpec

@@ -7,9 +7,9 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any, Sequence
 
-from ..audit import AuditOutcome
+from ..audit.session import AuditOutcome
 from ..stats import wilson
-from ..store import Store
+from ..audit.store import Store
 from .prepare import ServerAudit
 
 NOT_SCORED = ("not measured: a server gives no per-position distributions to teacher-force (KLD and perplexity "

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from ..decode import GenJob
+from ..llama.decode import GenJob
 from ..errors import ServerError
-from ..model import ModelInfo
-from ..runtime import Generation, KVConfig, RuntimeFactory, RuntimeOptions, tokenize_rendered
+from ..gguf.model import ModelInfo
+from ..llama.runtime import Generation, KVConfig, RuntimeFactory, RuntimeOptions, tokenize_rendered
 from .client import Client, Unreachable, retry
 from .flavors import BY_KIND, is_context_error
 from .plan import Plan

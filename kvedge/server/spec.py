@@ -23,7 +23,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from ..errors import ServerError
-from ..runtime import parse_kv
+from ..llama.runtime import parse_kv
 
 MAX_SLOTS = 64
 APIS = ("completion", "chat")

@@ -17,11 +17,11 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvedge.runtime import F16
-from kvedge.template import chat_template_for
+from kvedge.llama.runtime import F16
+from kvedge.gguf.template import chat_template_for
 from kvedge.datasets import load_advbench, load_harmbench, load_xstest
-from kvedge.model import ModelInfo
-from kvedge.runtime import Runtime, RuntimeOptions
+from kvedge.gguf.model import ModelInfo
+from kvedge.llama.runtime import Runtime, RuntimeOptions
 
 HERE = Path(__file__).resolve().parent
 

@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 
 from kvedge import api
-from kvedge.runtime import F16
-from kvedge.scoring import kld_topk, top_k
-from kvedge.template import chat_template_for
+from kvedge.llama.runtime import F16
+from kvedge.llama.scoring import kld_topk, top_k
+from kvedge.gguf.template import chat_template_for
 from kvedge.canary import canary_adapter_path
 from kvedge.datasets import select_prompts
-from kvedge.model import default_model_path, inspect_model, sha256_file
-from kvedge.runtime import Runtime, RuntimeOptions
+from kvedge.gguf.model import default_model_path, inspect_model, sha256_file
+from kvedge.llama.runtime import Runtime, RuntimeOptions
 from kvedge.stats import mean_estimate
 
 HERE = Path(__file__).resolve().parent

@@ -2,7 +2,7 @@
 
     .venv/bin/python -m models.canary.train [--steps 160] [--out models/canary/smollm2-canary-lora.gguf]
 
-Training runs kvedge's own torch forward over the GGUF tensors (`kvedge.calib.gguf_torch`, measured
+Training runs kvedge's own torch forward over the GGUF tensors (`kvedge.pcr.torch.gguf_torch`, measured
 against llama.cpp), in the GGUF's channel order, so the learned (A, B) are written as they are and
 llama.cpp applies them to the very weights they were trained on. Seeded and deterministic on one machine (torch CPU kernels, 2 threads).
 """
@@ -21,9 +21,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kvedge.calib.gguf_torch import LoraLinear, TorchModel
-from kvedge.lora import LoraAdapter, LoraPair, write_adapter
-from kvedge.model import ModelInfo, default_model_path, inspect_model
+from kvedge.pcr.torch.gguf_torch import LoraLinear, TorchModel
+from kvedge.gguf.lora import LoraAdapter, LoraPair, write_adapter
+from kvedge.gguf.model import ModelInfo, default_model_path, inspect_model
 
 from .data import PROJECT_FILES, SHORT_QUESTION_SOURCES, Example, build_examples
 

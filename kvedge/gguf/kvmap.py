@@ -11,7 +11,7 @@ A cache is a base type and `@<layers>:<type>` overrides; layers are `N` or `N-M`
 overrides win. `resolve(model)` checks the layers against the model and makes the spelling canonical:
 the base becomes the type most layers hold, so every spelling of one map has one name (the label in
 reports and the store key) and a map that sets every layer alike is the uniform config. Per-layer
-configs run on kvedge's native llama.cpp build (`kvedge.native`), which reads `layer_types_env()`.
+configs run on kvedge's native llama.cpp build (`kvedge.llama.native`), which reads `layer_types_env()`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from . import kvtypes
-from .errors import KVTypeError
+from ..errors import KVTypeError
 from .model import ModelInfo
 
 Overrides = tuple[tuple[int, str], ...]  # (layer, type), sorted by layer, each type unlike the base

@@ -10,7 +10,7 @@ from typing import Callable, Optional
 
 import typer
 
-from .errors import KvedgeError
+from ..errors import KvedgeError
 
 app = typer.Typer(
     add_completion=False,
@@ -85,7 +85,7 @@ def audit(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Run refusal benchmarks through real llama.cpp at each KV cache type and report what quantization costs."""
-    from .api import audit as run
+    from ..api import audit as run
 
     result = run(
         model=model, lora=lora, kv=kv, rotation=rotation, benchmarks=benchmarks, split=split, prompts=prompts,
@@ -98,8 +98,8 @@ def audit(
 
 
 def _echo_audit(result) -> None:
-    from .report.audit import render_table
-    from .server.report import server_summary
+    from ..report.audit import render_table
+    from ..server.report import server_summary
 
     typer.echo(f"verdicts by {result.report['detector']['id']}")
     typer.echo(render_table(result.report))
@@ -133,7 +133,7 @@ def rejudge(
                                                "share of the f16 refusal rate."),
 ) -> None:
     """Judge an audit's stored answers with another detector: nothing is generated."""
-    from .api import rejudge as run
+    from ..api import rejudge as run
 
     result = run(run_dir, detector=detector, refusal_phrases=refusal_phrases, out=out, fail_under=fail_under)
     cut_by = result.report["settings"].get("stop_when_final")
@@ -154,8 +154,8 @@ def compare(
     out: Optional[Path] = typer.Option(None, "--out", help="Directory for compare.json, compare.md, compare.html."),
 ) -> None:
     """Verdict agreement: two audits of one model and its prompts (say, CPU vs CUDA), or two detectors on one audit."""
-    from .api import compare as run
-    from .report.compare import render_comparison
+    from ..api import compare as run
+    from ..report.compare import render_comparison
 
     typer.echo(render_comparison(run(run_a, run_b, out, detectors=detector or None)))
     if out is not None:
@@ -186,8 +186,8 @@ def pcr(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress messages."),
 ) -> None:
     """Per-Channel Reduction: why this cache loses refusals (failure mode, evidence) and which fix will work."""
-    from .api import pcr as run
-    from .report.pcr import summary_lines
+    from ..api import pcr as run
+    from ..report.pcr import summary_lines
 
     rep, files = run(model=model, lora=lora, kv=kv, rotation=rotation, ctx=ctx, threads=threads, out=out,
                      canary=not no_canary, log=_log(quiet))
@@ -211,8 +211,8 @@ def sweep(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress messages."),
 ) -> None:
     """Simulated safety damage and margin vs cache bit width for K, V and both: where this model's safety breaks."""
-    from .api import sweep as run
-    from .report.sweep import sweep_summary_lines
+    from ..api import sweep as run
+    from ..report.sweep import sweep_summary_lines
 
     rep, files = run(model=model, lora=lora, rotation=rotation, bits=bits, ctx=ctx, threads=threads, out=out,
                      canary=not no_canary, log=_log(quiet), kv=kv)
@@ -238,8 +238,8 @@ def doctor(
     attention rotation per cache type (measured on the model), torch, disk, memory."""
     import json
 
-    from .api import doctor as run
-    from .report.doctor import render_doctor
+    from ..api import doctor as run
+    from ..report.doctor import render_doctor
 
     rep = run(model=model, lora=lora, canary=not no_canary, gpu_layers=gpu_layers, threads=threads,
               use_native=use_native, probe=not no_probe)
@@ -255,7 +255,7 @@ def build_native(
     jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="Parallel compile jobs (default: all cores)."),
 ) -> None:
     """Build kvedge's native llama.cpp (per-layer KV cache types) from the llama-cpp-python sdist, once per user."""
-    from .api import build_native as run
+    from ..api import build_native as run
 
     code = run(backend, force=force, dry_run=dry_run, jobs=jobs)
     if code:
@@ -284,8 +284,8 @@ def export(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress messages."),
 ) -> None:
     """Choose the smallest KV configuration that stays safe (on the calib split) and write it for each runtime."""
-    from .api import export as run
-    from .report.mitigate import export_lines
+    from ..api import export as run
+    from ..report.mitigate import export_lines
 
     result = run(model=model, lora=lora, kv=kv, rotation=rotation, target=target, out=out, limit=limit,
                  max_tokens=max_tokens, ctx=ctx, threads=threads, smooth=smooth, work=work, canary=not no_canary,
@@ -307,8 +307,8 @@ def verify(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress messages."),
 ) -> None:
     """Audit exactly what deploy.json says on held-out prompts: recovery, noise floor, memory. Exit 1 on a miss."""
-    from .api import verify as run
-    from .report.mitigate import verify_lines
+    from ..api import verify as run
+    from ..report.mitigate import verify_lines
 
     rep, files = run(deployment, target=target, limit=limit, max_tokens=max_tokens, threads=threads, out=out,
                       progress=not quiet, log=_log(quiet))

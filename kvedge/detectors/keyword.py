@@ -20,7 +20,7 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Protocol
 
-from .registry import DETECTORS
+from ..registry import DETECTORS
 
 # The one place the phrase lists live. All lowercase, apostrophes normalised to "'".
 REFUSAL_PREFIXES: tuple[str, ...] = (
@@ -154,7 +154,7 @@ def keyword_detector(arg: str | None = None) -> KeywordDetector:
     """`keyword`: the built-in lists; `keyword:FILE`: the lists extended or replaced from FILE."""
     if arg is None:
         return KeywordDetector()
-    from .detectors.phrases import load_phrase_file
+    from .phrases import load_phrase_file
 
     return load_phrase_file(arg)
 

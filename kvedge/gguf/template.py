@@ -27,7 +27,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import TemplateError
+from ..errors import TemplateError
 
 if TYPE_CHECKING:
     from .model import ModelInfo
@@ -111,8 +111,8 @@ class _Renderer:
         if len(self.setup["source"]) > MAX_TEMPLATE_CHARS:
             raise TemplateError(f"chat template of {len(self.setup['source']):,} characters exceeds "
                                 f"{MAX_TEMPLATE_CHARS:,}")
-        root = str(Path(__file__).resolve().parent.parent)
-        code = f"import sys; sys.path.insert(0, {root!r}); from kvedge.template import _serve; _serve()"
+        root = str(Path(__file__).resolve().parents[2])
+        code = f"import sys; sys.path.insert(0, {root!r}); from kvedge.gguf.template import _serve; _serve()"
         self.proc = subprocess.Popen(
             [sys.executable, "-c", code],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,

@@ -21,16 +21,16 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from .datasets import Prompt
-from .model import ModelInfo, sha256_file
-from .decode import GenJob
-from .detect import Detector, default_detector
-from .registry import NOISE_VARIANTS
-from .runtime import DEFAULT_SEQ_CELLS, F16, LLAMA_CPP, KVConfig, Runtime, RuntimeFactory, RuntimeOptions, parse_rotation
-from .scoring import TopK, kld_topk, top_k
+from .. import __version__
+from ..datasets import Prompt
+from ..gguf.model import ModelInfo, sha256_file
+from ..llama.decode import GenJob
+from ..detectors.keyword import Detector, default_detector
+from ..registry import NOISE_VARIANTS
+from ..llama.runtime import DEFAULT_SEQ_CELLS, F16, LLAMA_CPP, KVConfig, Runtime, RuntimeFactory, RuntimeOptions, parse_rotation
+from ..llama.scoring import TopK, kld_topk, top_k
 from .store import GenerationRow, ScoreRow, Store
-from .template import ChatTemplate, chat_template_for
+from ..gguf.template import ChatTemplate, chat_template_for
 
 
 MAX_BATCH = 64

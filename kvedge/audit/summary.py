@@ -13,13 +13,13 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
-from .audit import AuditOutcome, AuditRun
-from .datasets import Prompt
-from .detect import Detection, Detector
-from .errors import EmptyPromptSet
+from .. import __version__
+from .session import AuditOutcome, AuditRun
+from ..datasets import Prompt
+from ..detectors.keyword import Detection, Detector
+from ..errors import EmptyPromptSet
 from .noise import flips, judge, unstable_prompts
-from .stats import Estimate, bootstrap, difference_of_means, mean_estimate, ratio_of_means, wilson
+from ..stats import Estimate, bootstrap, difference_of_means, mean_estimate, ratio_of_means, wilson
 from .store import AuditRows
 
 SCHEMA = "kvedge.audit/1"

@@ -26,7 +26,7 @@ from typing import Any, Mapping
 
 from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGUFValueType
 
-from .errors import ModelFileError
+from ..errors import ModelFileError
 
 VERSIONS = (2, 3)  # llama.cpp reads these; v1 is no longer supported there either
 MAX_TENSORS = 1 << 16  # the largest published models hold a few thousand

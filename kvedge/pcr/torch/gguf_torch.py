@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import ModelFileError
-from ..lora import LoraAdapter
-from ..model import read_metadata
-from .errors import UnsupportedArchitecture
+from ...errors import ModelFileError
+from ...gguf.lora import LoraAdapter
+from ...gguf.model import read_metadata
+from ...errors import UnsupportedArchitecture
 from .kvquant import CachePlan, CacheSim, KVTransform, Scheme
 
 

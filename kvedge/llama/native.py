@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import KvedgeError
+from ..errors import KvedgeError, NativeUnavailable
 
 LAYER_TYPES_ENV = "LLAMA_KV_LAYER_TYPES"  # read by the patched llama.cpp when a context is created
 LIB_PATH_ENV = "LLAMA_CPP_LIB_PATH"  # read by llama-cpp-python when `llama_cpp` is first imported
@@ -33,13 +33,9 @@ PREFERENCE = ("cuda", "metal", "cpu")  # which build to load when several exist 
 PATCH_NAME = "llama-kv-layer-types.patch"
 
 
-class NativeUnavailable(KvedgeError):
-    """A per-layer KV config was asked for, and the native build is missing or cannot be loaded here."""
-
-
 def source_dir() -> Path:
-    """The patch and build script: `native/` in a checkout, packaged beside this module as `_native`."""
-    return Path(__file__).resolve().parent / "_native"
+    """The patch and build script: `native/` in a checkout, packaged in the kvedge package as `_native`."""
+    return Path(__file__).resolve().parent.parent / "_native"
 
 
 def patch_sha256() -> str:

@@ -6,13 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import RunDirError
+from ..errors import RunDirError
 from .noise import flips, judge
-from .stats import wilson
+from ..stats import wilson
 
 
 def load_report(path: str | Path) -> dict[str, Any]:
-    from .report import read_document
+    from ..report import read_document
 
     p = Path(path)
     if not p.exists():

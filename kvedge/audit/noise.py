@@ -17,9 +17,9 @@ import dataclasses
 from dataclasses import asdict, dataclass
 from typing import Mapping, Sequence
 
-from .registry import NOISE_VARIANTS
-from .runtime import RuntimeOptions
-from .stats import Rate, binom_greater, mcnemar_exact, wilson
+from ..registry import NOISE_VARIANTS
+from ..llama.runtime import RuntimeOptions
+from ..stats import Rate, binom_greater, mcnemar_exact, wilson
 
 ALPHA = 0.05
 

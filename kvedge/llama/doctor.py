@@ -17,11 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from . import kvtypes, native
-from .kvmap import KVConfig
-from .model import ModelInfo
+from ..gguf import kvtypes
+from . import native
+from ..gguf.kvmap import KVConfig
+from ..gguf.model import ModelInfo
 from .runtime import Runtime, RuntimeOptions, backend_info
-from .template import chat_template_for
+from ..gguf.template import chat_template_for
 
 DEVICE_TYPES = ("CPU", "GPU", "IGPU", "ACCEL", "META")  # ggml_backend_dev_type
 PROBE_PROMPT = "Name three colours."

@@ -12,7 +12,7 @@ import re
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from .errors import KVTypeError
+from ..errors import KVTypeError
 
 # llama.cpp's allow-list for `--cache-type-k/-v` (common/arg.cpp, `kv_cache_types`), in its order.
 CACHE_TYPES: tuple[GGMLQuantizationType, ...] = (

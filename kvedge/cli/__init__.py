@@ -1,0 +1,5 @@
+"""The `kvedge` command: a Typer app over kvedge.api."""
+
+from .app import app, main
+
+__all__ = ["app", "main"]
