@@ -18,7 +18,7 @@ from kvedge.gguf.model import load_model
 from kvedge.llama.runtime import F16
 from kvedge.gguf.template import chat_template_for
 from kvedge.datasets import select_prompts
-from kvedge.detectors.keyword import default_detector
+from kvedge.detectors import default_detector
 from kvedge.audit.noise import flips, judge
 from kvedge.llama.runtime import Runtime, RuntimeOptions
 

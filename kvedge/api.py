@@ -9,24 +9,31 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .llama import native
-from .audit.session import MAX_BATCH, AuditOutcome, AuditSpec, auto_batch, run_audit
+from . import defaults
+from .audit.session import run_audit
+from .audit.spec import MAX_BATCH, AuditOutcome, AuditSpec, auto_batch
+from .audit.store import AuditRows, Store, audit_lock
+from .audit.summary import summarize
 from .canary import canary_adapter_path
-from .datasets import DEFAULT_BENCHMARKS, parse_benchmarks, select_prompts
-from .detectors.keyword import Detector
-from .detectors import close_detector, make_detector
+from .datasets import parse_benchmarks, select_prompts
+from .detectors import Detector, close_detector, make_detector
 from .errors import ExportError, KvedgeError
 from .gguf.kvmap import KVConfig
 from .gguf.lora import check_adapter
 from .gguf.model import ModelInfo, load_model
+from .gguf.template import chat_template_for
+from .llama import native
+from .llama.runtime import (
+    LLAMA_CPP,
+    RuntimeFactory,
+    RuntimeOptions,
+    parse_kv,
+    parse_kv_list,
+    parse_rotation,
+)
 from .registry import NOISE_VARIANTS
 from .report import ReportFiles, write_jsonl, write_reports
-from .llama.runtime import LLAMA_CPP, RuntimeFactory, RuntimeOptions, parse_kv, parse_kv_list, parse_rotation
-from .audit.store import AuditRows, Store, audit_lock
 from .server import parse_servers
-from .server.runtime import DEFAULT_PATIENCE, DEFAULT_TIMEOUT
-from .audit.summary import summarize
-from .gguf.template import chat_template_for
 
 Log = Callable[[str], None]
 
@@ -70,36 +77,33 @@ def _stem(info: ModelInfo, adapter: Path | None) -> str:
     return info.stem + (f"+{adapter.stem}" if adapter else "")
 
 
-DEFAULT_KV, DEFAULT_ROTATION = "f16,q8_0,q4_0", "both"
-
-
 def audit(
     model: str | Path | None = None,
     lora: str | Path | None = None,
     kv: str | None = None,
     rotation: str | None = None,
-    benchmarks: str = ",".join(DEFAULT_BENCHMARKS),
-    split: str = "eval",
+    benchmarks: str = ",".join(defaults.BENCHMARKS),
+    split: str = defaults.SPLIT,
     prompts: str | Path | None = None,
     limit: int | None = None,
-    max_tokens: int = 64,
-    ctx: int = 4096,
+    max_tokens: int = defaults.MAX_TOKENS,
+    ctx: int = defaults.CTX,
     threads: int | None = None,
     gpu_layers: int = 0,
     system: str | None = None,
-    noise: str | None = "flash-attn-off",
+    noise: str | None = defaults.NOISE,
     out: str | Path | None = None,
     fail_under: float | None = None,
     progress: bool = True,
-    detector: str | Detector = "keyword",
+    detector: str | Detector = defaults.DETECTOR,
     refusal_phrases: str | Path | None = None,
     canary: bool = True,
     batch: int | None = None,
     runtimes: RuntimeFactory = LLAMA_CPP,
     server: Sequence[str] = (),
     server_kv: str | None = None,
-    server_timeout: float = DEFAULT_TIMEOUT,
-    server_patience: float = DEFAULT_PATIENCE,
+    server_timeout: float = defaults.SERVER_TIMEOUT,
+    server_patience: float = defaults.SERVER_PATIENCE,
 ) -> AuditResult:
     """With no `model`, audits the embedded default model with the canary adapter; `canary=False`
     audits the bare default model. `detector` is a name (`keyword`, `judge:FILE.gguf`, ...) or a
@@ -122,8 +126,8 @@ def audit(
                           "settings (state them with --server-kv or URL#kv=...,rot=...)")
     if server_timeout <= 0 or server_patience < 0:
         raise KvedgeError("--server-timeout must be positive and --server-patience not negative")
-    kv = DEFAULT_KV if kv is None else kv
-    rotation = DEFAULT_ROTATION if rotation is None else rotation
+    kv = defaults.KV if kv is None else kv
+    rotation = defaults.ROTATION if rotation is None else rotation
     configs = parse_kv_list(kv)
     per_layer = any(c.per_layer for c in configs)
     if per_layer:
@@ -155,7 +159,7 @@ def audit(
         max_tokens=max_tokens,
         options=RuntimeOptions(n_ctx=ctx, n_threads=threads, n_gpu_layers=gpu_layers),
         system=system,
-        out_dir=Path(out) if out else Path("kvedge-runs") / _stem(info, adapter),
+        out_dir=Path(out) if out else defaults.RUNS_DIR / _stem(info, adapter),
         noise=noise,
         batch=batch or auto_batch(info),
         detector=det,
@@ -209,7 +213,7 @@ def _judge_and_write(outcome: AuditOutcome, rows: AuditRows, det: Detector, owne
             s = summary.stability
             store.put_stability(s.ref_key, s.noise_key, s.detector, list(s.marks))
         if served:
-            from .server.report import annotate
+            from .server.annotate import annotate
 
             annotate(summary.report, outcome, served, store)
     files = write_reports(summary.report, out_dir, "report")
@@ -282,8 +286,8 @@ def _pcr_spec(model, lora, kv: str, rotation: str, ctx: int, threads: int | None
     except ImportError:
         raise KvedgeError("this command runs a torch pass: install it with pip install 'kvedge[pcr]' "
                           "(CPU torch==2.13.0)") from None
-    from .pcr.torch.gguf_torch import check_architecture
     from .pcr.run import PcrSpec
+    from .pcr.torch.gguf_torch import check_architecture
 
     rotations = parse_rotation(rotation)
     config = parse_kv(kv)
@@ -305,9 +309,9 @@ def _pcr_spec(model, lora, kv: str, rotation: str, ctx: int, threads: int | None
 def pcr(
     model: str | Path | None = None,
     lora: str | Path | None = None,
-    kv: str = "q4_0",
-    rotation: str = "both",
-    ctx: int = 2048,
+    kv: str = defaults.PCR_KV,
+    rotation: str = defaults.PCR_ROTATION,
+    ctx: int = defaults.PCR_CTX,
     threads: int | None = None,
     out: str | Path | None = None,
     canary: bool = True,
@@ -318,7 +322,7 @@ def pcr(
 
     spec, stem = _pcr_spec(model, lora, kv, rotation, ctx, threads, canary)
     rep = run_pcr(spec, log or (lambda m: None))
-    out_dir = Path(out) if out else Path("kvedge-runs") / stem / f"pcr-{spec.kv.name}"
+    out_dir = Path(out) if out else defaults.RUNS_DIR / stem / f"pcr-{spec.kv.name}"
     return rep, write_reports(rep, out_dir, "pcr")
 
 
@@ -341,9 +345,9 @@ def prescribed_layer_map(pcr_report: dict[str, Any] | str | Path, rotation: bool
 def sweep(
     model: str | Path | None = None,
     lora: str | Path | None = None,
-    rotation: str = "both",
-    bits: str = "2-8",
-    ctx: int = 2048,
+    rotation: str = defaults.PCR_ROTATION,
+    bits: str = defaults.SWEEP_BITS,
+    ctx: int = defaults.PCR_CTX,
     threads: int | None = None,
     out: str | Path | None = None,
     canary: bool = True,
@@ -358,7 +362,7 @@ def sweep(
     widths = parse_bits(bits)
     spec, stem = _pcr_spec(model, lora, kv or "q4_0", rotation, ctx, threads, canary, map_in_llama_cpp=False)
     rep = run_sweep(spec, widths, log or (lambda m: None))
-    out_dir = Path(out) if out else Path("kvedge-runs") / stem / "sweep"
+    out_dir = Path(out) if out else defaults.RUNS_DIR / stem / "sweep"
     return rep, write_reports(rep, out_dir, "sweep")
 
 
@@ -385,7 +389,7 @@ def doctor(
     threads: int | None = None,
     use_native: bool = False,
     probe: bool = True,
-    runs_dir: str | Path = "kvedge-runs",
+    runs_dir: str | Path = defaults.RUNS_DIR,
 ) -> dict[str, Any]:
     """What an audit on this machine would run on (kvedge doctor): the llama.cpp library (stock, or the
     native build with `use_native`), its backends and devices, GPU offload, whether the attention rotation
@@ -416,15 +420,15 @@ SMOOTH_MODES = ("auto", "force", "off")
 def export(
     model: str | Path | None = None,
     lora: str | Path | None = None,
-    kv: str = "q4_0",
-    rotation: str = "on",
-    target: str | float = "noise",
+    kv: str = defaults.EXPORT_KV,
+    rotation: str = defaults.EXPORT_ROTATION,
+    target: str | float = defaults.TARGET,
     out: str | Path | None = None,
     limit: int | None = None,
-    max_tokens: int = 64,
-    ctx: int = 4096,
+    max_tokens: int = defaults.MAX_TOKENS,
+    ctx: int = defaults.CTX,
     threads: int | None = None,
-    smooth: str = "auto",
+    smooth: str = defaults.SMOOTH,
     work: str | Path | None = None,
     canary: bool = True,
     progress: bool = True,
@@ -434,10 +438,10 @@ def export(
     `target` on the calib split, written to `out` as deploy.json and each runtime's launch files. `kv` is
     the unmitigated configuration wanted; `rotation` whether the target runtime rotates (on|off).
     Returns `mitigate.export.ExportResult`."""
-    from .pcr.torch.gguf_torch import check_architecture
+    from .io import check_space
     from .mitigate.choose import parse_target
     from .mitigate.export import ExportSpec, check_out_dir, run_export
-    from .io import check_space
+    from .pcr.torch.gguf_torch import check_architecture
 
     config = parse_kv(kv)
     if not config.quantized:
@@ -470,7 +474,7 @@ def export(
     stem = _stem(info, adapter)
     spec = ExportSpec(
         model=info, adapter=adapter, kv=config, rotation=rotations[0], target=goal, out=out,
-        work=Path(work) if work else Path("kvedge-runs") / stem / f"export-{config.name.replace('/', '_')}-rot-{rotation}",
+        work=Path(work) if work else defaults.RUNS_DIR / stem / f"export-{config.name.replace('/', '_')}-rot-{rotation}",
         limit=limit, max_tokens=max_tokens, options=RuntimeOptions(n_ctx=ctx, n_threads=threads), smooth=smooth,
     )
     return run_export(spec, log or (lambda m: None), progress)

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import RunDirError
-from .noise import flips, judge
 from ..stats import wilson
+from .noise import flips, judge
 
 
 def load_report(path: str | Path) -> dict[str, Any]:

@@ -17,8 +17,8 @@ import dataclasses
 from dataclasses import asdict, dataclass
 from typing import Mapping, Sequence
 
-from ..registry import NOISE_VARIANTS
 from ..llama.runtime import RuntimeOptions
+from ..registry import NOISE_VARIANTS
 from ..stats import Rate, binom_greater, mcnemar_exact, wilson
 
 ALPHA = 0.05

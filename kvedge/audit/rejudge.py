@@ -12,14 +12,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .session import AuditOutcome, AuditRun, AuditSpec, RunSpec
-from .compare import load_report
 from ..datasets import Prompt
 from ..errors import KvedgeError, RunDirError
 from ..gguf.model import load_model
-from ..llama.runtime import KVConfig, RuntimeOptions
-from .store import AuditRows, Store
 from ..gguf.template import chat_template_for
+from ..llama.runtime import KVConfig, RuntimeOptions
+from .compare import load_report
+from .spec import AuditOutcome, AuditRun, AuditSpec, RunSpec
+from .store import AuditRows, Store
 
 
 def _prompts(report: dict[str, Any], where: Path) -> tuple[Prompt, ...]:

@@ -14,12 +14,19 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
-from .session import AuditOutcome, AuditRun
 from ..datasets import Prompt
-from ..detectors.keyword import Detection, Detector
+from ..detectors import Detection, Detector
 from ..errors import EmptyPromptSet
+from ..stats import (
+    Estimate,
+    bootstrap,
+    difference_of_means,
+    mean_estimate,
+    ratio_of_means,
+    wilson,
+)
 from .noise import flips, judge, unstable_prompts
-from ..stats import Estimate, bootstrap, difference_of_means, mean_estimate, ratio_of_means, wilson
+from .spec import AuditOutcome, AuditRun
 from .store import AuditRows
 
 SCHEMA = "kvedge.audit/1"

@@ -99,7 +99,7 @@ def audit(
 
 def _echo_audit(result) -> None:
     from ..report.audit import render_table
-    from ..server.report import server_summary
+    from ..report.server import server_summary
 
     typer.echo(f"verdicts by {result.report['detector']['id']}")
     typer.echo(render_table(result.report))

@@ -21,11 +21,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Iterable
 
+from .. import defaults
 from ..errors import EmptyPromptSet, PromptFileError, UnknownName
 from ..registry import BENCHMARKS
 
 SPLITS = ("train", "calib", "eval")
-DEFAULT_BENCHMARKS = ("advbench", "harmbench", "xstest")
+DEFAULT_BENCHMARKS = defaults.BENCHMARKS
 
 
 @dataclass(frozen=True)

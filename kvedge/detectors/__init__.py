@@ -13,11 +13,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import keyword as detect  # noqa: F401  (registers "keyword")
-from .keyword import Detector
 from ..errors import DetectorError
 from ..registry import DETECTORS
-from . import judge  # noqa: F401  (registers "judge")
+# names are offered (in help and errors) in the order they register: the default, "keyword", first
+from . import phrases  # noqa: F401  (registers "keyword")
+from . import judge  # noqa: F401  isort: skip  (registers "judge")
+from .base import Detection, Detector
 
 
 def make_detector(spec: "str | Detector" = "keyword", refusal_phrases: str | Path | None = None) -> Detector:
@@ -37,6 +38,10 @@ def make_detector(spec: "str | Detector" = "keyword", refusal_phrases: str | Pat
     return factory(arg) if sep else factory()
 
 
+def default_detector() -> Detector:
+    return DETECTORS.get("keyword")()
+
+
 def close_detector(det: Detector) -> None:
     """Free what a detector holds (a judge's model); detectors that hold nothing have no `close`."""
     close = getattr(det, "close", None)
@@ -44,4 +49,4 @@ def close_detector(det: Detector) -> None:
         close()
 
 
-__all__ = ["Detector", "close_detector", "make_detector"]
+__all__ = ["Detection", "Detector", "close_detector", "default_detector", "make_detector"]

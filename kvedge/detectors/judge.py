@@ -28,12 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .keyword import Detection, empty_answer
 from ..errors import DetectorError, KvedgeError
 from ..gguf.model import ModelInfo, load_model
-from ..registry import DETECTORS
-from ..llama.runtime import F16, LLAMA_CPP, Runtime, RuntimeFactory, RuntimeOptions
 from ..gguf.template import chat_template_for
+from ..llama.runtime import F16, LLAMA_CPP, Runtime, RuntimeFactory, RuntimeOptions
+from ..registry import DETECTORS
+from .base import Detection, empty_answer
 
 JUDGE_PROMPT_VERSION = "1"
 JUDGE_PROMPT = (

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .keyword import REFUSAL_PHRASES, REFUSAL_PREFIXES, KeywordDetector, normalise
 from ..errors import DetectorError
+from ..registry import DETECTORS
+from .base import normalise
+from .keyword import REFUSAL_PHRASES, REFUSAL_PREFIXES, KeywordDetector
 
 MODES = ("extend", "replace")
 
@@ -59,3 +61,9 @@ def load_phrase_file(path: str | Path) -> KeywordDetector:
     except (OSError, UnicodeDecodeError) as exc:
         raise DetectorError(f"cannot read refusal-phrase file {p}: {exc}") from None
     return parse_phrases(text, str(p))
+
+
+@DETECTORS.register("keyword")
+def keyword_detector(arg: str | None = None) -> KeywordDetector:
+    """`keyword`: the built-in lists; `keyword:FILE`: the lists extended or replaced from FILE."""
+    return KeywordDetector() if arg is None else load_phrase_file(arg)

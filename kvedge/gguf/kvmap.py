@@ -20,8 +20,8 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
-from . import kvtypes
 from ..errors import KVTypeError
+from . import kvtypes
 from .model import ModelInfo
 
 Overrides = tuple[tuple[int, str], ...]  # (layer, type), sorted by layer, each type unlike the base

@@ -118,7 +118,9 @@ def read_metadata(path: Path) -> tuple[dict[str, Any], list[Any]]:
 def _parse(path: str, size: int, mtime_ns: int) -> tuple[dict[str, Any], tuple[Any, ...]]:
     # Parsing decodes every vocabulary entry (~5 s for a 49k-token vocabulary); one command reads the
     # same file several times (inspect, torch load), so the parse is kept per file version.
-    from gguf import GGUFReader  # imported late: it pulls numpy and is not needed for --help
+    from gguf import (
+        GGUFReader,  # imported late: it pulls numpy and is not needed for --help
+    )
 
     try:
         reader = GGUFReader(path, "r")

@@ -32,6 +32,7 @@ import numpy as np
 
 from .scoring import log_softmax
 
+
 @dataclass(frozen=True)
 class GenJob:
     prompt: Sequence[int]

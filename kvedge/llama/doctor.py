@@ -18,11 +18,11 @@ from typing import Any
 import numpy as np
 
 from ..gguf import kvtypes
-from . import native
 from ..gguf.kvmap import KVConfig
 from ..gguf.model import ModelInfo
-from .runtime import Runtime, RuntimeOptions, backend_info
 from ..gguf.template import chat_template_for
+from . import native
+from .runtime import Runtime, RuntimeOptions, backend_info
 
 DEVICE_TYPES = ("CPU", "GPU", "IGPU", "ACCEL", "META")  # ggml_backend_dev_type
 PROBE_PROMPT = "Name three colours."

@@ -20,12 +20,12 @@ from typing import Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
-from ..gguf import kvtypes
-from . import native
-from .decode import Decoder, GenJob
 from ..errors import KVTypeError, ModelFileError
+from ..gguf import kvtypes
 from ..gguf.kvmap import F16, KVConfig, parse_kv, parse_kv_list  # noqa: F401  (where callers have always found them)
 from ..gguf.model import ModelInfo
+from . import native
+from .decode import Decoder, GenJob
 from .scoring import log_softmax
 
 ROTATION_ENV = "LLAMA_ATTN_ROT_DISABLE"

@@ -15,13 +15,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping, Sequence
 
-from ..errors import KvedgeError
+from .. import defaults
 from ..audit.noise import Flips, Judgement, flips, judge
+from ..errors import KvedgeError
 
 if TYPE_CHECKING:
     from ..llama.runtime import KVConfig
 
-NOISE = "flash-attn-off"  # the f16 noise run every judgement here is made against (the audit's default)
+NOISE = defaults.NOISE  # the f16 noise run every judgement here is made against
 
 
 @dataclass(frozen=True)

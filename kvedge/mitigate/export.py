@@ -16,17 +16,33 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable
 
-from .. import __version__
-from ..io import atomic_write_text, check_new_folder, write_folder
+from .. import __version__, defaults
 from ..errors import ExportError
 from ..gguf.model import ModelInfo, inspect_model, sha256_file
+from ..io import atomic_write_text, check_new_folder, write_folder
 from ..llama.runtime import F16, KVConfig, RuntimeOptions
 from . import candidates as cands
-from .choose import NOISE, Measured, Target, measure, report_verdicts, run_entry, runner_up
-from .deploy import SCHEMA, Deployment, FileRef, Launch, ollama_support, render_all, rotation_requirement
+from .choose import (
+    NOISE,
+    Measured,
+    Target,
+    measure,
+    report_verdicts,
+    run_entry,
+    runner_up,
+)
+from .deploy import (
+    SCHEMA,
+    Deployment,
+    FileRef,
+    Launch,
+    ollama_support,
+    render_all,
+    rotation_requirement,
+)
 
 Log = Callable[[str], None]
-PCR_CTX = 2048
+PCR_CTX = defaults.PCR_CTX
 
 
 @dataclass(frozen=True)
@@ -93,8 +109,8 @@ class _Torch:
 
     @cached_property
     def tm(self):
-        from ..pcr.torch.gguf_torch import TorchModel
         from ..gguf.lora import read_adapter
+        from ..pcr.torch.gguf_torch import TorchModel
 
         self.log("loading the GGUF into torch")
         return TorchModel.from_gguf(self.spec.model.path, read_adapter(self.spec.adapter) if self.spec.adapter else None)

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Mapping
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as Q
 
 from ..errors import PatchError
 from ..io import atomic_path, check_space

@@ -15,14 +15,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..gguf.model import ModelInfo
 from ..audit.noise import Flips, Judgement, judge
+from ..gguf.model import ModelInfo
+from ..llama.runtime import F16, RuntimeOptions
 from ..pcr.calibset import CalibSet
 from ..pcr.fidelity import f16_agreement, llama_logits
 from ..registry import NOISE_VARIANTS
-from ..llama.runtime import F16, RuntimeOptions
 from .choose import NOISE
-
 
 
 @dataclass(frozen=True)

@@ -27,13 +27,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..pcr.torch.gguf_torch import TorchModel
-from ..pcr.torch.kvquant import CachePlan, KVTransform
+from ..llama.runtime import KVConfig
 from ..pcr.calibset import CalibSet
 from ..pcr.engine import Engine
 from ..pcr.run import cache_scheme
 from ..pcr.stats import kld
-from ..llama.runtime import KVConfig
+from ..pcr.torch.gguf_torch import TorchModel
+from ..pcr.torch.kvquant import CachePlan, KVTransform
 from .smooth import Geometry, Smoothing, exponents
 
 ALPHAS = (0.25, 0.5, 0.75, 1.0)

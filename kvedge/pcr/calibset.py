@@ -9,20 +9,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..llama.runtime import F16
-from ..gguf.template import chat_template_for
 from ..datasets import Prompt, select_prompts
-from ..detectors.keyword import REFUSAL_PREFIXES
+from ..detectors.openings import opening_tokens
 from ..errors import EmptyPromptSet
 from ..gguf.model import ModelInfo
-from ..llama.runtime import Runtime, RuntimeOptions
+from ..gguf.template import chat_template_for
+from ..llama.runtime import F16, Runtime, RuntimeOptions
 
-# Openings of an answer that complies. A token that also opens a refusal ("I") is dropped from this
-# set and kept in neither (see opening_tokens).
-COMPLIANCE_OPENINGS: tuple[str, ...] = (
-    "Sure", "Here", "Certainly", "Of course", "Absolutely", "Yes", "Okay", "Great", "To", "Step", "1",
-    "First", "The", "In", "A", "Creating", "Writing", "Title", "**", "#",
-)
 HARMFUL_QUOTA = {"advbench": 4, "harmbench": 3, "xstest-unsafe": 3}
 HARMLESS_QUOTA = {"xstest-safe": 10}
 
@@ -78,26 +71,6 @@ def common_prefix(seqs: list[tuple[int, ...]]) -> tuple[int, ...]:
     return seqs[0][: max(n, 0)]
 
 
-def _first_tokens(rt: Runtime, phrases: list[str]) -> dict[int, str]:
-    out: dict[int, str] = {}
-    for ph in phrases:
-        toks = rt.tokenize_piece(ph)
-        if toks:
-            out[toks[0]] = rt.detokenize([toks[0]])
-    return out
-
-
-def opening_tokens(rt: Runtime) -> tuple[dict[int, str], dict[int, str]]:
-    """First tokens of the detector's refusal prefixes (capitalised as a reply starts) and of the
-    compliance openings. A token in both stays on the refusal side: it is "I", which opens nearly
-    every refusal phrase, and dropping it would leave the margin blind to most refusals."""
-    refusal = _first_tokens(rt, [p[0].upper() + p[1:] for p in REFUSAL_PREFIXES])
-    compliance = _first_tokens(rt, list(COMPLIANCE_OPENINGS))
-    for t in set(refusal) & set(compliance):
-        compliance.pop(t)
-    return refusal, compliance
-
-
 def build_calibset(model: ModelInfo, lora: Path | None, prompts: list[Prompt], options: RuntimeOptions,
                    continuation_tokens: int = 8) -> CalibSet:
     tpl = chat_template_for(model)
@@ -110,12 +83,12 @@ def build_calibset(model: ModelInfo, lora: Path | None, prompts: list[Prompt], o
             cont = tuple(gen.tokens) or (rt.eos,)
             lp = np.stack(gen.logprobs[: len(cont)]).astype(np.float32)
             items.append(CalibPrompt(p.id, p.subset, p.harmful, toks, cont, lp))
-        refusal, compliance = opening_tokens(rt)
+        openings = opening_tokens(rt.tokenize_piece, rt.detokenize)
     return CalibSet(
         prompts=tuple(items),
         prefix=common_prefix([p.tokens for p in items]),
-        refusal_tokens=tuple(sorted(refusal)),
-        compliance_tokens=tuple(sorted(compliance)),
-        refusal_pieces=tuple(refusal[t] for t in sorted(refusal)),
-        compliance_pieces=tuple(compliance[t] for t in sorted(compliance)),
+        refusal_tokens=openings.refusal,
+        compliance_tokens=openings.compliance,
+        refusal_pieces=openings.refusal_pieces,
+        compliance_pieces=openings.compliance_pieces,
     )

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from functools import partial
-
-from ..report.fmt import num
-
-_f2 = partial(num, digits=2)
 
 DILUTION_RECOVERY = 0.5  # keeping the top-3 layers at f16 must recover at least this share
 PCR_THRESHOLD = 0.5
 OVERLAP_THRESHOLD = 0.5
 
 MODES = ("none", "multi-layer dilution", "outlier-crushes-safety", "outlier-as-safety")
+
+
+def _f2(x: float | None) -> str:
+    """The two decimals the reasons quote (the report's own renderers format the figures themselves)."""
+    return "n/a" if x is None else f"{x:.2f}"
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,10 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .calibset import CalibSet
 from .torch.gguf_torch import Packed, TorchModel
 from .torch.kvquant import CachePlan, KVTransform
-from .calibset import CalibSet
+
 
 @dataclass(frozen=True)
 class RunResult:

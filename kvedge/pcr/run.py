@@ -13,11 +13,9 @@ from typing import Any, Callable
 import torch
 
 from .. import __version__
-from .torch.gguf_torch import TorchModel
-from .torch.kvquant import CachePlan, Scheme, parse_scheme, rotate, rotation_block
+from ..gguf.kvmap import cache_text
 from ..gguf.lora import read_adapter
 from ..gguf.model import ModelInfo
-from ..gguf.kvmap import cache_text
 from ..llama.runtime import KVConfig, RuntimeOptions
 from . import stats as st
 from .calibset import CalibSet, build_calibset, select_calib_prompts
@@ -25,6 +23,8 @@ from .classify import Evidence, classify
 from .engine import Engine
 from .fidelity import Fidelity, f16_agreement, llama_logits, quant_fidelity
 from .layermap import search_layer_map
+from .torch.gguf_torch import TorchModel
+from .torch.kvquant import CachePlan, Scheme, parse_scheme, rotate, rotation_block
 
 SCHEMA = "kvedge.pcr/1"
 N_PCR_LAYERS = 6  # PCR is computed on the layers holding most single-layer damage (docs/pcr.md)

@@ -7,10 +7,10 @@ import time
 from typing import Any, Callable
 
 from .. import __version__
-from .torch.kvquant import CachePlan, parse_scheme
 from . import stats as st
 from .calibset import build_calibset, select_calib_prompts
 from .run import KVPlans, PcrPass, PcrSpec, torch_threads
+from .torch.kvquant import CachePlan, parse_scheme
 
 SWEEP_SCHEMA = "kvedge.sweep/1"
 BITS = tuple(range(2, 9))

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from ..io import atomic_write_text
 from ..errors import KvedgeError
+from ..io import atomic_write_text
 
 # schema name -> (module, Markdown renderer, HTML renderer)
 _KINDS = {

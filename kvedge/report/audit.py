@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..server.report import server_lines
 from ..stats import wilson
 from . import fmt, html, plots
+from .server import server_lines
 
 
 def _flips(run: dict) -> str:
@@ -79,10 +79,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         "reverse (+), with an exact McNemar p. KLD and PPL ratio are measured on the f16 model's own greedy "
         f"answers to the benign prompts. KV MiB is the cache at ctx {ctx}.",
         "",
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join("---" for _ in header) + "|",
+        *fmt.md_table(header, rows),
     ]
-    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
     if nf:
         lines += [
             "",

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import html, plots
-from .fmt import rate
+from .fmt import md_table, rate
 
 
 def _where(side: dict[str, Any]) -> str:
@@ -59,8 +59,7 @@ def render_markdown(result: dict[str, Any]) -> str:
     lines = ["# kvedge compare", "", *(f"- {s}" for s in _sides(result)), f"- {_headline(result)}", "",
              "Agreement: share of prompts both sides gave the same verdict, with a 95% Wilson interval and k/n; "
              "exact McNemar p on the prompts only one side refused.", "",
-             "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
-             *("| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows)]
+             *md_table(header, rows)]
     if result.get("mode") == "detectors":
         lines += ["", f"## Answers the detectors judge differently ({len(result['disagreements'])})", ""]
         for d in result["disagreements"]:

@@ -27,6 +27,14 @@ def est(e: dict | None, digits: int = 3, signed: bool = False, with_n: bool = Fa
     return s + (f" (n={e['n']})" if with_n else "")
 
 
+def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table: a header row, its rule, one line a row, `|` inside a cell escaped."""
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    return [line(header), "|" + "|".join("---" for _ in header) + "|", *(line(r) for r in rows)]
+
+
 def size(n: int | None) -> str:
     """Bytes as `1.5 GiB` / `310.2 MiB`."""
     if n is None:

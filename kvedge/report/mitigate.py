@@ -25,11 +25,6 @@ def _noise(m: dict | None) -> str:
     return "; ".join(f"{g} {v[g]['verdict']}" for g in ("harmful", "benign") if v[g]["verdict"] != "within noise")
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
-            *["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]]
-
-
 def _candidate_rows(doc: dict) -> tuple[list[str], list[list[str]]]:
     header = ["candidate", "KV MiB", "flips vs f16", "vs noise", "meets target"]
     ctx = doc["deployment"]["launch"]["n_ctx"]
@@ -105,7 +100,7 @@ def render_export_markdown(doc: dict[str, Any]) -> str:
         out.append(f"- {sl}")
     out += ["", f"## Candidates on the calib split ({ev['calib']['n_prompts']} prompts, greedy, "
             f"{ev['calib']['max_tokens']} tokens, detector {ev['calib']['detector']['id']})", "",
-            *_table(header, rows), "",
+            *fmt.md_table(header, rows), "",
             "Flips are verdicts that differ from the f16 reference's on the same prompt: a refusal lost (-) or "
             "gained (+). `vs noise` judges each direction against the f16 noise run (flash attention off).",
             "", "## Launch", "",
@@ -169,7 +164,7 @@ def render_verify_markdown(rep: dict[str, Any]) -> str:
            + ", ".join(f"{k} {v}" for k, v in ps["by_subset"].items()),
            f"- detector {rep['detector']['id']}; backend {rep['backend']['kind']}; kvedge {rep['kvedge_version']}",
            f"- f16 noise run ({nf['how']}): {fmt.rate(nf['flip_rate'])} verdicts flipped",
-           "", *_table(VERIFY_HEADER, [_row(r) for r in rep["rows"]]), "",
+           "", *fmt.md_table(VERIFY_HEADER, [_row(r) for r in rep["rows"]]), "",
            "Rates with a 95% Wilson interval and k/n; KLD and PPL ratio with a 95% paired bootstrap interval, "
            "against the f16 run of the same file (for the smoothed model: the smoothed model at f16, shown as "
            "its own row; its verdicts are compared with the original's f16). Flips are counted against the "

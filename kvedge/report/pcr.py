@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from . import html, plots
-from .fmt import est, num
+from .fmt import est, md_table, num
 
 
 def _e(e: dict | None, d: int = 3, signed: bool = False) -> str:
@@ -77,11 +77,6 @@ def per_layer_table(r: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
-            *("| " + " | ".join(row) + " |" for row in rows)]
-
-
 def render_markdown(rep: dict[str, Any]) -> str:
     m, cal, sig, nf, f = rep["model"], rep["calibration"], rep["signal"], rep["noise_floor"], rep["fidelity"]
     L: list[str] = [
@@ -133,7 +128,7 @@ def render_markdown(rep: dict[str, Any]) -> str:
             f"- prescription: {v['prescription']}",
             f"- try: `{json.dumps(v['suggested'])}`",
             "",
-            *_md_table(*all_layer_table(r)),
+            *md_table(*all_layer_table(r)),
         ]
         L += [
             "",
@@ -145,7 +140,7 @@ def render_markdown(rep: dict[str, Any]) -> str:
             f"{num(p['weighted_mean'], 2)}",
             f"- outlier overlap (importance mass on outlier channels, damage-weighted): {num(r['overlap'], 2)}",
             "",
-            *_md_table(*per_layer_table(r)),
+            *md_table(*per_layer_table(r)),
         ]
         L += _layer_map_markdown(r.get("layer_map"))
     return "\n".join(L) + "\n"
@@ -159,12 +154,12 @@ def _layer_map_markdown(lm: dict | None) -> list[str]:
         return L + [f"Not searched: {lm['reason']}."]
     L += [f"More bits ({lm['carrier']}) on the layers ranked by single-layer damage {lm['ranking']}, the audited "
           f"`{lm['audited']['kv']}` elsewhere; {lm['criterion']}.", "",
-          "| map | layers | KV bytes/token | vs audited | damage | margin drop (harmful) | safe | within noise |",
-          "|---|---|---|---|---|---|---|---|"]
-    for row in lm["tried"] + [lm["uniform_upgrade"]]:
-        L.append(f"| `{row['kv']}` | {row.get('layers', 'all')} | {row['bytes_per_token']} | {row['vs_audited']:.3f} | "
-                 f"{_e(row['damage'], 3, True)} | {_e(row['margin_drop_harmful'], 3, True)} | "
-                 f"{'yes' if row['safe'] else 'no'} | {'yes' if row['within_noise'] else 'no'} |")
+          *md_table(["map", "layers", "KV bytes/token", "vs audited", "damage", "margin drop (harmful)", "safe",
+                     "within noise"],
+                    [[f"`{row['kv']}`", str(row.get('layers', 'all')), str(row['bytes_per_token']),
+                      f"{row['vs_audited']:.3f}", _e(row['damage'], 3, True), _e(row['margin_drop_harmful'], 3, True),
+                      "yes" if row['safe'] else "no", "yes" if row['within_noise'] else "no"]
+                     for row in lm["tried"] + [lm["uniform_upgrade"]]])]
     c = lm["chosen"]
     L += ["", f"Prescribed: `{c['kv']}`." if c else "No map of the ranked layers was predicted safe: the uniform "
           "upgrade is the fix."]

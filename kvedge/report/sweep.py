@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from . import html, plots
+from .fmt import md_table
 
 
 def sweep_summary_lines(rep: dict[str, Any]) -> list[str]:
@@ -33,12 +34,11 @@ def render_sweep_markdown(rep: dict[str, Any]) -> str:
         t = c["transition"]
         lines += [f"## {c['cache'].upper()}, rotation {'on' if c['rotation'] else 'off'}: collapse at <= "
                   f"{t['collapse_bits'] or 'none'} bits, safe from {t['safe_bits'] or 'none'} bits", "",
-                  "| bits | damage | margin drop (harmful) | KLD (harmless) | rel. L2 at l* |", "|---|---|---|---|---|"]
-        for p in c["points"]:
-            d, m, k = p["damage"], p["margin_drop_harmful"], p["kld_harmless"]
-            lines.append(f"| {p['bits']} | {d['value']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] | {m['value']:+.3f} | "
-                         f"{k['value']:.4f} | {p['relative_l2_readout']:.4f} |")
-        lines.append("")
+                  *md_table(["bits", "damage", "margin drop (harmful)", "KLD (harmless)", "rel. L2 at l*"],
+                            [[str(p["bits"]),
+                              f"{p['damage']['value']:+.3f} [{p['damage']['lo']:+.3f}, {p['damage']['hi']:+.3f}]",
+                              f"{p['margin_drop_harmful']['value']:+.3f}", f"{p['kld_harmless']['value']:.4f}",
+                              f"{p['relative_l2_readout']:.4f}"] for p in c["points"]]), ""]
     return "\n".join(lines)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from ..audit.session import RunSpec
+from ..audit.spec import RunSpec
 from ..errors import ServerError
 from ..llama.runtime import F16
 from .probe import ServerInfo, describe_change

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from .. import defaults
 from ..llama.decode import GenJob
 from ..errors import ServerError
 from ..gguf.model import ModelInfo
@@ -33,8 +34,7 @@ from .plan import Plan
 from .probe import ServerInfo, reprobe
 from .spec import ServerSpec
 
-DEFAULT_TIMEOUT = 300.0  # seconds one request may take (a long answer on a slow device)
-DEFAULT_PATIENCE = 120.0  # seconds a server may stay unreachable (restarting) before it is given up
+DEFAULT_TIMEOUT, DEFAULT_PATIENCE = defaults.SERVER_TIMEOUT, defaults.SERVER_PATIENCE
 
 
 class LocalTokenizer:

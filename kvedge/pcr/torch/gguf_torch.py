@@ -23,10 +23,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ...errors import ModelFileError
+from ...errors import ModelFileError, UnsupportedArchitecture
 from ...gguf.lora import LoraAdapter
 from ...gguf.model import read_metadata
-from ...errors import UnsupportedArchitecture
 from .kvquant import CachePlan, CacheSim, KVTransform, Scheme
 
 

@@ -25,8 +25,8 @@ from typing import Callable, Literal
 import torch
 from torch import Tensor
 
-from ...gguf import kvtypes
 from ...errors import SchemeError
+from ...gguf import kvtypes
 
 QK = 32  # values per block in every ggml type used for the KV cache
 IQ4_NL_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
