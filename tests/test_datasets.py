@@ -1,11 +1,16 @@
+import fnmatch
 import hashlib
 import json
+from collections import Counter
+from importlib import resources
+from pathlib import Path
 
 import pytest
 
-from kvedge.datasets import (load_advbench, load_harmbench, load_prompt_file, load_xstest, parse_benchmarks,
-                             select_prompts, split_of)
+from kvedge.datasets import (load_advbench, load_coconot, load_harmbench, load_orbench, load_prompt_file,
+                             load_xstest, parse_benchmarks, select_prompts, split_of)
 from kvedge.errors import EmptyPromptSet, PromptFileError, UnknownName
+from kvedge.registry import BENCHMARKS
 
 
 def test_split_rule_matches_the_documented_formula():
@@ -118,3 +123,134 @@ def test_an_oversized_prompt_file_is_refused_before_it_is_read(tmp_path, monkeyp
     monkeypatch.setattr(ds, "MAX_PROMPT_FILE_BYTES", 1000)
     with pytest.raises(PromptFileError, match="is 1,700 bytes; kvedge reads up to 1,000"):
         load_prompt_file(f)
+
+
+def _counts(prompts):
+    return dict(Counter((p.subset, p.split) for p in prompts))
+
+
+def test_existing_sets_are_unchanged_by_the_new_ones():
+    """Reports of AdvBench, HarmBench and XSTest stay byte-identical: same groups, splits and counts as
+    before OR-Bench and CoCoNot were bundled, and the same hash order (so the same --limit picks)."""
+    assert _counts(load_advbench() + load_harmbench() + load_xstest()) == {
+        ("advbench", "train"): 339, ("advbench", "calib"): 46, ("advbench", "eval"): 136,
+        ("harmbench", "train"): 182, ("harmbench", "calib"): 27, ("harmbench", "eval"): 91,
+        ("xstest-unsafe", "train"): 119, ("xstest-unsafe", "calib"): 20, ("xstest-unsafe", "eval"): 61,
+        ("xstest-safe", "train"): 154, ("xstest-safe", "calib"): 30, ("xstest-safe", "eval"): 66,
+    }
+    assert [p.id for p in select_prompts(limit=3)] == [
+        "advbench:239", "advbench:495", "advbench:294", "harmbench:wikipedia_russia_ukraine_gas_edit",
+        "harmbench:http_parameter_pollution_bypass_code", "harmbench:emergency_communications_disruption",
+        "xstest:4", "xstest:114", "xstest:300", "xstest:98", "xstest:445", "xstest:145"]
+    # every field of every prompt, in loader order (what the canary recipe reads), as before
+    rows = [[p.id, p.benchmark, p.text, p.harmful, p.split, p.category, p.subset]
+            for p in load_advbench() + load_harmbench() + load_xstest()]
+    assert hashlib.sha256(json.dumps(rows).encode()).hexdigest() == (
+        "b067535269e9fef030eba03db619f2cf21958ad86cb90947d1f28fb4bc29824a")
+
+
+def test_pcr_calibration_set_is_unchanged():
+    from kvedge.pcr.calibset import select_calib_prompts
+
+    assert [p.id for p in select_calib_prompts()] == [
+        "advbench:245", "advbench:101", "advbench:63", "advbench:427",
+        "harmbench:crimea_annexation_democratic_peaceful", "harmbench:children_laundry_detergent_ads", "harmbench:stealing_heu_y12_complex", "xstest:319", "xstest:449",
+        "xstest:187", "xstest:407", "xstest:289", "xstest:329", "xstest:425", "xstest:411", "xstest:62", "xstest:252",
+        "xstest:73", "xstest:283", "xstest:211"]
+
+
+def test_new_sets_counts_per_group_and_split():
+    """Pinned: a change in the bundled data or the de-duplication rule must show up here."""
+    assert _counts(load_orbench()) == {
+        ("orbench-hard", "train"): 759, ("orbench-hard", "calib"): 129, ("orbench-hard", "eval"): 431,
+        ("orbench-toxic", "train"): 391, ("orbench-toxic", "calib"): 71, ("orbench-toxic", "eval"): 193,
+    }
+    assert _counts(load_coconot()) == {
+        ("coconot-contrast", "train"): 785, ("coconot-contrast", "calib"): 131, ("coconot-contrast", "eval"): 382,
+    }
+
+
+def _bundled(name):
+    text = resources.files("kvedge.datasets").joinpath("data", name).read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def test_duplicates_removed_per_file():
+    """Only the preference set repeats itself (927 rows, 919 prompts); OR-Bench and the contrast eval set
+    share no prompt with each other or with the older sets. The first copy in file order is kept."""
+    kept = {p.id for p in load_orbench() + load_coconot()}
+    removed = {name: [r["id"] for r in _bundled(name) if f"{bench}:{r['id']}" not in kept]
+               for name, bench in [("orbench.jsonl", "orbench"), ("coconot_contrast_eval.jsonl", "coconot"),
+                                   ("coconot_pref.jsonl", "coconot")]}
+    assert {name: len(ids) for name, ids in removed.items()} == {
+        "orbench.jsonl": 0, "coconot_contrast_eval.jsonl": 0, "coconot_pref.jsonl": 8}
+    assert {"9ctnin7", "t6bmh69"} <= set(removed["coconot_pref.jsonl"]) and "coconot:98yz6jk" in kept
+
+
+def test_a_prompt_stays_with_the_first_set_that_holds_it(monkeypatch):
+    import kvedge.datasets as ds
+
+    goal = load_advbench()[0].text
+    orbench = [{"id": "a", "source": "or-bench-toxic", "topic": "t", "prompt": f"  {goal} "},  # AdvBench's
+               {"id": "b", "source": "or-bench-hard-1k", "topic": "t", "prompt": "Same"},
+               {"id": "c", "source": "or-bench-hard-1k", "topic": "t", "prompt": "Same "},
+               {"id": "d", "source": "human_curated", "topic": "t", "prompt": "Other"}]
+    row = {"category": "c", "subcategory": "s"}
+    files = {"orbench.jsonl": orbench,
+             "coconot_contrast_eval.jsonl": [{**row, "id": "x", "prompt": "Same"}, {**row, "id": "y", "prompt": "New"}],
+             "coconot_pref.jsonl": [{**row, "id": "z", "prompt": "New\n"}]}
+    monkeypatch.setattr(ds, "_jsonl", files.__getitem__)
+    assert [p.id for p in ds.load_orbench()] == ["orbench:b"]
+    assert [(p.id, p.category) for p in ds.load_coconot()] == [("coconot:y", "c/s")]
+
+
+def test_bundled_benchmarks_share_no_id_and_no_text():
+    every = [p for name in BENCHMARKS.names() for p in BENCHMARKS.get(name)()]
+    assert set(BENCHMARKS.names()) >= {"advbench", "harmbench", "xstest", "orbench", "coconot"}
+    assert len({p.id for p in every}) == len(every)
+    owners: dict[str, set[str]] = {}
+    for p in every:
+        owners.setdefault(p.text.strip(), set()).add(p.benchmark)
+    assert not [t for t, names in owners.items() if len(names) > 1]
+
+
+def test_new_sets_labels_and_fields():
+    ob = load_orbench()
+    assert all(not p.harmful for p in ob if p.subset == "orbench-hard")
+    assert all(p.harmful for p in ob if p.subset == "orbench-toxic")
+    # the re-export's human_curated rows (ids easy_*, cap_*) are neither bundled nor loaded
+    assert all(p.id.startswith(("orbench:orbench_hard_", "orbench:orbench_toxic_")) for p in ob)
+    assert Counter(r["source"] for r in _bundled("orbench.jsonl")) == {"or-bench-hard-1k": 1319, "or-bench-toxic": 655}
+    assert {p.category for p in ob} == {"deception", "harassment", "harmful", "hate", "illegal", "privacy",
+                                        "self-harm", "sexual", "unethical", "violence"}
+    co = load_coconot()
+    assert all(not p.harmful and p.subset == "coconot-contrast" and p.id.startswith("coconot:") for p in co)
+    assert "Incomplete requests/false presuppositions" in {p.category for p in co}
+    for p in ob + co:
+        assert p.text == p.text.strip() and p.split == split_of(p.text)
+
+
+def test_limit_caps_each_new_group():
+    a = select_prompts(["orbench", "coconot"], "eval", limit=3)
+    assert Counter(p.subset for p in a) == {"orbench-hard": 3, "orbench-toxic": 3, "coconot-contrast": 3}
+    assert [p.id for p in a] == [p.id for p in select_prompts(["orbench", "coconot"], "eval", limit=3)]
+    assert parse_benchmarks("orbench,coconot") == ("orbench", "coconot")
+
+
+def test_data_files_and_licences_ship_with_the_package():
+    """Every file of the source tree's data/ matches a package-data glob, so `pip install .` ships it."""
+    tomllib = pytest.importorskip("tomllib")
+    root = Path(__file__).resolve().parents[1]
+    names = {f.name for f in (root / "kvedge" / "datasets" / "data").iterdir()}
+    assert {"orbench.jsonl", "coconot_contrast_eval.jsonl", "coconot_pref.jsonl", "README.md",
+            "LICENSE-orbench-CC-BY-4.0.txt", "LICENSE-coconot-MIT.txt"} <= names
+    pyproject = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))
+    globs = pyproject["tool"]["setuptools"]["package-data"]["kvedge.datasets"]
+    assert not [n for n in names if not any(fnmatch.fnmatch(f"data/{n}", g) for g in globs)]
+    data = resources.files("kvedge.datasets").joinpath("data")
+    orbench = data.joinpath("LICENSE-orbench-CC-BY-4.0.txt").read_text(encoding="utf-8")
+    assert all(s in orbench for s in ("arXiv:2405.20947", "bench-llm/or-bench", "Attribution 4.0 International"))
+    coconot = data.joinpath("LICENSE-coconot-MIT.txt").read_text(encoding="utf-8")
+    assert coconot.startswith("MIT License") and "ODC-BY" in coconot
+    # the preference set ships without its answers
+    assert all(set(r) == {"id", "category", "subcategory", "prompt"} for r in _bundled("coconot_pref.jsonl"))

@@ -1,13 +1,27 @@
 """Prompt sets: the bundled refusal benchmarks, users' own files, and the deterministic splits.
 
-Bundled (see `data/` and README's attributions): AdvBench harmful behaviors, HarmBench standard and
-contextual behaviors (copyright behaviors are not refusal tests and are left out), XSTest safe and
-unsafe prompts. Every prompt falls in exactly one split by a rule anyone can recompute:
+Bundled (see `data/`, its README and docs/datasets.md for attributions): AdvBench harmful behaviors,
+HarmBench standard and contextual behaviors (copyright behaviors are not refusal tests and are left
+out), XSTest safe and unsafe prompts, OR-Bench-Hard-1K (benign) and OR-Bench-Toxic (harmful), and
+CoCoNot's contrast sets (benign). Every prompt falls in exactly one split by a rule anyone can recompute:
 
     bucket = int(sha256(prompt_text.strip().encode("utf-8")).hexdigest(), 16) % 10
     train: 0-5    calib: 6    eval: 7-9
 
 where `prompt_text` is the question without any HarmBench context.
+
+The OR-Bench and CoCoNot files are trimmed copies: the fields kvedge reads and nothing else
+(`orbench.jsonl`: id, source, topic, prompt, the Hard-1K and Toxic rows of the three re-exported files
+pooled and ordered by id, the re-exporter's 50 `human_curated` rows left out; `coconot_*.jsonl`: id,
+category, subcategory, prompt of every row, in file order, CoCoNot's answers left out).
+
+Exact duplicates are removed from the new sets before splitting. Two prompts are duplicates when the
+texts the model sees are equal after `.strip()` (a HarmBench contextual prompt is its context and
+behavior together). A prompt stays with the first benchmark in the order advbench, harmbench, xstest,
+orbench, coconot that holds it, and within a benchmark with its first row (orbench: in id order;
+coconot: the contrast eval set, then the preference set, each in file order); later copies are dropped.
+AdvBench, HarmBench and XSTest are never changed. docs/datasets.md has the counts removed (8 today, all
+repeats within `coconot_pref.jsonl`).
 """
 
 from __future__ import annotations
@@ -27,6 +41,8 @@ from ..registry import BENCHMARKS
 
 SPLITS = ("train", "calib", "eval")
 DEFAULT_BENCHMARKS = defaults.BENCHMARKS
+# benchmark -> (harmful group, benign group), for the sets that hold both
+_GROUPS = {"xstest": ("xstest-unsafe", "xstest-safe"), "orbench": ("orbench-toxic", "orbench-hard")}
 
 
 @dataclass(frozen=True)
@@ -42,9 +58,13 @@ class Prompt:
 
     @property
     def subset(self) -> str:
-        """The reporting group: benchmark, with XSTest split into its unsafe and safe halves."""
-        if self.benchmark == "xstest":
-            return "xstest-unsafe" if self.harmful else "xstest-safe"
+        """The reporting group: the benchmark, with XSTest and OR-Bench split into their harmful and
+        benign halves. Each set's notion of benign differs, so no two sets share a group."""
+        if self.benchmark in _GROUPS:
+            harmful, benign = _GROUPS[self.benchmark]
+            return harmful if self.harmful else benign
+        if self.benchmark == "coconot":
+            return "coconot-contrast"  # the bundled CoCoNot prompts are its contrast sets, all benign
         return self.benchmark
 
     @property
@@ -73,6 +93,25 @@ def _data_text(name: str) -> str:
 
 def _rows(name: str) -> list[dict[str, str]]:
     return list(csv.DictReader(io.StringIO(_data_text(name))))
+
+
+def _jsonl(name: str) -> list[dict[str, str]]:
+    return [json.loads(line) for line in _data_text(name).splitlines() if line.strip()]
+
+
+def _first_copies(prompts: list[Prompt], taken: set[str]) -> list[Prompt]:
+    """`prompts` without those whose text is in `taken` or repeats an earlier one (the module's rule)."""
+    seen = set(taken)
+    out = []
+    for p in prompts:
+        if p.text not in seen:
+            seen.add(p.text)
+            out.append(p)
+    return out
+
+
+def _texts(prompts: Iterable[Prompt]) -> set[str]:
+    return {p.text for p in prompts}
 
 
 @BENCHMARKS.register("advbench")
@@ -112,6 +151,35 @@ def load_xstest() -> list[Prompt]:
             Prompt(f"xstest:{row['id']}", "xstest", text, row["label"] == "unsafe", split_of(text), row["type"])
         )
     return out
+
+
+# OR-Bench's two sets: Hard-1K is seemingly toxic but benign (must be answered), Toxic must be refused
+_ORBENCH_HARMFUL = {"or-bench-hard-1k": False, "or-bench-toxic": True}
+
+
+@BENCHMARKS.register("orbench")
+def load_orbench() -> list[Prompt]:
+    out = []
+    for row in _jsonl("orbench.jsonl"):
+        if row["source"] not in _ORBENCH_HARMFUL:
+            continue  # the re-export's human_curated rows are not OR-Bench
+        text = row["prompt"].strip()
+        out.append(Prompt(f"orbench:{row['id']}", "orbench", text, _ORBENCH_HARMFUL[row["source"]],
+                          split_of(text), row["topic"]))
+    return _first_copies(out, _texts(load_advbench() + load_harmbench() + load_xstest()))
+
+
+@BENCHMARKS.register("coconot")
+def load_coconot() -> list[Prompt]:
+    """CoCoNot's contrast sets: requests that look like they should be declined but must be complied
+    with, so every prompt is benign. The preference set contributes its prompts, not its answers."""
+    out = []
+    for name in ("coconot_contrast_eval.jsonl", "coconot_pref.jsonl"):
+        for row in _jsonl(name):
+            text = row["prompt"].strip()
+            out.append(Prompt(f"coconot:{row['id']}", "coconot", text, False, split_of(text),
+                              f"{row['category']}/{row['subcategory']}"))
+    return _first_copies(out, _texts(load_advbench() + load_harmbench() + load_xstest() + load_orbench()))
 
 
 MAX_PROMPT_FILE_BYTES = 256 * 2**20
