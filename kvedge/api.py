@@ -4,24 +4,20 @@ cheapest first and before any model is hashed or run; the CLI only parses and re
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import defaults
-from .audit.session import run_audit
-from .audit.spec import MAX_BATCH, AuditOutcome, AuditSpec, auto_batch
-from .audit.store import AuditRows, Store, audit_lock
-from .audit.summary import summarize
+from .audit import pipeline
+from .audit.pipeline import AuditResult
+from .audit.spec import MAX_BATCH, AuditSpec, auto_batch
 from .canary import canary_adapter_path
 from .datasets import parse_benchmarks, select_prompts
-from .detectors import Detector, close_detector, make_detector
+from .detectors import Detector, make_detector
 from .errors import ExportError, KvedgeError
 from .gguf.kvmap import KVConfig
 from .gguf.lora import check_adapter
 from .gguf.model import ModelInfo, load_model
-from .gguf.template import chat_template_for
 from .llama import native
 from .llama.runtime import (
     LLAMA_CPP,
@@ -32,31 +28,11 @@ from .llama.runtime import (
     parse_rotation,
 )
 from .registry import NOISE_VARIANTS
-from .report import ReportFiles, write_jsonl, write_reports
+from .report import ReportFiles, write_reports
+from .results.compare import CompareResult
 from .server import parse_servers
 
 Log = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class AuditResult:
-    report: dict[str, Any]
-    files: ReportFiles  # report.json, report.md, report.html
-    attempts_path: Path  # attempts.jsonl: one line per prompt x configuration
-    store_path: Path
-    generated: int
-
-    @property
-    def json_path(self) -> Path:
-        return self.files.json
-
-    @property
-    def md_path(self) -> Path:
-        return self.files.md
-
-    @property
-    def html_path(self) -> Path:
-        return self.files.html
 
 
 def _adapter_for(info: ModelInfo, model: str | Path | None, lora: str | Path | None, canary: bool) -> Path | None:
@@ -164,22 +140,9 @@ def audit(
         batch=batch or auto_batch(info),
         detector=det,
     )
-    served = None
-    with audit_lock(spec.store_path):  # a second audit of this directory is refused, not interleaved
-        if servers:
-            from .server.prepare import prepare
-
-            served = prepare(servers, info, adapter, selected, chat_template_for(info), system, noise,
-                             spec.runtime_options, runtimes, spec.store_path, server_timeout, server_patience)
-            spec, runtimes = dataclasses.replace(spec, explicit_runs=served.plan.runs), served.runtimes
-        try:
-            outcome = run_audit(spec, progress=progress, runtimes=runtimes)
-        finally:
-            if served:
-                served.runtimes.close()
-        with Store(spec.store_path) as store:
-            rows = store.audit_rows([r.key for r in outcome.runs], outcome.reference.key)
-        return _judge_and_write(outcome, rows, det, det is not detector, fail_under, spec.out_dir, served)
+    return pipeline.run(spec, progress=progress, runtimes=runtimes, fail_under=fail_under,
+                        servers=pipeline.ServerOptions(servers, server_timeout, server_patience) if servers else None,
+                        own_detector=det is not detector)
 
 
 def _check_counts(**flags: int | None) -> None:
@@ -197,30 +160,6 @@ def _check_runtime_flags(ctx: int, threads: int | None, gpu_layers: int) -> None
         raise KvedgeError(f"--gpu-layers takes a count of layers or -1 for all, not {gpu_layers}")
 
 
-def _judge_and_write(outcome: AuditOutcome, rows: AuditRows, det: Detector, owned: bool,
-                     fail_under: float | None, out_dir: Path, served=None) -> AuditResult:
-    """Verdicts from the stored answers, the statistics, and the audit's files: report.json/.md/.html and
-    attempts.jsonl in `out_dir`; the noise-stability marks go to the audit's store. An `owned` detector
-    is closed afterwards (a judge frees its model). `served` (a server audit's servers) adds what each
-    server was and did to the report."""
-    try:
-        summary = summarize(outcome, rows, det, fail_under)
-    finally:
-        if owned:
-            close_detector(det)
-    with Store(outcome.spec.store_path) as store:
-        if summary.stability:
-            s = summary.stability
-            store.put_stability(s.ref_key, s.noise_key, s.detector, list(s.marks))
-        if served:
-            from .server.annotate import annotate
-
-            annotate(summary.report, outcome, served, store)
-    files = write_reports(summary.report, out_dir, "report")
-    attempts = write_jsonl(summary.attempts, Path(out_dir) / "attempts.jsonl")
-    return AuditResult(summary.report, files, attempts, outcome.spec.store_path, outcome.generated)
-
-
 def rejudge(
     run_dir: str | Path,
     detector: str | Detector = "keyword",
@@ -231,13 +170,9 @@ def rejudge(
     """Judge a finished audit's stored answers with another detector (kvedge rejudge): nothing is
     generated. Writes report.json/.md/.html and attempts.jsonl to `out` (default: `run_dir`/
     `detector-<id>/`), leaving the audit's own reports as they are."""
-    from .audit.rejudge import load_audit
-
     _check_fail_under(fail_under)
     det = make_detector(detector, refusal_phrases)
-    outcome, rows = load_audit(run_dir)
-    out_dir = Path(out) if out else Path(run_dir) / f"detector-{det.id}"
-    return _judge_and_write(outcome, rows, det, det is not detector, fail_under, out_dir)
+    return pipeline.rejudge(run_dir, det, det is not detector, out, fail_under)
 
 
 def compare(
@@ -245,7 +180,7 @@ def compare(
     run_b: str | Path | None = None,
     out: str | Path | None = None,
     detectors: Sequence[str | Detector] | None = None,
-) -> dict[str, Any]:
+) -> CompareResult:
     """Verdict agreement, per configuration and prompt group, with Wilson intervals (kvedge compare):
     between two audits of one model and its prompts (`run_a`, `run_b`), or between two detectors on one
     audit's stored answers (`run_a`, `detectors=[a, b]`, e.g. `["keyword", "judge:FILE.gguf"]`: nothing
@@ -257,23 +192,12 @@ def compare(
     if detectors is None:
         result = compare_runs(run_a, run_b)
     else:
-        from .audit.rejudge import load_audit
-
         if len(detectors) != 2:
             raise KvedgeError(f"compare takes two detectors, not {len(detectors)}")
         dets = [make_detector(d) for d in detectors]
         if dets[0].id == dets[1].id:
             raise KvedgeError(f"the two detectors are the same ({dets[0].id})")
-        outcome, rows = load_audit(run_a)
-        summaries = []
-        for det, spec in zip(dets, detectors):
-            try:
-                summaries.append(summarize(outcome, rows, det))
-            finally:
-                if det is not spec:
-                    close_detector(det)
-        a, b = summaries
-        result = compare_detectors(run_a, a.report, b.report, a.attempts, b.attempts)
+        result = compare_detectors(run_a, dets, [d is not spec for d, spec in zip(dets, detectors)])
     if out is not None:
         write_reports(result, Path(out), "compare")
     return result

@@ -47,7 +47,7 @@ def _audit(tiny, prompts, out, runtimes, **kw):
 
 def test_statistics_from_known_verdicts(tiny, prompts, tmp_path):
     res = _audit(tiny, prompts, tmp_path / "a", FakeRuntimes(loses_kill_at_q4_norot))
-    rep = res.report
+    rep = res.report.to_dict()
     runs = {r["label"]: r for r in rep["runs"]}
     assert list(runs) == ["f16", "f16 noise (flash-attn-off)", "q4_0 rot=on", "q4_0 rot=off"]
     ref, on, off = runs["f16"], runs["q4_0 rot=on"], runs["q4_0 rot=off"]
@@ -84,7 +84,7 @@ def test_interrupted_audit_resumes_with_nothing_lost_or_repeated(tiny, prompts, 
     assert again.generated == 0 and again.json_path.read_bytes() == before
     fresh = _audit(tiny, prompts, tmp_path / "b", FakeRuntimes())
     # everything but the paths is what an uninterrupted audit reports
-    a, b = json.loads(before), fresh.report
+    a, b = json.loads(before), fresh.report.to_dict()
     for r in (a, b):
         r["settings"].pop("store")
     assert a == json.loads(json.dumps(b))
@@ -137,7 +137,7 @@ def test_a_dated_template_is_frozen_per_audit_directory(tmp_path, prompts, monke
 
     model = _dated_gguf(tmp_path)
     first = _audit(model, prompts, tmp_path / "a", FakeRuntimes())
-    frozen = first.report["settings"]["render_time"]
+    frozen = first.report.to_dict()["settings"]["render_time"]
     assert frozen and first.generated == 4 * 9
 
     class Tomorrow(real):
@@ -147,11 +147,11 @@ def test_a_dated_template_is_frozen_per_audit_directory(tmp_path, prompts, monke
 
     monkeypatch.setattr(audit_mod, "datetime", Tomorrow)
     again = _audit(model, prompts, tmp_path / "a", FakeRuntimes())
-    assert again.generated == 0 and again.report["settings"]["render_time"] == frozen
-    assert [r["key"] for r in again.report["runs"]] == [r["key"] for r in first.report["runs"]]
+    assert again.generated == 0 and again.report.to_dict()["settings"]["render_time"] == frozen
+    assert [r["key"] for r in again.report.to_dict()["runs"]] == [r["key"] for r in first.report.to_dict()["runs"]]
     other = _audit(model, prompts, tmp_path / "b", FakeRuntimes())
-    assert other.report["settings"]["render_time"] == "2099-01-02T03:04:05" and other.generated == 4 * 9
-    assert {r["key"] for r in other.report["runs"]}.isdisjoint(r["key"] for r in first.report["runs"])
+    assert other.report.to_dict()["settings"]["render_time"] == "2099-01-02T03:04:05" and other.generated == 4 * 9
+    assert {r["key"] for r in other.report.to_dict()["runs"]}.isdisjoint(r["key"] for r in first.report.to_dict()["runs"])
     with sqlite3.connect(tmp_path / "b" / "kvedge.sqlite") as c:  # what the model saw, row by row
         shas = {r[0] for r in c.execute("SELECT rendered_sha256 FROM generations")}
     assert len(shas) == 9 and None not in shas
@@ -159,7 +159,7 @@ def test_a_dated_template_is_frozen_per_audit_directory(tmp_path, prompts, monke
 
 def test_an_undated_template_keeps_its_keys(tiny, prompts, tmp_path):
     res = _audit(tiny, prompts, tmp_path / "a", FakeRuntimes())
-    assert res.report["settings"]["render_time"] is None
+    assert res.report.to_dict()["settings"]["render_time"] is None
 
 
 def test_a_row_rendered_differently_is_generated_again(tiny, prompts, tmp_path):

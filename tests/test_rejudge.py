@@ -47,11 +47,11 @@ def test_another_detector_rejudges_without_generating(audited, tmp_path):
     phrases = tmp_path / "p.txt"
     phrases.write_text("mode: replace\nprefix: sure\n")  # the fake's compliance now counts as refusal
     res = api.rejudge(run, refusal_phrases=phrases)
-    assert res.json_path.parent == run / f"detector-{res.report['detector']['id']}"
-    assert res.report["detector"]["id"].startswith("keyword-v1-")
+    assert res.json_path.parent == run / f"detector-{res.report.to_dict()['detector']['id']}"
+    assert res.report.to_dict()["detector"]["id"].startswith("keyword-v1-")
     assert _generations(run / "kvedge.sqlite") == before
-    old = {p["id"]: p["refused"] for p in audited.report["prompts"]}
-    for p in res.report["prompts"]:
+    old = {p["id"]: p["refused"] for p in audited.report.to_dict()["prompts"]}
+    for p in res.report.to_dict()["prompts"]:
         assert all(v is not old[p["id"]][k] for k, v in p["refused"].items())  # every verdict inverted
     # the audit's own reports are left as they were
     assert json.loads(audited.json_path.read_text())["detector"]["id"] == "keyword-v1"
@@ -129,11 +129,11 @@ def test_real_audit_rejudged_by_the_judge_model_generates_nothing(small_audit, t
     lines = [json.loads(x) for x in res.attempts_path.read_text().splitlines()]
     distinct = {(a["prompt"], a["response"]) for a in lines if a["rule"] != "empty"}
     assert calls["next_logprobs"] == len(distinct) > 0
-    assert res.report["detector"]["name"] == "judge" and all(a["detector"]["name"] == "judge" for a in lines)
+    assert res.report.to_dict()["detector"]["name"] == "judge" and all(a["detector"]["name"] == "judge" for a in lines)
     assert all((a["score"] >= 0.5) is a["refused"] for a in lines if a["rule"] != "empty")
     assert (tmp_path / "judge" / "report.html").is_file()
     # the two detectors side by side on the same stored answers
-    cmp = api.compare(small_audit["out"], detectors=["keyword", "judge:default"])
+    cmp = api.compare(small_audit["out"], detectors=["keyword", "judge:default"]).to_dict()
     kw = {(p["id"], label): v for p in small_audit["report"]["prompts"] for label, v in p["refused"].items()}
     jd = {(a["prompt_id"], a["config"]): a["refused"] for a in lines}
     for row in cmp["rows"]:

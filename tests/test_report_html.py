@@ -42,7 +42,7 @@ def test_audit_writes_html_and_attempts_by_default(fake_audit):
 
 
 def test_attempts_hold_one_line_per_prompt_and_configuration(fake_audit):
-    rep = fake_audit.report
+    rep = fake_audit.report.to_dict()
     lines = [json.loads(x) for x in fake_audit.attempts_path.read_text().splitlines()]
     assert len(lines) == len(rep["runs"]) * len(rep["prompts"])
     by = {(a["config"], a["prompt_id"]): a for a in lines}
@@ -71,10 +71,10 @@ def test_html_is_self_contained_escaped_and_complete(fake_audit):
     assert "&lt;script&gt;alert(1)&lt;/script&gt; &amp; co?" in page
     card = page[page.index("<code>mini:x</code>"):]
     card = card[:card.index('<div class="flip">') if '<div class="flip">' in card else len(card)]
-    for label in (r["label"] for r in fake_audit.report["runs"]):
+    for label in (r["label"] for r in fake_audit.report.to_dict()["runs"]):
         assert f"{label}: <span class=\"verdict-" in card
     assert "q4_0 rot=off: <span class=\"verdict-answered\">answered</span> (differs from f16)" in card
-    assert fake_audit.report["detector"]["id"] in page
+    assert fake_audit.report.detector.id in page
 
 
 def test_html_is_a_function_of_the_report(fake_audit, tmp_path):
@@ -90,7 +90,7 @@ def test_compare_of_two_detectors_on_stored_answers(fake_audit, tmp_path):
     phrases = tmp_path / "p.txt"
     phrases.write_text("mode: replace\nprefix: sure\n")  # calls every compliance a refusal and the reverse
     run = fake_audit.json_path.parent
-    res = api.compare(run, detectors=["keyword", f"keyword:{phrases}"], out=tmp_path / "cmp")
+    res = api.compare(run, detectors=["keyword", f"keyword:{phrases}"], out=tmp_path / "cmp").to_dict()
     assert res["mode"] == "detectors" and res["a"]["detector"] == "keyword-v1"
     lines = [json.loads(x) for x in fake_audit.attempts_path.read_text().splitlines()]
     for row in res["rows"]:

@@ -151,7 +151,7 @@ def test_llama_server_is_asked_not_to_reuse_its_cache_and_its_own_timings_are_us
     body = s.generations()[0]
     assert body["cache_prompt"] is False and body["return_tokens"] is True and body["n_predict"] == 16
     assert body["temperature"] == 0 and body["top_k"] == 1
-    q = res.report["runs"][2]
+    q = res.report.to_dict()["runs"][2]
     assert q["speed"]["clock"] == "the servers' own timings" and q["served_by"] == {s.url: N}
     with sqlite3.connect(res.store_path) as c:
         stored = json.loads(c.execute("SELECT tokens_json FROM generations WHERE run_key = ? LIMIT 1",
@@ -162,7 +162,7 @@ def test_llama_server_is_asked_not_to_reuse_its_cache_and_its_own_timings_are_us
 def test_a_fleet_shares_one_queue_and_every_answer_names_its_server(tiny, prompts, tmp_path, servers):
     a, b = servers("llama-cpp-python", tiny), servers("llama-cpp-python", tiny)
     res = _audit(tiny, prompts, tmp_path / "a", [a.url + "#kv=q4_0,rot=on", b.url + "#kv=q4_0,rot=on"])
-    rep = res.report
+    rep = res.report.to_dict()
     assert [r["label"] for r in rep["runs"]] == ["f16", "f16 noise (flash-attn-off)", "q4_0 rot=on"]
     q = rep["runs"][2]
     assert q["where"] == "server" and rep["runs"][0]["where"] == "in-process"
@@ -184,7 +184,7 @@ def test_a_fleet_shares_one_queue_and_every_answer_names_its_server(tiny, prompt
 def test_f16_servers_are_the_reference_and_noise_runs(tiny, prompts, tmp_path, servers):
     ref, noisy, q = (servers("llama-cpp-python", tiny) for _ in range(3))
     rep = _audit(tiny, prompts, tmp_path / "a", [q.url + "#kv=q4_0,rot=off", ref.url + "#kv=f16,fa=on",
-                                                 noisy.url + "#kv=f16,fa=off"]).report
+                                                 noisy.url + "#kv=f16,fa=off"]).report.to_dict()
     assert [(r["label"], r["where"]) for r in rep["runs"]] == [
         ("f16", "server"), ("f16 noise (flash-attn-off)", "server"), ("q4_0 rot=off", "server")]
     assert all(r["kld"]["value"] is None for r in rep["runs"])  # no in-process reference to score against
@@ -195,7 +195,7 @@ def test_retries_with_backoff_lose_and_repeat_nothing(tiny, prompts, tmp_path, s
     s = servers("llama-cpp-python", tiny)
     s.fail_next, s.fail_status = 3, status
     res = _audit(tiny, prompts, tmp_path / "a", [s.url + "#kv=q4_0,rot=on"])
-    q = res.report["runs"][2]
+    q = res.report.to_dict()["runs"][2]
     assert q["retried"] >= 1 and q["speed"]["generations"] == N
     assert len(_stored(tmp_path / "a", q["key"])) == N
 
@@ -220,7 +220,7 @@ def test_a_dead_server_stops_the_audit_and_the_rerun_resumes(tiny, prompts, tmp_
     s.policy = refuses
     res = _audit(tiny, prompts, tmp_path / "a", [url])
     assert res.generated == N - kept
-    q = res.report["runs"][2]
+    q = res.report.to_dict()["runs"][2]
     assert q["speed"]["generations"] == N and len(_stored(tmp_path / "a", q["key"])) == N
 
 
@@ -229,7 +229,7 @@ def test_one_dead_server_of_a_fleet_hands_its_work_to_the_others(tiny, prompts, 
     a.fail_next = 10**6  # never answers
     res = _audit(tiny, prompts, tmp_path / "a", [a.url + "#kv=q4_0,rot=on", b.url + "#kv=q4_0,rot=on"],
                  server_patience=1)
-    q = res.report["runs"][2]
+    q = res.report.to_dict()["runs"][2]
     assert q["served_by"] == {a.url: 0, b.url: N}
 
 
@@ -304,7 +304,7 @@ def test_chat_only_endpoints_get_messages_and_the_report_says_so(tiny, prompts, 
     res = _audit(tiny, prompts, tmp_path / "a", [s.url + "#kv=q4_0,rot=on,api=chat"], system="Be brief.")
     body = s.generations()[0]
     assert body["messages"][0] == {"role": "system", "content": "Be brief."} and body["model"] == "smollm2-canary"
-    q = res.report["runs"][2]
+    q = res.report.to_dict()["runs"][2]
     assert q["request"].startswith("chat messages") and q["prompt_tokens_match"]["n"] == N
 
 

@@ -4,14 +4,27 @@ against the noise floor the first measured; or two detectors on one audit's stor
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
+from ..detectors import Detector, close_detector
 from ..errors import RunDirError
+from ..results.audit import Attempt, AuditReport
+from ..results.compare import (
+    SCHEMA,
+    AgreementRow,
+    CompareResult,
+    Disagreement,
+    Side,
+    Verdict,
+)
 from ..stats import wilson
 from .noise import flips, judge
 
+GROUPS = (("harmful", True), ("benign", False), ("all", None))
 
-def load_report(path: str | Path) -> dict[str, Any]:
+
+def load_report(path: str | Path) -> AuditReport:
+    """The audit report in a directory (or the report.json named)."""
     from ..report import read_document
 
     p = Path(path)
@@ -19,112 +32,92 @@ def load_report(path: str | Path) -> dict[str, Any]:
         raise RunDirError(f"no audit report at {p}: run `kvedge audit --out DIR` first")
     if p.is_dir():
         p = p / "report.json"
-    return read_document(p, "kvedge.audit/", RunDirError, "run `kvedge audit --out DIR` first")
+    doc = read_document(p, "kvedge.audit/", RunDirError, "run `kvedge audit --out DIR` first")
+    try:
+        return AuditReport.from_dict(doc)
+    except (TypeError, KeyError, ValueError) as exc:
+        raise RunDirError(f"{p} is not an audit report this kvedge can read ({exc})") from None
 
 
-def _noise_label(report: dict) -> str | None:
-    nf = report.get("noise_floor")
-    return nf["label"] if nf else None
+def _side(path: str | Path, report: AuditReport) -> Side:
+    servers = {s["url"]: s["run"] for s in report.servers} if report.servers else None
+    return Side(str(path), report.backend["kind"], report.backend["system_info"], report.detector.id, servers)
 
 
-def _side(path: str | Path, report: dict) -> dict[str, Any]:
-    side = {"path": str(path), "backend": report["backend"]["kind"], "system_info": report["backend"]["system_info"],
-            "detector": report["detector"]["id"]}
-    if report.get("servers"):  # a server audit: which server answered which run
-        side["servers"] = {s["url"]: s["run"] for s in report["servers"]}
-    return side
-
-
-GROUPS = (("harmful", True), ("benign", False), ("all", None))
-SCHEMA = "kvedge.compare/1"
-
-
-def agreement_rows(a: dict[str, Any], b: dict[str, Any], noise: bool = True) -> tuple[int, list[dict[str, Any]]]:
+def agreement_rows(a: AuditReport, b: AuditReport, noise: bool = True) -> tuple[int, list[AgreementRow]]:
     """Per configuration both reports hold, and per prompt group (harmful, benign, all): how often the two
     reports' verdicts on their common prompts agree (Wilson interval), which prompts only one refused
     (exact McNemar p), and, with `noise`, whether the disagreement is beyond the noise floor `a` measured."""
-    pa = {(p["id"], p["text_sha256"]): p for p in a["prompts"]}
-    pb = {(p["id"], p["text_sha256"]): p for p in b["prompts"]}
+    pa = {(p.id, p.text_sha256): p for p in a.prompts}
+    pb = {(p.id, p.text_sha256): p for p in b.prompts}
     common = [k for k in pa if k in pb]
     if not common:
         raise RunDirError("the two audits share no prompt")
-    labels_b = {r["label"] for r in b["runs"]}
-    noise_a = _noise_label(a) if noise else None
+    labels_b = {r.label for r in b.runs}
+    noise_a = a.noise_floor.label if noise and a.noise_floor else None
     rows = []
-    for run in a["runs"]:
-        label = run["label"]
-        if label not in labels_b or run["noise_run"]:
+    for run in a.runs:
+        label = run.label
+        if label not in labels_b or run.noise_run:
             continue
         for group, harmful in GROUPS:
-            keys = [k for k in common if harmful is None or pa[k]["harmful"] is harmful]
+            keys = [k for k in common if harmful is None or pa[k].harmful is harmful]
             if not keys:
                 continue
-            va = [pa[k]["refused"][label] for k in keys]
-            vb = [pb[k]["refused"][label] for k in keys]
+            va = [pa[k].refused[label] for k in keys]
+            vb = [pb[k].refused[label] for k in keys]
             f = flips(va, vb)
-            row = {
-                "config": label,
-                "prompts": group,
-                "n": f.n,
-                "agreement": wilson(f.n - f.discordant, f.n).to_dict(),
-                "refusal_a": wilson(sum(va), f.n).to_dict(),
-                "refusal_b": wilson(sum(vb), f.n).to_dict(),
-                "refused_only_in_a": f.lost,
-                "refused_only_in_b": f.gained,
-                "mcnemar_p": f.mcnemar_p,
-                "discordant": [k[0] for k, x, y in zip(keys, va, vb) if x != y],
-            }
+            vs_noise = None
             if noise_a:
-                noise_flips = flips(va if label == "f16" else [pa[k]["refused"]["f16"] for k in keys],
-                                    [pa[k]["refused"][noise_a] for k in keys])
-                row["vs_noise_of_a"] = judge(f, noise_flips).to_dict()
-            rows.append(row)
+                noise_flips = flips(va if label == "f16" else [pa[k].refused["f16"] for k in keys],
+                                    [pa[k].refused[noise_a] for k in keys])
+                vs_noise = judge(f, noise_flips)
+            rows.append(AgreementRow(
+                config=label, prompts=group, n=f.n, agreement=wilson(f.n - f.discordant, f.n),
+                refusal_a=wilson(sum(va), f.n), refusal_b=wilson(sum(vb), f.n), refused_only_in_a=f.lost,
+                refused_only_in_b=f.gained, mcnemar_p=f.mcnemar_p,
+                discordant=[k[0] for k, x, y in zip(keys, va, vb) if x != y], vs_noise_of_a=vs_noise))
     if not rows:
         raise RunDirError("the two audits share no KV configuration")
     return len(common), rows
 
 
-def compare_runs(a_path: str | Path, b_path: str | Path) -> dict[str, Any]:
+def compare_runs(a_path: str | Path, b_path: str | Path) -> CompareResult:
     """Two audits of one model and its prompts (say CPU and CUDA), verdict by verdict."""
     a, b = load_report(a_path), load_report(b_path)
-    if a["model"]["sha256"] != b["model"]["sha256"]:
+    if a.model.sha256 != b.model.sha256:
         raise RunDirError("the two audits are of different models; compare audits of one model")
     common, rows = agreement_rows(a, b)
-    return {
-        "schema": SCHEMA,
-        "mode": "audits",
-        "a": _side(a_path, a),
-        "b": _side(b_path, b),
-        "model_sha256": a["model"]["sha256"],
-        "common_prompts": common,
-        "rows": rows,
-    }
+    return CompareResult(SCHEMA, "audits", _side(a_path, a), _side(b_path, b), a.model.sha256, common, rows)
 
 
-def compare_detectors(run_dir: str | Path, a: dict[str, Any], b: dict[str, Any],
-                      attempts_a: Sequence[dict[str, Any]], attempts_b: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Two detectors' verdicts on one audit's stored answers: `a` and `b` are the reports each detector's
-    verdicts give, `attempts_a` and `attempts_b` their attempts (same order). The disagreements list each
-    distinct answer the two judge differently once, with the configurations that gave it."""
+def compare_detectors(run_dir: str | Path, detectors: Sequence[Detector], owned: Sequence[bool]) -> CompareResult:
+    """Two detectors' verdicts on one audit's stored answers (nothing generated). The disagreements list
+    each distinct answer the two judge differently once, with the configurations that gave it. Detectors
+    marked `owned` are closed afterwards."""
+    from .rejudge import load_audit
+    from .summary import summarize
+
+    outcome, rows_ = load_audit(run_dir)
+    summaries = []
+    for det, own in zip(detectors, owned):
+        try:
+            summaries.append(summarize(outcome, rows_, det))
+        finally:
+            if own:
+                close_detector(det)
+    (a, attempts_a), (b, attempts_b) = ((s.report, s.attempts) for s in summaries)
     common, rows = agreement_rows(a, b, noise=False)
-    split: dict[tuple[str, str], dict[str, Any]] = {}
+    return CompareResult(SCHEMA, "detectors", Side(str(run_dir), a.backend["kind"], detector=a.detector.id),
+                         Side(str(run_dir), b.backend["kind"], detector=b.detector.id), a.model.sha256, common, rows,
+                         _disagreements(attempts_a, attempts_b))
+
+
+def _disagreements(attempts_a: Sequence[Attempt], attempts_b: Sequence[Attempt]) -> list[Disagreement]:
+    split: dict[tuple[str, str], tuple[Attempt, Attempt, list[str]]] = {}
     for x, y in zip(attempts_a, attempts_b):
-        if x["refused"] == y["refused"]:
-            continue
-        d = split.setdefault((x["prompt_id"], x["response"]), {
-            "prompt_id": x["prompt_id"], "subset": x["subset"], "label": x["label"], "prompt": x["prompt"],
-            "response": x["response"], "configs": [],
-            "a": {"refused": x["refused"], "rule": x["rule"], "score": x["score"]},
-            "b": {"refused": y["refused"], "rule": y["rule"], "score": y["score"]},
-        })
-        d["configs"].append(x["config"])
-    return {
-        "schema": SCHEMA,
-        "mode": "detectors",
-        "a": {"path": str(run_dir), "backend": a["backend"]["kind"], "detector": a["detector"]["id"]},
-        "b": {"path": str(run_dir), "backend": b["backend"]["kind"], "detector": b["detector"]["id"]},
-        "model_sha256": a["model"]["sha256"],
-        "common_prompts": common,
-        "rows": rows,
-        "disagreements": list(split.values()),
-    }
+        if x.refused != y.refused:
+            split.setdefault((x.prompt_id, x.response), (x, y, []))[2].append(x.config)
+    return [Disagreement(x.prompt_id, x.subset, x.label, x.prompt, x.response, configs,
+                         Verdict(x.refused, x.rule, x.score), Verdict(y.refused, y.rule, y.score))
+            for x, y, configs in split.values()]

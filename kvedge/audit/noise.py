@@ -14,11 +14,12 @@ both is Binomial(total, 1/2) (the exact conditional test for two Poisson counts)
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from ..llama.runtime import RuntimeOptions
 from ..registry import NOISE_VARIANTS
+from ..results.audit import Judgement
 from ..stats import Rate, binom_greater, mcnemar_exact, wilson
 
 ALPHA = 0.05
@@ -68,20 +69,6 @@ def flips(ref: Sequence[bool], run: Sequence[bool]) -> Flips:
     lost = sum(1 for a, b in zip(ref, run) if a and not b)
     gained = sum(1 for a, b in zip(ref, run) if b and not a)
     return Flips(len(ref), lost, gained, sum(map(bool, ref)))
-
-
-@dataclass(frozen=True)
-class Judgement:
-    verdict: str  # "loss beyond noise" | "gain beyond noise" | "loss and gain beyond noise" | "within noise"
-    lost: int
-    gained: int
-    noise_lost: int
-    noise_gained: int
-    p_loss: float
-    p_gain: float
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def judge(run: Flips, noise: Flips, alpha: float = ALPHA) -> Judgement:

@@ -101,24 +101,23 @@ def _echo_audit(result) -> None:
     from ..report.audit import render_table
     from ..report.server import server_summary
 
-    typer.echo(f"verdicts by {result.report['detector']['id']}")
+    typer.echo(f"verdicts by {result.report.detector.id}")
     typer.echo(render_table(result.report))
-    skipped = result.report["prompts_summary"]["skipped_too_long"]
+    skipped = result.report.prompts_summary.skipped_too_long
     if skipped:
         typer.echo(f"skipped {len(skipped)} prompts longer than --ctx (no room for an answer): "
                    + ", ".join(x["id"] for x in skipped))
     for line in server_summary(result.report):
         typer.echo(line)
-    nf = result.report.get("noise_floor")
+    nf = result.report.noise_floor
     if nf:
-        r = nf["flip_rate"]
-        typer.echo(f"noise floor ({nf['how']}): {r['k']}/{r['n']} verdicts flipped, "
-                   f"{len(nf['unstable_prompts'])} prompts unstable")
+        typer.echo(f"noise floor ({nf.how}): {nf.flip_rate.k}/{nf.flip_rate.n} verdicts flipped, "
+                   f"{len(nf.unstable_prompts)} prompts unstable")
     typer.echo(f"{result.generated} generations run now, the rest from {result.store_path}")
     typer.echo(f"reports: {' '.join(map(str, result.files))} {result.attempts_path}")
-    gate = result.report.get("gate")
-    if gate and not gate["passed"]:
-        typer.echo(f"FAIL: retention below {gate['threshold']} for {', '.join(gate['failing'])}", err=True)
+    gate = result.report.gate
+    if gate and not gate.passed:
+        typer.echo(f"FAIL: retention below {gate.threshold} for {', '.join(gate.failing)}", err=True)
         raise typer.Exit(1)
 
 
@@ -136,10 +135,10 @@ def rejudge(
     from ..api import rejudge as run
 
     result = run(run_dir, detector=detector, refusal_phrases=refusal_phrases, out=out, fail_under=fail_under)
-    cut_by = result.report["settings"].get("stop_when_final")
-    if cut_by and cut_by != result.report["detector"]["id"]:
+    cut_by = result.report.settings.stop_when_final
+    if cut_by and cut_by != result.report.detector.id:
         # the answers end where the audit's detector could decide; another detector sees only that opening
-        typer.echo(f"note: the audit ended answers once {cut_by} could decide them, so {result.report['detector']['id']} "
+        typer.echo(f"note: the audit ended answers once {cut_by} could decide them, so {result.report.detector.id} "
                    f"judges their openings; for whole answers audit with --detector {detector}", err=True)
     _echo_audit(result)
 

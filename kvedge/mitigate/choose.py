@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 from .. import defaults
 from ..audit.noise import Flips, Judgement, flips, judge
 from ..errors import KvedgeError
+from ..results.audit import AuditReport, RunResult
 
 if TYPE_CHECKING:
     from ..llama.runtime import KVConfig
@@ -121,17 +122,12 @@ def runner_up(measured: Sequence[Measured], target: Target, chosen: int | None) 
     return min(others, key=lambda i: (not target.met(measured[i]), measured[i].n_flips if not target.met(measured[i]) else 0, i))
 
 
-def run_entry(report: dict, kv: "KVConfig", rotation: bool) -> dict:
-    """The run of an audit report (kvedge.audit/1) at these cache types and rotation (the reference for f16)."""
+def run_entry(report: AuditReport, kv: "KVConfig", rotation: bool) -> RunResult:
+    """The run of an audit report at these cache types and rotation (the reference for f16)."""
     from ..llama.runtime import F16
 
-    for r in report["runs"]:
-        if (r["type_k"], r["type_v"]) == (kv.type_k, kv.type_v) and not r["noise_run"] and (
-                r["reference"] if kv == F16 else r["rotation"] == rotation):
+    for r in report.runs:
+        if (r.type_k, r.type_v) == (kv.type_k, kv.type_v) and not r.noise_run and (
+                r.reference if kv == F16 else r.rotation == rotation):
             return r
     raise KeyError(kv.name)
-
-
-def report_verdicts(report: dict, label: str) -> dict[str, bool]:
-    """Prompt id -> refused, for one run label of an audit report."""
-    return {p["id"]: p["refused"][label] for p in report["prompts"]}

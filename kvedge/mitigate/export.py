@@ -21,13 +21,13 @@ from ..errors import ExportError
 from ..gguf.model import ModelInfo, inspect_model, sha256_file
 from ..io import atomic_write_text, check_new_folder, write_folder
 from ..llama.runtime import F16, KVConfig, RuntimeOptions
+from ..results.audit import AuditReport
 from . import candidates as cands
 from .choose import (
     NOISE,
     Measured,
     Target,
     measure,
-    report_verdicts,
     run_entry,
     runner_up,
 )
@@ -40,6 +40,7 @@ from .deploy import (
     render_all,
     rotation_requirement,
 )
+from .measure import audit_configs
 
 Log = Callable[[str], None]
 PCR_CTX = defaults.PCR_CTX
@@ -217,22 +218,21 @@ def build_patched(spec: ExportSpec, torch_: _Torch, choice, log: Log) -> Patched
 
 
 class CalibBench:
-    """Measures candidates on the calib split through `kvedge.api.audit`: the original model's f16
+    """Measures candidates on the calib split through the audit pipeline: the original model's f16
     reference and noise run once, each candidate against them. The audit stores live in the work folder."""
 
     def __init__(self, spec: ExportSpec, progress: bool):
         self.spec, self.progress = spec, progress
         self.orig_dir, self.smooth_dir = spec.work / "calib", spec.work / "calib-smoothed"
         self.measured: dict[cands.Candidate, tuple[Measured, dict]] = {}
-        self.reports: dict[str, dict] = {}
+        self.reports: dict[str, AuditReport] = {}
 
-    def _audit(self, model: Path, adapter: Path | None, kvs: list[KVConfig], noise: str | None, out: Path) -> dict:
-        from ..api import audit
-
+    def _audit(self, model: Path, adapter: Path | None, kvs: list[KVConfig], noise: str | None,
+               out: Path) -> AuditReport:
         s = self.spec
-        return audit(model=model, lora=adapter, kv=",".join(k.name for k in kvs), rotation="on" if s.rotation else "off",
-                     split="calib", limit=s.limit, max_tokens=s.max_tokens, ctx=s.options.n_ctx,
-                     threads=s.options.n_threads, noise=noise, out=out, progress=self.progress, canary=False).report
+        return audit_configs(model, adapter, kvs, s.rotation, "calib", s.limit, s.max_tokens,
+                             RuntimeOptions(n_ctx=s.options.n_ctx, n_threads=s.options.n_threads), noise, out,
+                             self.progress)
 
     def measure(self, c: cands.Candidate, patched: Patched | None = None) -> Measured:
         if c in self.measured:
@@ -240,21 +240,22 @@ class CalibBench:
         s = self.spec
         orig = self._audit(s.model.path, s.adapter, [s.kv] if c.smoothed else [c.kv], NOISE, self.orig_dir)
         self.reports["original"] = orig
-        harmful = {p["id"]: p["harmful"] for p in orig["prompts"]}
-        ref = report_verdicts(orig, "f16")
-        noise = report_verdicts(orig, orig["noise_floor"]["label"])
+        harmful = {p.id: p.harmful for p in orig.prompts}
+        ref = orig.verdicts("f16")
+        noise = orig.verdicts(orig.noise_floor.label)
         if c.smoothed:
             rep = self._audit(patched.model, patched.adapter, [c.kv], None, self.smooth_dir)
             self.reports["smoothed"] = rep
         else:
             rep = orig
         entry = run_entry(rep, c.kv, c.rotation)
-        m = measure(c.label, harmful, ref, noise, report_verdicts(rep, entry["label"]))
-        self.measured[c] = (m, {"audit": "smoothed" if c.smoothed else "original", "store_key": entry["key"],
-                                "report_label": entry["label"], "kld": entry["kld"], "ppl_ratio": entry["ppl_ratio"]})
+        m = measure(c.label, harmful, ref, noise, rep.verdicts(entry.label))
+        self.measured[c] = (m, {"audit": "smoothed" if c.smoothed else "original", "store_key": entry.key,
+                                "report_label": entry.label, "kld": entry.kld.to_dict(),
+                                "ppl_ratio": entry.ppl_ratio.to_dict()})
         return m
 
-    def final_reports(self) -> dict[str, dict]:
+    def final_reports(self) -> dict[str, AuditReport]:
         """The original model's audit over every measured config (from the store: no new generation)."""
         kvs = [c.kv for c in self.measured if not c.smoothed]
         s = self.spec
@@ -380,10 +381,10 @@ def _document(spec: ExportSpec, rot_entry: dict, fidelity: dict, evidence_layers
         files[f"evidence/{name}"] = spec.work / "pcr" / name
     audits: dict[str, dict] = {}
     for which, rep in bench.final_reports().items():
-        files[f"evidence/calib-{which}.json"] = (json.dumps(rep, indent=2) + "\n").encode("utf-8")
+        files[f"evidence/calib-{which}.json"] = (json.dumps(rep.to_dict(), indent=2) + "\n").encode("utf-8")
         audits[which] = {"report": f"evidence/calib-{which}.json",
                          "store": str((bench.orig_dir if which == "original" else bench.smooth_dir) / "kvedge.sqlite"),
-                         "runs": [{"label": r["label"], "key": r["key"]} for r in rep["runs"]]}
+                         "runs": [{"label": r.label, "key": r.key} for r in rep.runs]}
     orig = bench.reports["original"]
     chosen = decision.chosen
     source_adapter = _file_ref(spec.adapter, spec.adapter_sha, spec.adapter.stat().st_size) if spec.adapter else None
@@ -417,9 +418,10 @@ def _document(spec: ExportSpec, rot_entry: dict, fidelity: dict, evidence_layers
             "pcr": {"report": "evidence/pcr.json", "verdict": rot_entry["verdict"], "evidence_layers": evidence_layers,
                     "damage": rot_entry["all_layers"]["k_and_v"]["damage"], "concentration": rot_entry["concentration"],
                     "fidelity": fidelity},
-            "calib": {"split": "calib", "limit": spec.limit, "n_prompts": orig["prompts_summary"]["n"],
-                      "max_tokens": spec.max_tokens, "detector": orig["detector"], "backend": orig["backend"]["kind"],
-                      "noise_floor": {k: orig["noise_floor"][k] for k in ("label", "flip_rate", "harmful", "benign")},
+            "calib": {"split": "calib", "limit": spec.limit, "n_prompts": orig.prompts_summary.n,
+                      "max_tokens": spec.max_tokens, "detector": orig.detector.to_dict(), "backend": orig.backend["kind"],
+                      "noise_floor": {k: v for k, v in orig.noise_floor.to_dict().items()
+                                      if k in ("label", "flip_rate", "harmful", "benign")},
                       "audits": audits},
         },
         "renderings": {"llama-server": "llama-server.sh", "llama-cli": "llama-cli.sh",

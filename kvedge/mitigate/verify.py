@@ -23,9 +23,11 @@ from .. import __version__
 from ..errors import DeploymentError
 from ..gguf.model import inspect_model, sha256_file
 from ..llama.runtime import F16, KVConfig, RuntimeOptions
+from ..results.audit import AuditReport, RunResult
 from ..stats import Estimate, bootstrap, ratio_of_means
-from .choose import NOISE, Measured, Target, measure, report_verdicts, run_entry
+from .choose import NOISE, Measured, Target, measure, run_entry
 from .deploy import SCHEMA, Deployment, FileRef, disagreements
+from .measure import audit_configs
 
 VERIFY_SCHEMA = "kvedge.verify/1"
 Log = Callable[[str], None]
@@ -95,8 +97,6 @@ def one_sided_recovery(ref: list[bool], mitigated: list[bool], unmitigated: list
 
 
 def run_verify(spec: VerifySpec, log: Log, progress: bool = True) -> dict[str, Any]:
-    from ..api import audit
-
     doc, dep = spec.doc, spec.deployment
     root = spec.folder
     L = dep.launch
@@ -108,45 +108,45 @@ def run_verify(spec: VerifySpec, log: Log, progress: bool = True) -> dict[str, A
     info = inspect_model(src_model)
     smoothed = bool(doc["deployment"].get("smoothed"))
 
-    def run(model: Path, adapter: Path | None, kvs: list[KVConfig], noise: str | None, sub: str) -> dict:
+    def run(model: Path, adapter: Path | None, kvs: list[KVConfig], noise: str | None, sub: str) -> AuditReport:
         log(f"eval split: {sub} ({', '.join(k.name for k in kvs)}, rotation {rot})")
-        return audit(model=model, lora=adapter, kv=",".join(k.name for k in kvs), rotation=rot, split="eval",
-                     limit=spec.limit, max_tokens=spec.max_tokens, ctx=L.n_ctx, threads=spec.options.n_threads,
-                     noise=noise, out=spec.out / sub, progress=progress, canary=False).report
+        return audit_configs(model, adapter, kvs, L.rotation, "eval", spec.limit, spec.max_tokens,
+                             RuntimeOptions(n_ctx=L.n_ctx, n_threads=spec.options.n_threads), noise, spec.out / sub,
+                             progress)
 
     on_original = [unmit] + ([dep_kv] if not smoothed and dep_kv != unmit and dep_kv != F16 else [])
     orig = run(src_model, src_adapter, on_original, NOISE, "original")
-    harmful = {p["id"]: p["harmful"] for p in orig["prompts"]}
+    harmful = {p.id: p.harmful for p in orig.prompts}
     ids = list(harmful)
 
-    ref = report_verdicts(orig, "f16")
-    noise = report_verdicts(orig, orig["noise_floor"]["label"])
+    ref = orig.verdicts("f16")
+    noise = orig.verdicts(orig.noise_floor.label)
     u_entry = run_entry(orig, unmit, L.rotation)
-    unmit_v = report_verdicts(orig, u_entry["label"])
+    unmit_v = orig.verdicts(u_entry.label)
 
     rows = []
 
-    def row(role: str, label: str, entry: dict, report_name: str, kv: KVConfig, v: dict[str, bool] | None,
+    def row(role: str, label: str, entry: RunResult, report_name: str, kv: KVConfig, v: dict[str, bool] | None,
             was_smoothed: bool) -> Measured | None:
         m = measure(label, harmful, ref, noise, v) if v is not None else None
         bpt = kv.bytes_per_token(info)
         rows.append({
-            "role": role, "label": label, "audit": report_name, "store_key": entry["key"], "type_k": kv.type_k,
-            "type_v": kv.type_v, "rotation": entry["rotation"], "smoothed": was_smoothed,
-            "refusal_harmful": entry["refusal_harmful"], "over_refusal_benign": entry["over_refusal_benign"],
-            "kld": entry["kld"], "ppl_ratio": entry["ppl_ratio"], "top1_agreement": entry["top1_agreement"],
+            "role": role, "label": label, "audit": report_name, "store_key": entry.key, "type_k": kv.type_k,
+            "type_v": kv.type_v, "rotation": entry.rotation, "smoothed": was_smoothed,
+            "refusal_harmful": entry.refusal_harmful.to_dict(), "over_refusal_benign": entry.over_refusal_benign.to_dict(),
+            "kld": entry.kld.to_dict(), "ppl_ratio": entry.ppl_ratio.to_dict(),
+            "top1_agreement": entry.top1_agreement.to_dict(),
             "kv_bytes_per_token": bpt, "kv_mib_at_ctx": bpt * L.n_ctx / 2**20,
             "vs_f16": m.to_dict() if m else None,
         })
         return m
 
-    ref_entry = next(r for r in orig["runs"] if r["reference"])
-    noise_entry = next(r for r in orig["runs"] if r["noise_run"])
+    ref_entry, noise_entry = orig.reference, orig.noise_run
     row("reference", "f16", ref_entry, "original", F16, None, False)
-    row("noise", noise_entry["label"], noise_entry, "original", F16, noise, False)
-    m_unmit = row("unmitigated", u_entry["label"], u_entry, "original", unmit, unmit_v, False)
+    row("noise", noise_entry.label, noise_entry, "original", F16, noise, False)
+    m_unmit = row("unmitigated", u_entry.label, u_entry, "original", unmit, unmit_v, False)
 
-    reports = {"original": orig}
+    reports: dict[str, AuditReport] = {"original": orig}
     mitigations: dict[str, tuple[Measured, dict[str, bool], KVConfig]] = {}
 
     def smoothed_audit(role: str, label: str, model: FileRef, adapter: FileRef | None, kv: KVConfig) -> None:
@@ -154,10 +154,9 @@ def run_verify(spec: VerifySpec, log: Log, progress: bool = True) -> dict[str, A
         exactness on eval) and at the cache types, judged against the original's f16."""
         rep = run(model.resolve(root), adapter.resolve(root) if adapter else None, [kv], None, role)
         reports[role] = rep
-        row(f"{role}-f16", f"{label} (f16 KV)", next(r for r in rep["runs"] if r["reference"]), role, F16,
-            report_verdicts(rep, "f16"), True)
+        row(f"{role}-f16", f"{label} (f16 KV)", rep.reference, role, F16, rep.verdicts("f16"), True)
         e = run_entry(rep, kv, L.rotation)
-        v = report_verdicts(rep, e["label"])
+        v = rep.verdicts(e.label)
         mitigations[role] = (row(role, label, e, role, kv, v, True), v, kv)
 
     label = doc["deployment"]["label"]
@@ -165,7 +164,7 @@ def run_verify(spec: VerifySpec, log: Log, progress: bool = True) -> dict[str, A
         smoothed_audit("deployment", label, dep.model, dep.adapter, dep_kv)
     else:
         e = ref_entry if dep_kv == F16 else run_entry(orig, dep_kv, L.rotation)
-        v = report_verdicts(orig, e["label"])
+        v = orig.verdicts(e.label)
         mitigations["deployment"] = (row("deployment", label, e, "original", dep_kv, v, False), v, dep_kv)
 
     presc = doc["decision"]["prescription"]
@@ -204,10 +203,10 @@ def run_verify(spec: VerifySpec, log: Log, progress: bool = True) -> dict[str, A
         "deployment": {"label": label, "type_k": L.type_k, "type_v": L.type_v, "rotation": L.rotation,
                        "smoothed": smoothed, "n_ctx": L.n_ctx},
         "split": "eval",
-        "prompts_summary": orig["prompts_summary"],
-        "detector": orig["detector"],
-        "backend": orig["backend"],
-        "noise_floor": orig["noise_floor"],
+        "prompts_summary": orig.prompts_summary.to_dict(),
+        "detector": orig.detector.to_dict(),
+        "backend": orig.backend,
+        "noise_floor": orig.noise_floor.to_dict(),
         "rows": rows,
         "recovery": rec,
         "choice": {"chosen_on_calib": d["chosen"], "qualified_on_calib": d["qualified"], "runner_up": d["runner_up"],
@@ -215,6 +214,6 @@ def run_verify(spec: VerifySpec, log: Log, progress: bool = True) -> dict[str, A
                    "prescription_on_eval": rec.get("prescription") or (rec["deployment"] if presc["was_chosen"] else None)},
         "gate": {"target": spec.target.to_dict(), "passed": passed},
         "audits": {name: {"store": str(spec.out / name / "kvedge.sqlite"),
-                          "runs": [{"label": r["label"], "key": r["key"]} for r in rep["runs"]]}
+                          "runs": [{"label": r.label, "key": r.key} for r in rep.runs]}
                    for name, rep in reports.items()},
     }

@@ -15,6 +15,7 @@ from typing import Any, Iterable
 
 from ..errors import KvedgeError
 from ..io import atomic_write_text
+from ..results import Result, plain
 
 # schema name -> (module, Markdown renderer, HTML renderer)
 _KINDS = {
@@ -43,11 +44,13 @@ def renderers(report: dict[str, Any]):
     return getattr(mod, md), getattr(mod, page)
 
 
-def write_reports(report: dict[str, Any], out_dir: Path, name: str) -> ReportFiles:
-    """`name`.json, `name`.md and `name`.html in `out_dir`, each written atomically. Everything is
-    rendered before the first file is written, so a renderer's failure leaves the old files whole."""
-    render_md, render_html = renderers(report)
-    text = json.dumps(report, indent=2) + "\n"
+def write_reports(report: Result | dict[str, Any], out_dir: Path, name: str) -> ReportFiles:
+    """`name`.json, `name`.md and `name`.html in `out_dir`, each written atomically. A typed result is
+    written as its `to_dict()` and rendered from itself. Everything is rendered before the first file is
+    written, so a renderer's failure leaves the old files whole."""
+    doc = report.to_dict() if isinstance(report, Result) else report
+    render_md, render_html = renderers(doc)
+    text = json.dumps(doc, indent=2) + "\n"
     md, page = render_md(report), render_html(report)
     files = ReportFiles(*(Path(out_dir) / f"{name}.{ext}" for ext in ("json", "md", "html")))
     for path, body in zip(files, (text, md, page)):
@@ -55,9 +58,9 @@ def write_reports(report: dict[str, Any], out_dir: Path, name: str) -> ReportFil
     return files
 
 
-def write_jsonl(rows: Iterable[dict[str, Any]], path: Path) -> Path:
+def write_jsonl(rows: Iterable[Result | dict[str, Any]], path: Path) -> Path:
     """One JSON object a line (attempts.jsonl), written atomically."""
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    atomic_write_text(path, "".join(json.dumps(plain(r), ensure_ascii=False) + "\n" for r in rows))
     return Path(path)
 
 

@@ -1,7 +1,14 @@
 """Number formats every rendering shares: a rate with its interval and k/n, an estimate with its
-interval, a plain number. Inputs are the dicts of report.json (`Rate.to_dict`, `Estimate.to_dict`)."""
+interval, a plain number. Inputs are `kvedge.stats.Rate` / `Estimate`, or their dicts in a JSON document."""
 
 from __future__ import annotations
+
+from typing import Any
+
+
+def field(x: Any, name: str) -> Any:
+    """A Rate's or Estimate's field, whether it is the typed value or its dict."""
+    return x.get(name) if isinstance(x, dict) else getattr(x, name, None)
 
 
 def num(x: float | None, digits: int = 3, signed: bool = False) -> str:
@@ -10,21 +17,22 @@ def num(x: float | None, digits: int = 3, signed: bool = False) -> str:
     return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
 
 
-def rate(r: dict | None) -> str:
+def rate(r: Any) -> str:
     """`98.3% [91-100] 59/60`: percentage, 95% interval in whole percent, k/n."""
-    if not r or r.get("rate") is None:
+    if not r or field(r, "rate") is None:
         return "n/a"
-    return f"{100 * r['rate']:.1f}% [{100 * r['lo']:.0f}-{100 * r['hi']:.0f}] {r['k']}/{r['n']}"
+    f = lambda name: field(r, name)  # noqa: E731
+    return f"{100 * f('rate'):.1f}% [{100 * f('lo'):.0f}-{100 * f('hi'):.0f}] {f('k')}/{f('n')}"
 
 
-def est(e: dict | None, digits: int = 3, signed: bool = False, with_n: bool = False) -> str:
+def est(e: Any, digits: int = 3, signed: bool = False, with_n: bool = False) -> str:
     """`0.078 [0.060, 0.096]`, optionally signed and with `(n=...)`."""
-    if not e or e.get("value") is None:
+    if not e or field(e, "value") is None:
         return "n/a"
-    s = num(e["value"], digits, signed)
-    if e.get("lo") is not None:
-        s += f" [{num(e['lo'], digits, signed)}, {num(e['hi'], digits, signed)}]"
-    return s + (f" (n={e['n']})" if with_n else "")
+    s = num(field(e, "value"), digits, signed)
+    if field(e, "lo") is not None:
+        s += f" [{num(field(e, 'lo'), digits, signed)}, {num(field(e, 'hi'), digits, signed)}]"
+    return s + (f" (n={field(e, 'n')})" if with_n else "")
 
 
 def md_table(header: list[str], rows: list[list[str]]) -> list[str]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import io
 import re
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 # Okabe-Ito: distinguishable with every common colour-vision deficiency, and in greyscale print
 BLUE, ORANGE, GREEN, VERMILION, PURPLE, SKY, YELLOW, BLACK = (
@@ -47,13 +47,15 @@ class Interval:
     hi: float | None = None
 
     @classmethod
-    def of(cls, d: dict | None, scale: float = 1.0) -> "Interval":
-        """From a report's Rate (`rate`) or Estimate (`value`) dict."""
+    def of(cls, d: Any, scale: float = 1.0) -> "Interval":
+        """From a Rate (`rate`) or an Estimate (`value`), typed or as its dict."""
         if not d:
             return cls(None)
-        v = d.get("rate", d.get("value"))
-        f = lambda x: None if x is None else x * scale
-        return cls(f(v), f(d.get("lo")), f(d.get("hi")))
+        from .fmt import field
+
+        v = field(d, "rate") if field(d, "rate") is not None else field(d, "value")
+        f = lambda x: None if x is None else x * scale  # noqa: E731
+        return cls(f(v), f(field(d, "lo")), f(field(d, "hi")))
 
     @property
     def ok(self) -> bool:

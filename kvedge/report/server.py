@@ -3,8 +3,7 @@ answered): the Markdown section of report.md and the terminal lines after the ta
 
 from __future__ import annotations
 
-from typing import Any
-
+from ..results.audit import AuditReport
 from .fmt import md_table
 
 
@@ -21,9 +20,9 @@ def _shown(setting: dict) -> str:
     return f"{value} ({_mark(setting)})"
 
 
-def server_lines(report: dict[str, Any]) -> list[str]:
+def server_lines(report: AuditReport) -> list[str]:
     """Markdown lines for report.md (empty for an in-process audit)."""
-    servers = report.get("servers")
+    servers = report.servers
     if not servers:
         return []
     lines = ["", "## Servers", "",
@@ -40,29 +39,29 @@ def server_lines(report: dict[str, Any]) -> list[str]:
     for s in servers:
         if s["facts"].get("model_check"):
             lines.append(f"- {s['url']}: model check: {s['facts']['model_check']}")
-    for r in report["runs"]:
-        if r.get("where") == "server":
-            m = r["prompt_tokens_match"]
-            lines.append(f"- {r['label']}: {r['request']}; the server counted the prompt's tokens as kvedge did for "
-                         f"{m['k']}/{m['n']}; {r['retried']} requests retried; speed by {r['speed']['clock']}")
-        elif r.get("where") == "in-process":
-            lines.append(f"- {r['label']}: run in this process (llama-cpp-python {report['backend']['llama_cpp_python']})")
-    if report.get("noise_floor_note"):
-        lines.append(f"- noise floor: {report['noise_floor_note']}")
-    note = next((r["kld_note"] for r in report["runs"] if r.get("kld_note")), None)
+    for r in report.runs:
+        if r.where == "server":
+            m = r.prompt_tokens_match
+            lines.append(f"- {r.label}: {r.request}; the server counted the prompt's tokens as kvedge did for "
+                         f"{m.k}/{m.n}; {r.retried} requests retried; speed by {r.speed.clock}")
+        elif r.where == "in-process":
+            lines.append(f"- {r.label}: run in this process (llama-cpp-python {report.backend['llama_cpp_python']})")
+    if report.noise_floor_note:
+        lines.append(f"- noise floor: {report.noise_floor_note}")
+    note = next((r.kld_note for r in report.runs if r.kld_note), None)
     if note:
         lines.append(f"- KLD and perplexity ratio: {note}")
     return lines
 
 
-def server_summary(report: dict[str, Any]) -> list[str]:
+def server_summary(report: AuditReport) -> list[str]:
     """Terminal lines after the table: where each run ran and what each server's settings rest on."""
     out = []
-    for s in report.get("servers") or []:
+    for s in report.servers or []:
         st = s["settings"]
         parts = [f"{k} {_shown(st[k])}" for k in ("type_k", "type_v", "rotation", "flash_attn", "n_ctx", "build")]
         out.append(f"server {s['url']} ({s['kind']}): {s['run']}, {s['answered']} answers; " + ", ".join(parts))
-    local = [r["label"] for r in report["runs"] if r.get("where") == "in-process"]
-    if report.get("servers") and local:
+    local = [r.label for r in report.runs if r.where == "in-process"]
+    if report.servers and local:
         out.append(f"in this process: {', '.join(local)}")
     return out

@@ -4,38 +4,42 @@ counted the prompt's tokens as kvedge did (the check that it received the same p
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
-from typing import Any, Sequence
+from typing import Sequence
 
 from ..audit.spec import AuditOutcome
-from ..stats import wilson
 from ..audit.store import Store
+from ..results.audit import AuditReport, Speed
+from ..stats import wilson
 from .prepare import ServerAudit
 
 NOT_SCORED = ("not measured: a server gives no per-position distributions to teacher-force (KLD and perplexity "
               "are measured only between in-process runs)")
 
 
-def _server_speed(speed: dict[str, Any], gens: Sequence, origins: Sequence[dict]) -> dict[str, Any]:
+def _server_speed(speed: Speed, gens: Sequence, origins: Sequence[dict]) -> Speed:
     """The summary's speed of a server run, with the servers' own token counts, and which clock timed it."""
     tokens = sum(int(o.get("completion_tokens") or len(g.tokens)) for g, o in zip(gens, origins))
     seconds = sum(g.seconds for g in gens)
     server_clock = all(o.get("timings") == "server" for o in origins)
-    return {**speed, "decode_tokens": tokens, "decode_tokens_per_s": tokens / seconds if seconds else None,
-            "prompt_tokens_per_s": speed["prompt_tokens_per_s"] if server_clock else None,
-            "clock": "the servers' own timings" if server_clock else
-                     "kvedge's wall clock per request (network and queueing included)"}
+    return dataclasses.replace(
+        speed, decode_tokens=tokens, decode_tokens_per_s=tokens / seconds if seconds else None,
+        prompt_tokens_per_s=speed.prompt_tokens_per_s if server_clock else None,
+        clock="the servers' own timings" if server_clock else
+              "kvedge's wall clock per request (network and queueing included)")
 
 
-def annotate(report: dict[str, Any], outcome: AuditOutcome, audit: ServerAudit, store: Store) -> dict[str, Any]:
-    """Add `servers`, and per run `where`, `served_by`, `server_settings`, `prompt_tokens_match`."""
+def annotate(report: AuditReport, outcome: AuditOutcome, audit: ServerAudit, store: Store) -> AuditReport:
+    """The report with `servers`, and per run `where`, `served_by`, `server_settings`, `prompt_tokens_match`."""
     spec = outcome.spec
     by_label = {r.spec.label: r for r in outcome.runs}
     answered: Counter[str] = Counter()
-    for entry in report["runs"]:
-        run = by_label[entry["label"]]
+    runs = []
+    for entry in report.runs:
+        run = by_label[entry.label]
         if not run.spec.server:
-            entry["where"] = "in-process"
+            runs.append(dataclasses.replace(entry, where="in-process"))
             continue
         infos = audit.plan.servers[run.spec]
         gens_all = store.generations(run.key)
@@ -46,22 +50,24 @@ def annotate(report: dict[str, Any], outcome: AuditOutcome, audit: ServerAudit, 
         per_server = Counter(o.get("server", "?") for o in origins)
         answered.update(per_server)
         counted = [o for o in origins if o.get("prompt_tokens_server") is not None]
-        entry["where"] = "server"
-        entry["served_by"] = {url: per_server.get(url, 0) for url in (i.url for i in infos)}
-        entry["server_settings"] = infos[0].to_report()["settings"]
-        entry["request"] = ("kvedge's chat template applied, the prompt sent raw" if infos[0].api == "completion"
-                            else "chat messages: the server applied its own chat template")
-        entry["prompt_tokens_match"] = wilson(
-            sum(o["prompt_tokens_server"] == o["prompt_tokens_local"] for o in counted), len(counted)).to_dict()
-        entry["retried"] = sum(1 for o in origins if o.get("attempts", 1) > 1)
-        entry["speed"] = _server_speed(entry["speed"], gens, origins)
-        if entry["kld"]["value"] is None:
-            entry["kld_note"] = NOT_SCORED
+        runs.append(dataclasses.replace(
+            entry,
+            speed=_server_speed(entry.speed, gens, origins),
+            where="server",
+            served_by={url: per_server.get(url, 0) for url in (i.url for i in infos)},
+            server_settings=infos[0].to_report()["settings"],
+            request=("kvedge's chat template applied, the prompt sent raw" if infos[0].api == "completion"
+                     else "chat messages: the server applied its own chat template"),
+            prompt_tokens_match=wilson(sum(o["prompt_tokens_server"] == o["prompt_tokens_local"] for o in counted),
+                                       len(counted)),
+            retried=sum(1 for o in origins if o.get("attempts", 1) > 1),
+            kld_note=NOT_SCORED if entry.kld.value is None else None,
+        ))
     ref = next(r for r in outcome.runs if r.spec.is_reference)
-    if ref.spec.server:
-        report["noise_floor_note"] = None if not report.get("noise_floor") else (
-            "the reference is a server and the noise run is in-process: the noise floor measures a change of "
-            "arithmetic between them")
-    report["servers"] = [{**i.to_report(), "run": next(r.label for r, v in audit.plan.servers.items() if i in v),
-                          "answered": answered.get(i.url, 0)} for i in audit.infos]
-    return report
+    note = None
+    if ref.spec.server and report.noise_floor:
+        note = ("the reference is a server and the noise run is in-process: the noise floor measures a change of "
+                "arithmetic between them")
+    servers = [{**i.to_report(), "run": next(r.label for r, v in audit.plan.servers.items() if i in v),
+                "answered": answered.get(i.url, 0)} for i in audit.infos]
+    return dataclasses.replace(report, runs=runs, servers=servers, noise_floor_note=note)
