@@ -16,6 +16,21 @@ from fakes import ANSWER, REFUSAL
 SHAPES = Path(__file__).parent / "data" / "server_shapes"
 HARMFUL_WORDS = ("bomb", "steal", "hack", "kill", "poison", "weapon")
 
+# How a misbehaving server sends an answer (`FakeServer.fault`):
+FAULTS = {
+    "silent": "reads the request and sends nothing",
+    "drip-headers": "sends its status line and headers a byte every `trickle_s`",
+    "stall": "sends its headers, then nothing",
+    "trickle": "sends its headers, then the body a byte every `trickle_s`",
+    "cut": "declares the whole body, sends half of it and closes the connection",
+    "long": "declares the body's length and sends more",
+    "huge": "declares a body of HUGE bytes and sends it",
+    "huge-undeclared": "sends a body of HUGE bytes without declaring its length, then closes",
+    "badjson": "sends half the JSON, declared as the whole",
+}
+HUGE = 30 * 2**20
+FAULT_LIMIT = 20.0  # seconds a misbehaving answer lasts at most: every fake ends by itself
+
 
 def shape(name: str, **subs: str) -> Any:
     text = (SHAPES / f"{name}.json").read_text(encoding="utf-8")
@@ -49,7 +64,10 @@ class FakeServer:
 
     `fail_next` answers that many generation requests with HTTP `fail_status` (503); `context_chars` answers prompts
     longer than that with the kind's context error; `stop()` and `start()` take it down and bring it
-    back on the same port (a restart), optionally as another model (`model_path`)."""
+    back on the same port (a restart), optionally as another model (`model_path`). `fault` (one of
+    FAULTS) sends every generation answer wrongly, every answer with `fault_probes`; `sent` counts the
+    body bytes a fault got out. `texts` are the answers to a refused and an answered prompt; `reshape`
+    rewrites each generation answer's JSON."""
 
     def __init__(self, kind: str, model_path: Path, model_sha256: str = "", adapter: Path | None = None,
                  adapter_sha256: str = "", policy: Callable[[str], bool] = refuses):
@@ -60,9 +78,16 @@ class FakeServer:
         self.fail_status = 503
         self.context_chars: int | None = None
         self.drop_text = False  # answer without the text field (a broken or unknown API)
+        self.texts = {True: REFUSAL, False: ANSWER}
+        self.reshape: Callable[[Any], Any] | None = None
+        self.fault: str | None = None
+        self.fault_probes = False
+        self.trickle_s = 0.3
+        self.sent = 0
         self.port = 0
         self._httpd: ThreadingHTTPServer | None = None
         self._lock = threading.Lock()
+        self._quit = threading.Event()  # set by stop(): misbehaving answers end at once
 
     @property
     def url(self) -> str:
@@ -75,8 +100,14 @@ class FakeServer:
             def log_message(self, *args):  # quiet
                 pass
 
-            def _send(self, status: int, body: Any) -> None:
+            def _send(self, status: int, body: Any, generation: bool = False) -> None:
                 data = json.dumps(body).encode("utf-8")
+                if server.fault and (generation or server.fault_probes):
+                    try:
+                        server.misbehave(self, status, data)
+                    except OSError:  # kvedge hung up, as it should
+                        pass
+                    return
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
@@ -93,19 +124,77 @@ class FakeServer:
                 body = json.loads(self.rfile.read(n) or b"null")
                 server.requests.append(("POST", self.path, body))
                 status, out = server.post(self.path, body)
-                self._send(status, out)
+                generation = self.path in server.routes()
+                if generation and status == 200 and server.reshape is not None:
+                    out = server.reshape(out)
+                self._send(status, out, generation)
 
         ThreadingHTTPServer.allow_reuse_address = True
+        self._quit.clear()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         self.port = self._httpd.server_address[1]
-        threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
+        # a short poll: stop() returns at once, not after serve_forever's default half second
+        threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True).start()
         return self.url
 
     def stop(self) -> None:
+        self._quit.set()
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()
             self._httpd = None
+
+    def misbehave(self, h: BaseHTTPRequestHandler, status: int, data: bytes) -> None:
+        """Send one answer the way `self.fault` says; returning closes the connection (HTTP/1.0)."""
+        f = self.fault
+        assert f in FAULTS, f
+        if f == "silent":
+            self._quit.wait(FAULT_LIMIT)
+            return
+        if f == "badjson":
+            data = data[: len(data) // 2]
+        declared = {"huge": HUGE, "huge-undeclared": None, "long": len(data)}.get(f, len(data))
+        head = f"HTTP/1.0 {status} OK\r\nContent-Type: application/json\r\n".encode()
+        if declared is not None:
+            head += f"Content-Length: {declared}\r\n".encode()
+        head += b"\r\n"
+        if f == "drip-headers":
+            self._drip(h, head)
+            return
+        h.wfile.write(head)
+        if f == "stall":
+            self._quit.wait(FAULT_LIMIT)
+        elif f == "trickle":
+            self._drip(h, data)
+        elif f == "cut":
+            self._write(h, data[: len(data) // 2])
+        elif f == "long":
+            self._write(h, data + b' {"and": "more"}')  # one write: it arrives with the body
+        elif f in ("huge", "huge-undeclared"):
+            block = b" " * 2**20
+            for _ in range(HUGE // len(block)):
+                if self._quit.is_set():
+                    return
+                self._write(h, block)
+        else:
+            self._write(h, data)
+
+    def _write(self, h: BaseHTTPRequestHandler, data: bytes) -> None:
+        h.wfile.write(data)
+        self.sent += len(data)
+
+    def _drip(self, h: BaseHTTPRequestHandler, data: bytes) -> None:
+        for i in range(len(data)):
+            if self._quit.wait(self.trickle_s) or i * self.trickle_s > FAULT_LIMIT:
+                return
+            self._write(h, data[i:i + 1])
+
+    def routes(self) -> tuple[str, str]:
+        """The paths that generate: (completion, chat)."""
+        return {"llama-cpp-python": ("/v1/completions", "/v1/chat/completions"),
+                "openai": ("/v1/completions", "/v1/chat/completions"),
+                "llama-server": ("/completion", "/v1/chat/completions"),
+                "ollama": ("/api/generate", "/api/chat")}[self.kind]
 
     def generations(self) -> list[Any]:
         return [b for m, p, b in self.requests if m == "POST" and p not in ("/api/show",)]
@@ -143,10 +232,7 @@ class FakeServer:
             if not self.adapter:
                 shown["modelfile"] = "\n".join(ln for ln in shown["modelfile"].splitlines() if not ln.startswith("ADAPTER"))
             return 200, shown
-        routes = {"llama-cpp-python": ("/v1/completions", "/v1/chat/completions"),
-                  "openai": ("/v1/completions", "/v1/chat/completions"),
-                  "llama-server": ("/completion", "/v1/chat/completions"),
-                  "ollama": ("/api/generate", "/api/chat")}[self.kind]
+        routes = self.routes()
         if path not in routes:
             return 404, {"error": {"message": "Not Found"}}
         with self._lock:
@@ -158,7 +244,7 @@ class FakeServer:
         if self.context_chars is not None and len(prompt) > self.context_chars:
             return 400, {"error": {"message": f"This model's maximum context length is {self.context_chars} tokens",
                                    "type": "invalid_request_error", "code": "context_length_exceeded"}}
-        text = REFUSAL if self.policy(prompt) else ANSWER
+        text = self.texts[bool(self.policy(prompt))]
         n_prompt, n_out = len(prompt.encode("utf-8")), len(text.encode("utf-8"))
         if self.kind in ("llama-cpp-python", "openai"):
             out = shape("llama_cpp_python_chat" if chat else "llama_cpp_python_completion", MODEL_PATH=str(self.model_path))

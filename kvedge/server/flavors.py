@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ServerError
-from .client import Client, Reply, Unreachable
+from .client import Client, Reply, Unreachable, one_line
 
 SEED = 0  # as in-process (RuntimeOptions.seed); greedy decoding does not read it
 _CTX_ERROR = re.compile(r"context (length|size|window)|exceed_context_size|context_length_exceeded", re.I)
@@ -104,7 +104,8 @@ def _field(body: Any, *path: Any) -> Any:
         for p in path:
             body = body[p]
     except (KeyError, IndexError, TypeError):
-        raise ServerError(f"the server's answer has no {'/'.join(map(str, path))}: {str(body)[:200]}") from None
+        where = "/".join(map(str, path))
+        raise ServerError(f"the server's answer has no {where}: {one_line(str(body))[:200]}") from None
     return body
 
 

@@ -9,6 +9,7 @@ Each setting carries its source: `observed` (the server said so, and where), `st
 from __future__ import annotations
 
 import posixpath
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,22 +105,27 @@ def resolve(spec: ServerSpec, obs: Observation, adapter: Path | None) -> ServerI
 
 def probe(spec: ServerSpec, timeout: float, adapter: Path | None, patience: float = PROBE_PATIENCE) -> ServerInfo:
     """What the server at `spec.url` is, waiting up to `patience` seconds for it to answer."""
-    client = Client(spec.url, timeout)
     try:
-        obs, _ = retry(lambda: identify(client, spec.get("model")), patience)
+        obs, _ = retry(lambda: identify(_asking(spec.url, timeout), spec.get("model")), patience)
     except Unreachable as exc:
-        raise ServerError(f"cannot reach server {spec.url}: {exc}") from None
+        raise ServerError(f"cannot reach server {spec.url}: it {exc.what}") from None
     return resolve(spec, obs, adapter)
 
 
 def reprobe(info: ServerInfo, spec: ServerSpec, timeout: float, adapter: Path | None) -> ServerInfo:
     """Ask again (after a failure): `Unreachable` while it is down; `ServerError` if it came back changed."""
-    obs = identify(Client(info.url, timeout), info.request_model)
+    obs = identify(_asking(info.url, timeout), info.request_model)
     now = resolve(spec, obs, adapter)
     if now.identity() != info.identity():
         raise ServerError(f"server {info.url} came back changed ({describe_change(info.identity(), now.identity())}): "
                           "its results so far are stored; audit the new settings into another --out")
     return now
+
+
+def _asking(url: str, timeout: float) -> Client:
+    """A client for one round of questions (several requests), which all together get `timeout` seconds:
+    a retry loop that re-asks a server what it is stays within its bound."""
+    return Client(url, timeout, until=time.monotonic() + timeout)
 
 
 def describe_change(before: dict, after: dict) -> str:

@@ -3,11 +3,12 @@ and every other run (an in-process reference or noise run) to llama.cpp in this 
 
 A server run's wave of prompts goes into one queue that all the run's servers drain together, each with
 as many requests in flight as it has slots; each answer is tagged with the server that gave it. A request
-that fails (refused connection, timeout, 5xx) is retried with exponential backoff, and before each retry
-kvedge asks the server again what it is: a server that came back with other settings is refused (exit
-2), one that came back the same carries on. A server that stays down past the patience hands its
-request back to the queue for the others; when none is left the audit stops, everything answered so far
-stored, and the same command resumes it. The store keeps one row per (run, prompt), written once.
+that fails (refused connection, deadline passed, answer cut off, 5xx) is retried with exponential backoff,
+and before each retry kvedge asks the server again what it is: a server that came back with other
+settings is refused (exit 2), one that came back the same carries on. A server that stays down past the
+patience hands its request back to the queue for the others; when none is left the audit stops,
+everything answered so far stored, and the same command resumes it. The store keeps one row per (run,
+prompt), written once.
 
 Servers cannot honour the audit's early stop (`GenJob.final`, the detector's verdict settling): they
 answer with the full max_tokens, which the detector reads to the same verdict, and the store key says so.
@@ -181,13 +182,21 @@ class ServerRuntimes:
                 else:
                     live[a] -= 1
                     if not any(live.values()):
-                        urls = ", ".join(s.url for s in servers)
-                        raise ServerError(f"{urls} stopped answering ({b}); every answer so far is stored: "
-                                          "restart the server and rerun the same command to resume")
+                        raise ServerError(_stopped(servers, b, self.patience))
         finally:
             done.set()
             with cond:
                 cond.notify_all()
+
+
+def _stopped(servers: Sequence[ServerInfo], last: Unreachable, patience: float) -> str:
+    """The one line that ends an audit whose every server stayed unreachable past the patience."""
+    if len(servers) == 1:
+        head = f"server {last.url} stopped answering: it {last.what}"
+    else:
+        head = f"servers {', '.join(s.url for s in servers)} stopped answering; the last, {last.url}, {last.what}"
+    return (f"{head} (given up after --server-patience {patience:g} s); every answer so far is stored: "
+            "rerun the same command to resume")
 
 
 class _Cancelled(Exception):
