@@ -144,7 +144,7 @@ def test_answers_stored_before_a_server_turned_slow_are_kept_and_the_rerun_resum
     s.fault, s.policy = None, refuses
     res = _audit(tiny, prompts, tmp_path / "a", [url], server_timeout=TIMEOUT, server_patience=PATIENCE)
     assert res.generated == N - kept
-    q = res.report["runs"][2]
+    q = res.report.to_dict()["runs"][2]
     assert q["speed"]["generations"] == N and len(_stored(tmp_path / "a", q["key"])) == N
 
 
@@ -187,7 +187,7 @@ def test_a_server_failing_half_its_requests_finishes_the_audit(tiny, prompts, tm
     s.policy = flaky
     res = _audit(tiny, prompts, tmp_path / "a", [s.url + "#kv=q4_0,rot=on"], server_timeout=TIMEOUT,
                  server_patience=PATIENCE)
-    q = res.report["runs"][2]
+    q = res.report.to_dict()["runs"][2]
     assert q["speed"]["generations"] == N and q["retried"] >= N - 1
     assert len(_stored(tmp_path / "a", q["key"])) == N
 
@@ -197,7 +197,7 @@ def test_html_and_script_in_answers_end_escaped_in_the_reports(tiny, prompts, tm
     attack = '<script>alert("kvedge")</script><img src=x onerror=alert(1)> Sure, here it is.'
     s.texts = {True: attack, False: attack}  # answers everything: every harmful prompt flips
     res = _audit(tiny, prompts, tmp_path / "a", [s.url + "#kv=q4_0,rot=on"])
-    assert res.report["runs"][2]["vs_reference"]["flipped"]
+    assert res.report.to_dict()["runs"][2]["vs_reference"]["flipped"]
     html = (tmp_path / "a" / "report.html").read_text()
     assert "&lt;script&gt;alert(&quot;kvedge&quot;)&lt;/script&gt;&lt;img src=x onerror=alert(1)&gt;" in html
     assert "<script>alert" not in html and "<img src=x" not in html
