@@ -1,9 +1,10 @@
 """The library API the CLI calls, usable from a notebook: `kvedge.api.audit(...)` does what
-`kvedge audit` does and returns the report dict with the paths it wrote. All validation happens here,
+`kvedge audit` does and returns the typed report with the paths it wrote. All validation happens here,
 cheapest first and before any model is hashed or run; the CLI only parses and renders."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -49,6 +50,11 @@ def _check_fail_under(fail_under: float | None) -> None:
         raise KvedgeError(f"--fail-under takes a share between 0 and 1, not {fail_under}")
 
 
+def _check_delta(delta: float | None) -> None:
+    if delta is not None and not (math.isfinite(delta) and 0 < delta <= 10):
+        raise KvedgeError(f"--delta is the equivalence margin in nats, above 0 and at most 10, not {delta}")
+
+
 def _stem(info: ModelInfo, adapter: Path | None) -> str:
     return info.stem + (f"+{adapter.stem}" if adapter else "")
 
@@ -80,6 +86,7 @@ def audit(
     server_kv: str | None = None,
     server_timeout: float = defaults.SERVER_TIMEOUT,
     server_patience: float = defaults.SERVER_PATIENCE,
+    delta: float | None = None,
 ) -> AuditResult:
     """With no `model`, audits the embedded default model with the canary adapter; `canary=False`
     audits the bare default model. `detector` is a name (`keyword`, `judge:FILE.gguf`, ...) or a
@@ -112,6 +119,7 @@ def audit(
     if noise is not None and noise not in NOISE_VARIANTS:
         raise KvedgeError(f"unknown --noise {noise!r}: choose from {', '.join(NOISE_VARIANTS.names())} or none")
     _check_fail_under(fail_under)
+    _check_delta(delta)
     _check_counts(max_tokens=max_tokens)
     _check_runtime_flags(ctx, threads, gpu_layers)
     if batch is not None and not 1 <= batch <= MAX_BATCH:
@@ -142,7 +150,7 @@ def audit(
     )
     return pipeline.run(spec, progress=progress, runtimes=runtimes, fail_under=fail_under,
                         servers=pipeline.ServerOptions(servers, server_timeout, server_patience) if servers else None,
-                        own_detector=det is not detector)
+                        own_detector=det is not detector, delta=delta)
 
 
 def _check_counts(**flags: int | None) -> None:
@@ -166,13 +174,15 @@ def rejudge(
     refusal_phrases: str | Path | None = None,
     out: str | Path | None = None,
     fail_under: float | None = None,
+    delta: float | None = None,
 ) -> AuditResult:
     """Judge a finished audit's stored answers with another detector (kvedge rejudge): nothing is
     generated. Writes report.json/.md/.html and attempts.jsonl to `out` (default: `run_dir`/
-    `detector-<id>/`), leaving the audit's own reports as they are."""
+    `detector-<id>/`), leaving the audit's own reports as they are. `delta` sets the equivalence margin."""
     _check_fail_under(fail_under)
+    _check_delta(delta)
     det = make_detector(detector, refusal_phrases)
-    return pipeline.rejudge(run_dir, det, det is not detector, out, fail_under)
+    return pipeline.rejudge(run_dir, det, det is not detector, out, fail_under, delta)
 
 
 def compare(

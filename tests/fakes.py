@@ -52,6 +52,16 @@ class FakeRuntime:
     def detokenize(self, tokens: list[int]) -> str:
         return bytes(t + 32 for t in tokens).decode("latin-1")
 
+    def tokenize_piece(self, text: str, special: bool = False) -> list[int]:
+        return [b - 32 for b in text.encode("latin-1")]
+
+    def _first_logits(self, prompt: list[int], refuse: bool) -> np.ndarray:
+        """The first answer position: the config's noisy distribution, leaning hard toward a refusal's
+        opening ("I") or a compliance opening ("Here"), so the margin's sign follows the verdict."""
+        logits = self._logprobs(prompt).copy()
+        logits[self.tokenize_piece("I" if refuse else "Here")[0]] += 6.0
+        return logits
+
     def reset(self) -> None:
         pass
 
@@ -79,8 +89,10 @@ class FakeRuntime:
                 if self._fail_after[0] < 0:
                     raise KeyboardInterrupt
             text = ANSWER
-            if self.policy(self._texts.get(tuple(job.prompt), ""), self.kv, self.rotation, self.options):
+            refuse = self.policy(self._texts.get(tuple(job.prompt), ""), self.kv, self.rotation, self.options)
+            if refuse:
                 text = REFUSAL
+            margin = job.first(self._first_logits(list(job.prompt), refuse)) if job.first else None
             tokens = [b - 32 for b in text.encode("latin-1")]  # one token a character
             stop = "eog"
             for k in range(1, len(tokens) + 1):
@@ -90,7 +102,7 @@ class FakeRuntime:
                 if job.final is not None and job.final(tokens[:k]):
                     tokens, stop = tokens[:k], "final"
                     break
-            yield i, Generation(tokens, self.detokenize(tokens), len(job.prompt), stop, 0.001, 0.001)
+            yield i, Generation(tokens, self.detokenize(tokens), len(job.prompt), stop, 0.001, 0.001, margin=margin)
 
     def score_many(self, jobs, on_row):
         for i, (prompt, cont) in enumerate(jobs):

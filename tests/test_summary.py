@@ -4,7 +4,8 @@ from kvedge.audit.summary import retention_gate
 
 
 def _run(label, value):
-    return SimpleNamespace(label=label, vs_reference=SimpleNamespace(retention=SimpleNamespace(value=value)))
+    return SimpleNamespace(label=label, vs_reference=SimpleNamespace(retention=SimpleNamespace(value=value)),
+                           verdict=None)
 
 
 def test_gate_fails_below_threshold_only():

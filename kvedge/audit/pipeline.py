@@ -56,7 +56,7 @@ class ServerOptions:
 
 def run(spec: AuditSpec, progress: bool = True, runtimes: RuntimeFactory = LLAMA_CPP,
         fail_under: float | None = None, servers: ServerOptions | None = None,
-        own_detector: bool = False) -> AuditResult:
+        own_detector: bool = False, delta: float | None = None) -> AuditResult:
     """Generate and score what the store lacks for `spec`, then judge and write. One audit at a time writes
     a directory: a second is refused, not interleaved. `own_detector`: close `spec.detector` afterwards
     (a judge frees its model)."""
@@ -77,16 +77,16 @@ def run(spec: AuditSpec, progress: bool = True, runtimes: RuntimeFactory = LLAMA
                 served.runtimes.close()
         with Store(spec.store_path) as store:
             rows = store.audit_rows([r.key for r in outcome.runs], outcome.reference.key)
-        return judge_and_write(outcome, rows, spec.detector, own_detector, fail_under, spec.out_dir, served)
+        return judge_and_write(outcome, rows, spec.detector, own_detector, fail_under, spec.out_dir, served, delta)
 
 
 def judge_and_write(outcome: AuditOutcome, rows: AuditRows, det: Detector, owned: bool,
-                    fail_under: float | None, out_dir: Path, served=None) -> AuditResult:
+                    fail_under: float | None, out_dir: Path, served=None, delta: float | None = None) -> AuditResult:
     """Verdicts from the stored answers, the statistics, and the audit's files: report.json/.md/.html and
     attempts.jsonl in `out_dir`; the noise-stability marks go to the audit's store. An `owned` detector
     is closed afterwards. `served` (a server audit's servers) adds what each server was and did."""
     try:
-        summary = summarize(outcome, rows, det, fail_under)
+        summary = summarize(outcome, rows, det, fail_under, delta)
     finally:
         if owned:
             close_detector(det)
@@ -105,11 +105,11 @@ def judge_and_write(outcome: AuditOutcome, rows: AuditRows, det: Detector, owned
 
 
 def rejudge(run_dir: str | Path, det: Detector, owned: bool, out: str | Path | None = None,
-            fail_under: float | None = None) -> AuditResult:
+            fail_under: float | None = None, delta: float | None = None) -> AuditResult:
     """A finished audit's stored answers judged by `det`: nothing generated. Reports go to `out` (default:
     `run_dir`/detector-<id>/), the audit's own reports stay as they are."""
     from .rejudge import load_audit
 
     outcome, rows = load_audit(run_dir)
     out_dir = Path(out) if out else Path(run_dir) / f"detector-{det.id}"
-    return judge_and_write(outcome, rows, det, owned, fail_under, out_dir)
+    return judge_and_write(outcome, rows, det, owned, fail_under, out_dir, delta=delta)

@@ -21,6 +21,7 @@ import numpy as np
 
 from .. import __version__
 from ..datasets import Prompt
+from ..detectors.openings import margin, opening_tokens
 from ..gguf.model import sha256_file
 from ..gguf.template import ChatTemplate, chat_template_for
 from ..llama.decode import GenJob
@@ -123,6 +124,15 @@ class _Session:
         reference = next(r for r in self.spec.runs() if r.is_reference)
         return not run.server and not reference.server
 
+    def _first(self, rt: Runtime):
+        """The first-token refusal margin, read at every answer's first position (None: this vocabulary
+        lacks a refusal or a compliance opening, or the runtime cannot say, so no margin is measured)."""
+        tokenize = getattr(rt, "tokenize_piece", None)
+        if tokenize is None:
+            return None
+        tokens = opening_tokens(tokenize, rt.detokenize)
+        return (lambda logits: margin(logits, tokens)) if tokens.usable else None
+
     def _final(self, rt: Runtime, run: RunSpec, p: Prompt):
         """When generation may stop early: once the detector's verdict is final, except where the whole
         answer is needed (the reference's benign answers are the continuations KLD and perplexity are
@@ -146,10 +156,12 @@ class _Session:
         rt = self._open(run)
         try:
             todo = sum((p.id, p.text_sha256) not in done for w in waves for p in w)
+            first = self._first(rt) if waves else None
             with self._bar(todo, run.label) as bar:
                 for wave in waves:
                     self._start_wave(rt)
-                    jobs = [GenJob(self._tokens(rt, p), self.spec.max_tokens, self._final(rt, run, p)) for p in wave]
+                    jobs = [GenJob(self._tokens(rt, p), self.spec.max_tokens, self._final(rt, run, p), first=first)
+                            for p in wave]
                     for i, g in rt.generate_many(jobs):
                         p = wave[i]
                         if (p.id, p.text_sha256) in done:
@@ -157,7 +169,8 @@ class _Session:
                         stop = f"final:{self.spec.detector.id}" if g.stop_reason == "final" else g.stop_reason
                         self.store.put_generation(
                             GenerationRow(key, p.id, p.text_sha256, g.text, g.tokens, g.n_prompt_tokens, stop,
-                                          g.prompt_seconds, g.decode_seconds, _sha256(self.rendered[p.id])), g.origin)
+                                          g.prompt_seconds, g.decode_seconds, _sha256(self.rendered[p.id]),
+                                          g.margin), g.origin)
                         result.generated += 1
                         bar.update(1)
             ref_gens = self.store.generations(ref_key)

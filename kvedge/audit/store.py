@@ -80,6 +80,13 @@ def m004_servers(db: sqlite3.Connection) -> None:
                "first_seen REAL NOT NULL)")
 
 
+@migration
+def m005_first_token_margin(db: sqlite3.Connection) -> None:
+    # the first-token refusal margin at the answer's first position (kvedge.detectors.openings), read from
+    # the logits that chose the answer's first token; NULL in rows from before and where none could be read
+    db.execute("ALTER TABLE generations ADD COLUMN margin REAL")
+
+
 @dataclass(frozen=True)
 class GenerationRow:
     run_key: str
@@ -92,6 +99,7 @@ class GenerationRow:
     prompt_seconds: float
     seconds: float  # decode time
     rendered_sha256: str | None = None  # the chat prompt the model saw; None in rows from older stores
+    margin: float | None = None  # the first-token refusal margin; None in older rows or where it cannot be read
 
 
 @dataclass(frozen=True)

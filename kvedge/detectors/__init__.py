@@ -15,8 +15,10 @@ from pathlib import Path
 
 from ..errors import DetectorError
 from ..registry import DETECTORS
+
 # names are offered (in help and errors) in the order they register: the default, "keyword", first
 from . import phrases  # noqa: F401  (registers "keyword")
+
 from . import judge  # noqa: F401  isort: skip  (registers "judge")
 from .base import Detection, Detector
 

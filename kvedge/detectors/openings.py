@@ -70,7 +70,8 @@ def _logsumexp(x: np.ndarray) -> float:
 
 
 def margin(logp: np.ndarray, tokens: OpeningTokens) -> float | None:
-    """The margin at one position from its log-probabilities over the vocabulary (None without both sides)."""
+    """The margin at one position from its log-probabilities over the vocabulary, or its raw logits (the
+    normalisation cancels in the difference); None without both sides."""
     if not tokens.usable:
         return None
     lp = np.asarray(logp, dtype=np.float64)

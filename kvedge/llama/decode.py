@@ -42,6 +42,9 @@ class GenJob:
     logprobs: bool = False  # keep the log-softmax of every step (the step that chose the end included)
     # teacher forcing: feed these tokens instead of the argmax (the job ends after the last)
     forced: Sequence[int] | None = None
+    # read at the first answer position, from the raw logits that choose the answer's first token (the
+    # first-token refusal margin): its value is kept in the result
+    first: Callable[[np.ndarray], float | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,7 @@ class GenResult:
     prompt_seconds: float  # this sequence's share of the decode calls that carried its prompt
     decode_seconds: float  # and of those that carried its answer
     logprobs: list[np.ndarray] | None
+    first: float | None = None  # GenJob.first at the first answer position
 
 
 @dataclass
@@ -66,6 +70,7 @@ class _Seq:
     prompt_s: float = 0.0
     decode_s: float = 0.0
     stop: str = ""
+    first: float | None = None
 
 
 class Decoder:
@@ -213,6 +218,8 @@ class Decoder:
                     continue
                 j = jobs[s.job]
                 logits = self.logits(i)
+                if not s.out and j.first is not None:
+                    s.first = j.first(logits)
                 if on_row is not None:
                     on_row(s.job, len(s.out), log_softmax(logits))
                 if j.logprobs:
@@ -240,7 +247,7 @@ class Decoder:
                 used[0] -= s.reserved
                 j = jobs[s.job]
                 yield s.job, GenResult(s.out, s.stop, len(s.tokens), s.prompt_s, s.decode_s,
-                                       (s.kept or []) if j.logprobs else None)
+                                       (s.kept or []) if j.logprobs else None, s.first)
 
     def _finish(self, s: _Seq, reason: str) -> _Seq:
         s.stop = reason

@@ -113,6 +113,8 @@ class Generation:
     logprobs: list[np.ndarray] | None = None
     # where the answer came from, when not from this process (a server: kvedge.server), stored beside it
     origin: dict | None = None
+    # the first-token refusal margin (kvedge.detectors.openings) when the job asked for it and it could be read
+    margin: float | None = None
 
 
 def tokenize_rendered(model, rendered: str) -> list[int]:
@@ -305,7 +307,7 @@ class Runtime:
         each finishes."""
         for i, r in self.decoder.generate(jobs):
             yield i, Generation(r.tokens, self.detokenize(r.tokens), r.n_prompt_tokens, r.stop_reason,
-                                r.prompt_seconds, r.decode_seconds, r.logprobs)
+                                r.prompt_seconds, r.decode_seconds, r.logprobs, margin=r.first)
 
     def generate(self, prompt: list[int], max_tokens: int, logprobs: bool = False) -> Generation:
         (_, g), = self.generate_many([GenJob(prompt, max_tokens, None, logprobs)])

@@ -115,6 +115,45 @@ class VsNoise(Result):
 
 
 @dataclass(frozen=True)
+class MarginStats(Result):
+    """The first-token refusal margin (kvedge.detectors.openings) of one run: its mean per population and,
+    beside the reference, the mean paired shift against it (positive: toward refusal), each with a 95%
+    paired bootstrap interval over prompts."""
+
+    harmful: Estimate
+    benign: Estimate
+    missing: int  # prompts whose margin could not be read (not in the figures)
+    shift_harmful: Estimate | None = omit_none()
+    shift_benign: Estimate | None = omit_none()
+    shift_by_subset: dict[str, Estimate] | None = omit_none()
+
+
+@dataclass(frozen=True)
+class PopulationCall(Result):
+    """How one population (harmful or benign prompts) moved against the reference, by flips judged against
+    the noise run and by the margin's shift judged against +-delta."""
+
+    population: str  # harmful | benign
+    direction: str  # toward refusal | away from refusal | none (equivalent) | unclear
+    flips: str  # the flips' judgement against the noise run (kvedge.audit.noise)
+    refusals: str  # "10/20 vs 4/20": refused here vs at the reference
+    shift: Estimate | None  # the margin's mean paired shift; None when no margin could be read
+    prompts_to_decide: int | None  # roughly how many prompts would decide an unclear population
+
+
+@dataclass(frozen=True)
+class Verdict(Result):
+    """The one verdict of a configuration against its reference (kvedge.audit.verdict)."""
+
+    verdict: str  # equivalent | over-refuses | loses refusals | loses refusals and over-refuses | inconclusive
+    line: str  # the verdict in words, with the evidence that decided it
+    delta: float  # the equivalence margin on the mean margin shift, nats
+    harmful: PopulationCall
+    benign: PopulationCall
+    more_prompts: int | None  # inconclusive: roughly how many more prompts a population would need
+
+
+@dataclass(frozen=True)
 class Memory(Result):
     bytes_per_token: int
     ctx: int
@@ -162,6 +201,8 @@ class RunResult(Result):
     max_abs_logprob_diff: float | None
     vs_reference: VsReference | None = omit_none()
     vs_noise: VsNoise | None = omit_none()
+    margin: MarginStats | None = omit_none()  # None: no margin could be read (a server without logprobs)
+    verdict: Verdict | None = omit_none()  # quantized runs beside a noise run
     # server audits (kvedge.server.annotate): where the run ran, who answered and how
     where: str | None = omit_none()  # "server" | "in-process"
     served_by: dict[str, int] | None = omit_none()
@@ -211,7 +252,17 @@ class PromptResult(Result):
     unstable: bool
     refused: dict[str, bool]  # run label -> verdict
     rule: dict[str, str]  # run label -> the detector's rule that decided
+    margin: dict[str, float | None] | None = omit_none()  # run label -> first-token refusal margin
     answers: dict[str, str] | None = omit_none()  # every run's answer, where the verdicts disagree
+
+
+@dataclass(frozen=True)
+class Equivalence(Result):
+    """How configurations are judged (kvedge.audit.verdict): the margin `delta` and where it came from."""
+
+    delta: float
+    source: str  # "--delta", or how the default was derived from the noise run
+    noise_shift_bound: float | None  # the largest |bound| of the noise run's margin shift intervals
 
 
 @dataclass(frozen=True)
@@ -227,6 +278,7 @@ class AuditReport(Result):
     prompts_summary: PromptsSummary
     detector: DetectorDoc
     noise_floor: NoiseFloor | None
+    equivalence: Equivalence | None
     runs: list[RunResult]
     gate: Gate | None
     prompts: list[PromptResult]
