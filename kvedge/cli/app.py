@@ -5,12 +5,19 @@ from __future__ import annotations
 import errno
 import functools
 import sys
-from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import typer
 
 from ..errors import KvedgeError
+from .options import (
+    AsJson, AuditOut, Batch, Benchmarks, Bits, CalibLimit, CompareOut, Ctx, DeployKv, DeployOut, DeployRotation,
+    Deployment, Detector, DetectorPair, DiagnosedKv, DryRun, EvalLimit, ExportMaxTokens, FailUnder, Force,
+    GpuLayers, HeldKvMap, Jobs, KvConfigs, Limit, Lora, MaxTokens, Model, NativeBackend, NoCanary, Noise, NoProbe,
+    PassCtx, PcrOut, Prompts, Quiet, RefusalPhrases, RejudgeOut, Rotations, RunA, RunB, RunDir, Server, ServerKv,
+    ServerPatience, ServerTimeout, Smooth, Split, SweepOut, System, Target, TargetOverride, Threads, TorchModel,
+    UseNative, VerifyOut, Work,
+)
 
 app = typer.Typer(
     add_completion=False,
@@ -35,54 +42,33 @@ def command(fn: Callable) -> Callable:
     return app.command()(run)
 
 
-DETECTOR_HELP = ("Refusal detector: keyword, keyword:PHRASES.txt, judge:JUDGE.gguf[@THRESHOLD] (judge:default: the "
-                 "default model, a weak stand-in), or another registered name.")
-PHRASES_HELP = "Extend or replace the keyword detector's phrase lists from this file (format: docs/reports.md)."
-
-
 @command
 def audit(
-    model: Optional[Path] = typer.Argument(None, help="GGUF model; default: the embedded SmolLM2-135M-Instruct Q4_1 "
-                                           "with the canary safety adapter."),
-    lora: Optional[Path] = typer.Option(None, "--lora", help="LoRA adapter GGUF applied on top of the model."),
-    kv: Optional[str] = typer.Option(None, "--kv", help="KV configs, comma-separated: q8_0 (K and V), k=q8_0/v=q4_0, "
-                                     "or per layer k=q4_0@11+17+19:q8_0/v=q4_0 (native build). f16 is always run as "
-                                     "the reference. Default: f16,q8_0,q4_0."),
-    rotation: Optional[str] = typer.Option(None, "--rotation", help="Attention rotation of quantized caches: on (current "
-                                           "llama.cpp), off (older builds), both (the default)."),
-    benchmarks: str = typer.Option("advbench,harmbench,xstest", "--benchmarks", help="Bundled prompt sets to run."),
-    split: str = typer.Option("eval", "--split", help="Split of the bundled sets: eval, calib or train."),
-    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Your own prompts: CSV/TSV with a header or JSONL; "
-                                           "fields prompt (required), id, label (harmful|benign), benchmark, category."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="At most N prompts from each group (advbench, harmbench, "
-                                        "xstest-unsafe, xstest-safe, or your file's groups)."),
-    max_tokens: int = typer.Option(64, "--max-tokens", help="Tokens generated per prompt (greedy)."),
-    ctx: int = typer.Option(4096, "--ctx", help="Context size: the runtime's, and the one memory is reported at."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: $KVEDGE_THREADS, else all cores, at most 8)."),
-    gpu_layers: int = typer.Option(0, "--gpu-layers", help="Layers offloaded to a GPU build (CUDA, Metal); -1 for all."),
-    system: Optional[str] = typer.Option(None, "--system", help="System prompt (default: none, the template's own)."),
-    noise: str = typer.Option("flash-attn-off", "--noise", help="How the f16 noise-floor run perturbs arithmetic: "
-                              "flash-attn-off, or none to skip it."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Audit directory (store and reports). "
-                                       "Default: kvedge-runs/<model-stem>/"),
-    fail_under: Optional[float] = typer.Option(None, "--fail-under", help="Exit 1 if any config keeps less than this "
-                                               "share of the f16 refusal rate (e.g. 0.9)."),
-    no_canary: bool = typer.Option(False, "--no-canary", help="With no MODEL, audit the bare default model "
-                                   "instead of default model + canary adapter."),
-    batch: Optional[int] = typer.Option(None, "--batch", help="Prompts decoded together (default: chosen from the "
-                                        "model's KV size, 16 for small models); 1 decodes one prompt at a time."),
-    detector: str = typer.Option("keyword", "--detector", help=DETECTOR_HELP),
-    refusal_phrases: Optional[Path] = typer.Option(None, "--refusal-phrases", help=PHRASES_HELP),
-    server: Optional[list[str]] = typer.Option(None, "--server", metavar="URL", help="Audit a running llama-server, Ollama or "
-                                               "OpenAI-compatible endpoint instead (repeatable; servers with the same "
-                                               "settings share the work). State what it does not report in the URL: "
-                                               "http://host:8080#kv=q4_0,rot=on (see docs/server.md)."),
-    server_kv: Optional[str] = typer.Option(None, "--server-kv", metavar="TYPE", help="KV cache type of the --server endpoints that "
-                                            "state none (servers do not report it), e.g. q4_0."),
-    server_timeout: float = typer.Option(300.0, "--server-timeout", help="Seconds one server request may take."),
-    server_patience: float = typer.Option(120.0, "--server-patience", help="Seconds a server may stay unreachable "
-                                          "(retried with backoff) before the audit stops; rerun to resume."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    model: Model = None,
+    lora: Lora = None,
+    kv: KvConfigs = None,
+    rotation: Rotations = None,
+    benchmarks: Benchmarks = "advbench,harmbench,xstest",
+    split: Split = "eval",
+    prompts: Prompts = None,
+    limit: Limit = None,
+    max_tokens: MaxTokens = 64,
+    ctx: Ctx = 4096,
+    threads: Threads = None,
+    gpu_layers: GpuLayers = 0,
+    system: System = None,
+    noise: Noise = "flash-attn-off",
+    out: AuditOut = None,
+    fail_under: FailUnder = None,
+    no_canary: NoCanary = False,
+    batch: Batch = None,
+    detector: Detector = "keyword",
+    refusal_phrases: RefusalPhrases = None,
+    server: Server = None,
+    server_kv: ServerKv = None,
+    server_timeout: ServerTimeout = 300.0,
+    server_patience: ServerPatience = 120.0,
+    quiet: Quiet = False,
 ) -> None:
     """Run refusal benchmarks through real llama.cpp at each KV cache type and report what quantization costs."""
     from ..api import audit as run
@@ -123,13 +109,11 @@ def _echo_audit(result) -> None:
 
 @command
 def rejudge(
-    run_dir: Path = typer.Argument(..., help="A finished audit directory."),
-    detector: str = typer.Option("keyword", "--detector", help=DETECTOR_HELP),
-    refusal_phrases: Optional[Path] = typer.Option(None, "--refusal-phrases", help=PHRASES_HELP),
-    out: Optional[Path] = typer.Option(None, "--out", help="Where the new reports go (default: "
-                                       "RUN_DIR/detector-<id>/)."),
-    fail_under: Optional[float] = typer.Option(None, "--fail-under", help="Exit 1 if any config keeps less than this "
-                                               "share of the f16 refusal rate."),
+    run_dir: RunDir,
+    detector: Detector = "keyword",
+    refusal_phrases: RefusalPhrases = None,
+    out: RejudgeOut = None,
+    fail_under: FailUnder = None,
 ) -> None:
     """Judge an audit's stored answers with another detector: nothing is generated."""
     from ..api import rejudge as run
@@ -145,12 +129,10 @@ def rejudge(
 
 @command
 def compare(
-    run_a: Path = typer.Argument(..., help="Audit directory (or its report.json), e.g. the laptop CPU run."),
-    run_b: Optional[Path] = typer.Argument(None, help="Audit directory (or its report.json) of the same model and "
-                                           "prompts, e.g. the device GPU run. Leave out to compare two --detector."),
-    detector: Optional[list[str]] = typer.Option(None, "--detector", help="Twice, to compare two detectors' verdicts "
-                                                 "on RUN_A's stored answers (e.g. keyword and judge:JUDGE.gguf)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Directory for compare.json, compare.md, compare.html."),
+    run_a: RunA,
+    run_b: RunB = None,
+    detector: DetectorPair = None,
+    out: CompareOut = None,
 ) -> None:
     """Verdict agreement: two audits of one model and its prompts (say, CPU vs CUDA), or two detectors on one audit."""
     from ..api import compare as run
@@ -170,19 +152,15 @@ def _log(quiet: bool):
 
 @command
 def pcr(
-    model: Optional[Path] = typer.Argument(None, help="GGUF model (llama, qwen2, qwen3); default: the embedded "
-                                           "SmolLM2-135M-Instruct with the canary adapter."),
-    lora: Optional[Path] = typer.Option(None, "--lora", help="LoRA adapter GGUF applied on top of the model."),
-    kv: str = typer.Option("q4_0", "--kv", help="The cache to diagnose: q4_0 (K and V), k=q8_0/v=q4_0, or a per-layer "
-                           "map k=q4_0@11+17+19:q8_0/v=q4_0 (native build)."),
-    rotation: str = typer.Option("both", "--rotation", help="Does the target runtime rotate the cache: on (current "
-                                 "llama.cpp), off (older builds), both (a verdict for each)."),
-    ctx: int = typer.Option(2048, "--ctx", help="Context of the llama.cpp runs (fidelity check)."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for llama.cpp and torch."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Directory for pcr.json, pcr.md and pcr.html "
-                                       "(default: kvedge-runs/<model-stem>/pcr-<kv>/)."),
-    no_canary: bool = typer.Option(False, "--no-canary", help="With no MODEL, diagnose the bare default model."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress messages."),
+    model: TorchModel = None,
+    lora: Lora = None,
+    kv: DiagnosedKv = "q4_0",
+    rotation: Rotations = "both",
+    ctx: PassCtx = 2048,
+    threads: Threads = None,
+    out: PcrOut = None,
+    no_canary: NoCanary = False,
+    quiet: Quiet = False,
 ) -> None:
     """Per-Channel Reduction: why this cache loses refusals (failure mode, evidence) and which fix will work."""
     from ..api import pcr as run
@@ -197,17 +175,16 @@ def pcr(
 
 @command
 def sweep(
-    model: Optional[Path] = typer.Argument(None, help="GGUF model; default: SmolLM2-135M-Instruct + canary adapter."),
-    lora: Optional[Path] = typer.Option(None, "--lora", help="LoRA adapter GGUF applied on top of the model."),
-    bits: str = typer.Option("2-8", "--bits", help="Bit widths of the generic intN group-32 cache: 2-8 or 2,4,8."),
-    kv: Optional[str] = typer.Option(None, "--kv", help="A per-layer map (k=q4_0@11+17+19:q8_0): the layers it names "
-                                     "keep their types while the others sweep."),
-    rotation: str = typer.Option("both", "--rotation", help="on, off or both."),
-    ctx: int = typer.Option(2048, "--ctx", help="Context of the llama.cpp tokenization pass."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Directory for sweep.json, sweep.md and sweep.html."),
-    no_canary: bool = typer.Option(False, "--no-canary", help="With no MODEL, sweep the bare default model."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress messages."),
+    model: TorchModel = None,
+    lora: Lora = None,
+    bits: Bits = "2-8",
+    kv: HeldKvMap = None,
+    rotation: Rotations = "both",
+    ctx: PassCtx = 2048,
+    threads: Threads = None,
+    out: SweepOut = None,
+    no_canary: NoCanary = False,
+    quiet: Quiet = False,
 ) -> None:
     """Simulated safety damage and margin vs cache bit width for K, V and both: where this model's safety breaks."""
     from ..api import sweep as run
@@ -222,16 +199,14 @@ def sweep(
 
 @command
 def doctor(
-    model: Optional[Path] = typer.Argument(None, help="GGUF model for the rotation probe; default: the embedded "
-                                           "SmolLM2-135M-Instruct with the canary adapter."),
-    lora: Optional[Path] = typer.Option(None, "--lora", help="LoRA adapter GGUF applied on top of the model."),
-    gpu_layers: int = typer.Option(0, "--gpu-layers", help="Layers offloaded to a GPU build, as the audit would."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads."),
-    use_native: bool = typer.Option(False, "--native", help="Load kvedge's native llama.cpp build instead of the "
-                                    "stock wheel (what per-layer KV configs run on)."),
-    no_probe: bool = typer.Option(False, "--no-probe", help="Skip the rotation probe (needs no model)."),
-    no_canary: bool = typer.Option(False, "--no-canary", help="With no MODEL, probe the bare default model."),
-    as_json: bool = typer.Option(False, "--json", help="Print the findings as JSON."),
+    model: Model = None,
+    lora: Lora = None,
+    gpu_layers: GpuLayers = 0,
+    threads: Threads = None,
+    use_native: UseNative = False,
+    no_probe: NoProbe = False,
+    no_canary: NoCanary = False,
+    as_json: AsJson = False,
 ) -> None:
     """One screen to read before trusting an audit on a new device: llama.cpp library, backends, GPU offload,
     attention rotation per cache type (measured on the model), torch, disk, memory."""
@@ -247,11 +222,10 @@ def doctor(
 
 @command
 def build_native(
-    backend: str = typer.Argument("cpu", help="cpu, cuda or metal."),
-    force: bool = typer.Option(False, "--force", help="Rebuild even if this build exists."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the sdist, patch, cache directory and CMake flags; "
-                                 "build nothing."),
-    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="Parallel compile jobs (default: all cores)."),
+    backend: NativeBackend = "cpu",
+    force: Force = False,
+    dry_run: DryRun = False,
+    jobs: Jobs = None,
 ) -> None:
     """Build kvedge's native llama.cpp (per-layer KV cache types) from the llama-cpp-python sdist, once per user."""
     from ..api import build_native as run
@@ -263,24 +237,21 @@ def build_native(
 
 @command
 def export(
-    model: Optional[Path] = typer.Argument(None, help="GGUF model; default: SmolLM2-135M-Instruct + canary adapter."),
-    lora: Optional[Path] = typer.Option(None, "--lora", help="LoRA adapter GGUF applied on top of the model."),
-    kv: str = typer.Option("q4_0", "--kv", help="The cache you want to run: q4_0 (K and V) or k=q8_0/v=q4_0."),
-    rotation: str = typer.Option("on", "--rotation", help="Does the target runtime rotate quantized caches: on "
-                                 "(current llama.cpp) or off (older builds)."),
-    target: str = typer.Option("noise", "--target", help="noise (flips within the f16 noise floor) or a retention "
-                               "R in 0..1 of f16's refusals and answers."),
-    out: Path = typer.Option(..., "--out", help="The deployment folder to write (new or empty)."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="At most N calib prompts of each group."),
-    max_tokens: int = typer.Option(64, "--max-tokens", help="Tokens generated per prompt (greedy)."),
-    ctx: int = typer.Option(4096, "--ctx", help="The deployment's context size (KV memory is reported at it)."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for llama.cpp and torch."),
-    smooth: str = typer.Option("auto", "--smooth", help="Channel smoothing: auto (when PCR prescribes it and the "
-                               "simulation finds it helps), force, or off."),
-    work: Optional[Path] = typer.Option(None, "--work", help="Where measurements are kept for resuming (default "
-                                        "kvedge-runs/<model-stem>/export-<kv>-rot-<on|off>/)."),
-    no_canary: bool = typer.Option(False, "--no-canary", help="With no MODEL, export the bare default model."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress messages."),
+    model: TorchModel = None,
+    lora: Lora = None,
+    kv: DeployKv = "q4_0",
+    rotation: DeployRotation = "on",
+    target: Target = "noise",
+    *,
+    out: DeployOut,
+    limit: CalibLimit = None,
+    max_tokens: MaxTokens = 64,
+    ctx: Ctx = 4096,
+    threads: Threads = None,
+    smooth: Smooth = "auto",
+    work: Work = None,
+    no_canary: NoCanary = False,
+    quiet: Quiet = False,
 ) -> None:
     """Choose the smallest KV configuration that stays safe (on the calib split) and write it for each runtime."""
     from ..api import export as run
@@ -295,15 +266,13 @@ def export(
 
 @command
 def verify(
-    deployment: Path = typer.Argument(..., help="A folder written by kvedge export."),
-    target: Optional[str] = typer.Option(None, "--target", help="Judge against this target instead of the "
-                                         "export's: noise or a retention R in 0..1."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="At most N eval prompts of each group."),
-    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Tokens per prompt (default: the export's)."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Where verify.json, verify.md, verify.html and the stores go "
-                                       "(default DEPLOYMENT/verify/)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress messages."),
+    deployment: Deployment,
+    target: TargetOverride = None,
+    limit: EvalLimit = None,
+    max_tokens: ExportMaxTokens = None,
+    threads: Threads = None,
+    out: VerifyOut = None,
+    quiet: Quiet = False,
 ) -> None:
     """Audit exactly what deploy.json says on held-out prompts: recovery, noise floor, memory. Exit 1 on a miss."""
     from ..api import verify as run
