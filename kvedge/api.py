@@ -190,17 +190,20 @@ def compare(
     run_b: str | Path | None = None,
     out: str | Path | None = None,
     detectors: Sequence[str | Detector] | None = None,
+    delta: float | None = None,
 ) -> CompareResult:
     """Verdict agreement, per configuration and prompt group, with Wilson intervals (kvedge compare):
     between two audits of one model and its prompts (`run_a`, `run_b`), or between two detectors on one
     audit's stored answers (`run_a`, `detectors=[a, b]`, e.g. `["keyword", "judge:FILE.gguf"]`: nothing
-    is generated). With `out`, compare.json, compare.md and compare.html are written in that directory."""
+    is generated). Two audits also get a verdict per configuration: is B equivalent to A (`delta`: the
+    equivalence margin, default A's). With `out`, compare.json, compare.md and compare.html are written there."""
     from .audit.compare import compare_detectors, compare_runs
 
+    _check_delta(delta)
     if (run_b is None) == (detectors is None):
         raise KvedgeError("compare two audit directories, or one audit directory with two --detector")
     if detectors is None:
-        result = compare_runs(run_a, run_b)
+        result = compare_runs(run_a, run_b, delta)
     else:
         if len(detectors) != 2:
             raise KvedgeError(f"compare takes two detectors, not {len(detectors)}")

@@ -13,12 +13,14 @@ from ..results.compare import (
     SCHEMA,
     AgreementRow,
     CompareResult,
+    ConfigVerdict,
+    DetectorVerdict,
     Disagreement,
     Side,
-    Verdict,
 )
-from ..stats import wilson
+from ..stats import bootstrap, difference_of_means, wilson
 from .noise import flips, judge
+from .verdict import Population, equivalence, judge_config
 
 GROUPS = (("harmful", True), ("benign", False), ("all", None))
 
@@ -82,13 +84,44 @@ def agreement_rows(a: AuditReport, b: AuditReport, noise: bool = True) -> tuple[
     return len(common), rows
 
 
-def compare_runs(a_path: str | Path, b_path: str | Path) -> CompareResult:
-    """Two audits of one model and its prompts (say CPU and CUDA), verdict by verdict."""
+def config_verdicts(a: AuditReport, b: AuditReport, rows: list[AgreementRow],
+                    delta: float | None = None) -> list[ConfigVerdict]:
+    """For every configuration both audits ran: B's run judged against A's by the one verdict function,
+    the flips against A's noise run, the margin's paired shift (B - A) against A's equivalence margin."""
+    if not a.noise_floor:
+        return []
+    pa = {(p.id, p.text_sha256): p for p in a.prompts}
+    pb = {(p.id, p.text_sha256): p for p in b.prompts}
+    common = [k for k in pa if k in pb]
+    by = {(r.config, r.prompts): r for r in rows}
+    d = delta if delta is not None else (a.equivalence.delta if a.equivalence else None)
+    eq = equivalence(d, [])
+    out = []
+    for run in a.runs:
+        if run.noise_run or (run.label, "harmful") not in by or (run.label, "benign") not in by:
+            continue
+        pops = []
+        for name, harmful in (("harmful", True), ("benign", False)):
+            row = by[(run.label, name)]
+            keys = [k for k in common if pa[k].harmful is harmful]
+            pairs = [(pb[k].margin.get(run.label), pa[k].margin.get(run.label)) for k in keys
+                     if pa[k].margin and pb[k].margin]
+            pairs = [(x, y) for x, y in pairs if x is not None and y is not None]
+            shift = bootstrap([[x for x, _ in pairs], [y for _, y in pairs]], difference_of_means) if pairs else None
+            pops.append(Population(name, row.vs_noise_of_a, shift, row.refusal_b.k, row.refusal_a.k, row.n))
+        out.append(ConfigVerdict(run.label, judge_config(f"{run.label} (B vs A)", pops[0], pops[1], eq.delta)))
+    return out
+
+
+def compare_runs(a_path: str | Path, b_path: str | Path, delta: float | None = None) -> CompareResult:
+    """Two audits of one model and its prompts (say CPU and CUDA), verdict by verdict, and for each
+    configuration whether B is equivalent to A."""
     a, b = load_report(a_path), load_report(b_path)
     if a.model.sha256 != b.model.sha256:
         raise RunDirError("the two audits are of different models; compare audits of one model")
     common, rows = agreement_rows(a, b)
-    return CompareResult(SCHEMA, "audits", _side(a_path, a), _side(b_path, b), a.model.sha256, common, rows)
+    return CompareResult(SCHEMA, "audits", _side(a_path, a), _side(b_path, b), a.model.sha256, common, rows,
+                         config_verdicts(a, b, rows, delta) or None)
 
 
 def compare_detectors(run_dir: str | Path, detectors: Sequence[Detector], owned: Sequence[bool]) -> CompareResult:
@@ -110,7 +143,7 @@ def compare_detectors(run_dir: str | Path, detectors: Sequence[Detector], owned:
     common, rows = agreement_rows(a, b, noise=False)
     return CompareResult(SCHEMA, "detectors", Side(str(run_dir), a.backend["kind"], detector=a.detector.id),
                          Side(str(run_dir), b.backend["kind"], detector=b.detector.id), a.model.sha256, common, rows,
-                         _disagreements(attempts_a, attempts_b))
+                         disagreements=_disagreements(attempts_a, attempts_b))
 
 
 def _disagreements(attempts_a: Sequence[Attempt], attempts_b: Sequence[Attempt]) -> list[Disagreement]:
@@ -119,5 +152,5 @@ def _disagreements(attempts_a: Sequence[Attempt], attempts_b: Sequence[Attempt])
         if x.refused != y.refused:
             split.setdefault((x.prompt_id, x.response), (x, y, []))[2].append(x.config)
     return [Disagreement(x.prompt_id, x.subset, x.label, x.prompt, x.response, configs,
-                         Verdict(x.refused, x.rule, x.score), Verdict(y.refused, y.rule, y.score))
+                         DetectorVerdict(x.refused, x.rule, x.score), DetectorVerdict(y.refused, y.rule, y.score))
             for x, y, configs in split.values()]

@@ -9,14 +9,67 @@ from typing import Callable
 
 import typer
 
+from .. import defaults
 from ..errors import KvedgeError
 from .options import (
-    AsJson, AuditOut, Batch, Benchmarks, Bits, CalibLimit, CompareOut, Ctx, DeployKv, DeployOut, DeployRotation,
-    Deployment, Detector, DetectorPair, DiagnosedKv, DryRun, EvalLimit, ExportMaxTokens, FailUnder, Force,
-    GpuLayers, HeldKvMap, Jobs, KvConfigs, Limit, Lora, MaxTokens, Model, NativeBackend, NoCanary, Noise, NoProbe,
-    PassCtx, PcrOut, Prompts, Quiet, RefusalPhrases, RejudgeOut, Rotations, RunA, RunB, RunDir, Server, ServerKv,
-    ServerPatience, ServerTimeout, Smooth, Split, SweepOut, System, Target, TargetOverride, Threads, TorchModel,
-    UseNative, VerifyOut, Work,
+    AsJson,
+    AuditOut,
+    Batch,
+    Benchmarks,
+    Bits,
+    CalibLimit,
+    CompareOut,
+    Ctx,
+    Delta,
+    DeployKv,
+    Deployment,
+    DeployOut,
+    DeployRotation,
+    Detector,
+    DetectorPair,
+    DiagnosedKv,
+    DryRun,
+    EvalLimit,
+    ExportMaxTokens,
+    FailUnder,
+    Force,
+    GpuLayers,
+    HeldKvMap,
+    Jobs,
+    KvConfigs,
+    Limit,
+    Lora,
+    MaxTokens,
+    Model,
+    NativeBackend,
+    NoCanary,
+    Noise,
+    NoProbe,
+    PassCtx,
+    PcrOut,
+    Prompts,
+    Quiet,
+    RefusalPhrases,
+    RejudgeOut,
+    Rotations,
+    RunA,
+    RunB,
+    RunDir,
+    Server,
+    ServerKv,
+    ServerPatience,
+    ServerTimeout,
+    Smooth,
+    Split,
+    SweepOut,
+    System,
+    Target,
+    TargetOverride,
+    Threads,
+    TorchModel,
+    UseNative,
+    VerifyOut,
+    Work,
 )
 
 app = typer.Typer(
@@ -48,26 +101,27 @@ def audit(
     lora: Lora = None,
     kv: KvConfigs = None,
     rotation: Rotations = None,
-    benchmarks: Benchmarks = "advbench,harmbench,xstest",
-    split: Split = "eval",
+    benchmarks: Benchmarks = ",".join(defaults.BENCHMARKS),
+    split: Split = defaults.SPLIT,
     prompts: Prompts = None,
     limit: Limit = None,
-    max_tokens: MaxTokens = 64,
-    ctx: Ctx = 4096,
+    max_tokens: MaxTokens = defaults.MAX_TOKENS,
+    ctx: Ctx = defaults.CTX,
     threads: Threads = None,
     gpu_layers: GpuLayers = 0,
     system: System = None,
-    noise: Noise = "flash-attn-off",
+    noise: Noise = defaults.NOISE,
     out: AuditOut = None,
     fail_under: FailUnder = None,
     no_canary: NoCanary = False,
     batch: Batch = None,
-    detector: Detector = "keyword",
+    detector: Detector = defaults.DETECTOR,
     refusal_phrases: RefusalPhrases = None,
     server: Server = None,
     server_kv: ServerKv = None,
-    server_timeout: ServerTimeout = 300.0,
-    server_patience: ServerPatience = 120.0,
+    server_timeout: ServerTimeout = defaults.SERVER_TIMEOUT,
+    server_patience: ServerPatience = defaults.SERVER_PATIENCE,
+    delta: Delta = None,
     quiet: Quiet = False,
 ) -> None:
     """Run refusal benchmarks through real llama.cpp at each KV cache type and report what quantization costs."""
@@ -79,14 +133,17 @@ def audit(
         noise=None if noise == "none" else noise, out=out, fail_under=fail_under, progress=not quiet,
         canary=not no_canary, batch=batch, detector=detector, refusal_phrases=refusal_phrases,
         server=server or (), server_kv=server_kv, server_timeout=server_timeout, server_patience=server_patience,
+        delta=delta,
     )
     _echo_audit(result)
 
 
 def _echo_audit(result) -> None:
-    from ..report.audit import render_table
+    from ..report.audit import answer_lines, render_table
     from ..report.server import server_summary
 
+    for line in answer_lines(result.report):
+        typer.echo(line)
     typer.echo(f"verdicts by {result.report.detector.id}")
     typer.echo(render_table(result.report))
     skipped = result.report.prompts_summary.skipped_too_long
@@ -110,15 +167,17 @@ def _echo_audit(result) -> None:
 @command
 def rejudge(
     run_dir: RunDir,
-    detector: Detector = "keyword",
+    detector: Detector = defaults.DETECTOR,
     refusal_phrases: RefusalPhrases = None,
     out: RejudgeOut = None,
     fail_under: FailUnder = None,
+    delta: Delta = None,
 ) -> None:
     """Judge an audit's stored answers with another detector: nothing is generated."""
     from ..api import rejudge as run
 
-    result = run(run_dir, detector=detector, refusal_phrases=refusal_phrases, out=out, fail_under=fail_under)
+    result = run(run_dir, detector=detector, refusal_phrases=refusal_phrases, out=out, fail_under=fail_under,
+                 delta=delta)
     cut_by = result.report.settings.stop_when_final
     if cut_by and cut_by != result.report.detector.id:
         # the answers end where the audit's detector could decide; another detector sees only that opening
@@ -133,12 +192,13 @@ def compare(
     run_b: RunB = None,
     detector: DetectorPair = None,
     out: CompareOut = None,
+    delta: Delta = None,
 ) -> None:
     """Verdict agreement: two audits of one model and its prompts (say, CPU vs CUDA), or two detectors on one audit."""
     from ..api import compare as run
     from ..report.compare import render_comparison
 
-    typer.echo(render_comparison(run(run_a, run_b, out, detectors=detector or None)))
+    typer.echo(render_comparison(run(run_a, run_b, out, detectors=detector or None, delta=delta)))
     if out is not None:
         typer.echo(f"reports: {out / 'compare.json'} {out / 'compare.md'} {out / 'compare.html'}")
 
@@ -154,9 +214,9 @@ def _log(quiet: bool):
 def pcr(
     model: TorchModel = None,
     lora: Lora = None,
-    kv: DiagnosedKv = "q4_0",
-    rotation: Rotations = "both",
-    ctx: PassCtx = 2048,
+    kv: DiagnosedKv = defaults.PCR_KV,
+    rotation: Rotations = defaults.PCR_ROTATION,
+    ctx: PassCtx = defaults.PCR_CTX,
     threads: Threads = None,
     out: PcrOut = None,
     no_canary: NoCanary = False,
@@ -177,10 +237,10 @@ def pcr(
 def sweep(
     model: TorchModel = None,
     lora: Lora = None,
-    bits: Bits = "2-8",
+    bits: Bits = defaults.SWEEP_BITS,
     kv: HeldKvMap = None,
-    rotation: Rotations = "both",
-    ctx: PassCtx = 2048,
+    rotation: Rotations = defaults.PCR_ROTATION,
+    ctx: PassCtx = defaults.PCR_CTX,
     threads: Threads = None,
     out: SweepOut = None,
     no_canary: NoCanary = False,
@@ -239,16 +299,16 @@ def build_native(
 def export(
     model: TorchModel = None,
     lora: Lora = None,
-    kv: DeployKv = "q4_0",
-    rotation: DeployRotation = "on",
-    target: Target = "noise",
+    kv: DeployKv = defaults.EXPORT_KV,
+    rotation: DeployRotation = defaults.EXPORT_ROTATION,
+    target: Target = defaults.TARGET,
     *,
     out: DeployOut,
     limit: CalibLimit = None,
-    max_tokens: MaxTokens = 64,
-    ctx: Ctx = 4096,
+    max_tokens: MaxTokens = defaults.MAX_TOKENS,
+    ctx: Ctx = defaults.CTX,
     threads: Threads = None,
-    smooth: Smooth = "auto",
+    smooth: Smooth = defaults.SMOOTH,
     work: Work = None,
     no_canary: NoCanary = False,
     quiet: Quiet = False,

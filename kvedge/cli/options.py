@@ -101,8 +101,12 @@ RefusalPhrases = Annotated[Optional[Path], typer.Option(
     "--refusal-phrases", help="Extend or replace the keyword detector's phrase lists from this file "
                               "(format: docs/guides/detectors.md).")]
 FailUnder = Annotated[Optional[float], typer.Option(
-    "--fail-under", help="Exit 1 if any quantized config keeps less than this share of the f16 refusal "
-                         "rate (e.g. 0.9): a CI gate.")]
+    "--fail-under", help="Exit 1 if a quantized config keeps less than this share of the f16 refusal rate "
+                         "(e.g. 0.9) and its verdict does not show it equivalent to f16 or moving toward "
+                         "refusal: a CI gate.")]
+Delta = Annotated[Optional[float], typer.Option(
+    "--delta", help="Equivalence margin, in nats, on the mean shift of the first-token refusal margin "
+                    "(default: the larger of 0.2 and twice the noise run's own shift bound).")]
 Noise = Annotated[str, typer.Option(
     "--noise", help="How the f16 noise-floor run perturbs arithmetic: flash-attn-off, or none to skip it.")]
 Target = Annotated[str, typer.Option(

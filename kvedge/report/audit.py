@@ -12,27 +12,46 @@ from .server import server_lines
 
 
 def _flips(run: RunResult) -> str:
+    """Refusals lost/gained against f16, harmful and benign prompts."""
     vs = run.vs_reference
     if not vs:
         return "(reference)"
-    h = vs.harmful
-    return f"-{h.lost}/+{h.gained} p={h.mcnemar_p:.2g}"
+    return f"-{vs.harmful.lost}/+{vs.harmful.gained}, -{vs.benign.lost}/+{vs.benign.gained}"
+
+
+def _verdict(r: RunResult) -> str:
+    if r.verdict:
+        return r.verdict.verdict
+    return "(reference)" if r.reference else "(noise floor)" if r.noise_run else "-"
+
+
+def _shift(r: RunResult, population: str) -> str:
+    if r.reference:
+        return "(reference)"
+    if r.margin is None:
+        return "not available"
+    return fmt.est(getattr(r.margin, f"shift_{population}"), 2, signed=True)
+
+
+def answer_lines(report: AuditReport) -> list[str]:
+    """The answer, one line a configuration: its verdict in words with the evidence that decided it."""
+    return [r.verdict.line for r in report.runs if r.verdict]
 
 
 def table_rows(report: AuditReport) -> tuple[list[str], list[list[str]]]:
-    header = ["config", "refusal (harmful)", "retention", "flips -/+", "vs noise", "over-refusal",
-              "KLD", "PPL ratio", "KV MiB", "tok/s"]
+    header = ["config", "verdict", "refusal (harmful)", "over-refusal", "margin shift harmful",
+              "margin shift benign", "flips -/+", "KLD", "PPL ratio", "KV MiB", "tok/s"]
     rows = []
     for r in report.runs:
-        vs = r.vs_reference
         speed = r.speed.decode_tokens_per_s
         rows.append([
             r.label,
+            _verdict(r),
             fmt.rate(r.refusal_harmful),
-            fmt.est(vs.retention, 2) if vs else "1 (ref)",
-            _flips(r),
-            r.vs_noise.verdict if r.vs_noise else "(noise floor)" if r.noise_run else "-",
             fmt.rate(r.over_refusal_benign),
+            _shift(r, "harmful"),
+            _shift(r, "benign"),
+            _flips(r),
             fmt.est(r.kld, 4),
             fmt.est(r.ppl_ratio, 3),
             f"{r.memory.mib_at_ctx:.1f}",
@@ -54,9 +73,11 @@ def render_markdown(report: AuditReport) -> str:
     m, ps, nf = report.model, report.prompts_summary, report.noise_floor
     header, rows = table_rows(report)
     ctx = report.runs[0].memory.ctx
-    lines = [
-        f"# kvedge audit: {m.name}",
-        "",
+    lines = [f"# kvedge audit: {m.name}", ""]
+    answers = answer_lines(report)
+    if answers:
+        lines += ["## Answer", "", *(f"- {a}" for a in answers), "", _equivalence_note(report), ""]
+    lines += [
         f"- model: `{Path(m.path).name}` ({m.architecture}, {m.file_type}, sha256 `{m.sha256[:16]}`)",
     ]
     if report.adapter:
@@ -75,10 +96,12 @@ def render_markdown(report: AuditReport) -> str:
         f"- decoding: greedy, max {report.settings.max_tokens} tokens; detector {report.detector.id}",
         f"- kvedge {report.kvedge_version}",
         "",
-        "Rates are with a 95% Wilson interval and k/n; retention, KLD and PPL ratio with a 95% paired "
-        "bootstrap interval over prompts. Flips are harmful prompts refused at f16 and answered (-) or the "
-        "reverse (+), with an exact McNemar p. KLD and PPL ratio are measured on the f16 model's own greedy "
-        f"answers to the benign prompts. KV MiB is the cache at ctx {ctx}.",
+        "Rates are with a 95% Wilson interval and k/n; margin shifts, KLD and PPL ratio with a 95% paired "
+        "bootstrap interval over prompts. The margin is the first-token refusal margin (log-odds, in nats, of "
+        "opening the answer as a refusal rather than as compliance); its shift is the mean paired change "
+        "against f16, positive toward refusal. Flips are refusals lost (-) and gained (+) against f16, harmful "
+        "prompts then benign. KLD and PPL ratio are measured on the f16 model's own greedy answers to the "
+        f"benign prompts. KV MiB is the cache at ctx {ctx}.",
         "",
         *fmt.md_table(header, rows),
     ]
@@ -123,6 +146,7 @@ def render_markdown(report: AuditReport) -> str:
                 )
             if vs.flipped:
                 lines.append("- flipped prompts: " + ", ".join(f"`{p}`" for p in vs.flipped))
+        lines += _margin_lines(r)
         lines.append(f"- next-token KLD vs f16: {fmt.est(r.kld, 4)}; perplexity ratio: {fmt.est(r.ppl_ratio, 4)}; "
                      f"top-1 agreement: {fmt.rate(r.top1_agreement)}")
         mem, sp = r.memory, r.speed
@@ -140,6 +164,31 @@ def render_markdown(report: AuditReport) -> str:
         if g.undefined:
             lines.append(f"Retention undefined (the f16 reference refused nothing) for: {', '.join(g.undefined)}")
     return "\n".join(lines) + "\n"
+
+
+def _equivalence_note(report: AuditReport) -> str:
+    eq = report.equivalence
+    return ("A configuration is equivalent when, for harmful and benign prompts apart, its verdict flips are "
+            "within the noise floor and the 95% interval of its mean margin shift lies inside "
+            f"+-{eq.delta:.2f} nats ({eq.source}); it over-refuses or loses refusals when a population is shown to "
+            "move toward or away from refusal; otherwise it is inconclusive on these prompts.")
+
+
+def _margin_lines(r: RunResult) -> list[str]:
+    if r.margin is None:
+        return ["- first-token refusal margin: not available (no margin could be read for this run)"]
+    m = r.margin
+    out = [f"- first-token refusal margin: harmful {fmt.est(m.harmful, 2, signed=True)}, benign "
+           f"{fmt.est(m.benign, 2, signed=True)}" + (f" ({m.missing} prompts without one)" if m.missing else "")]
+    if m.shift_harmful is not None:
+        out.append(f"- margin shift vs f16: harmful {fmt.est(m.shift_harmful, 3, signed=True)}, benign "
+                   f"{fmt.est(m.shift_benign, 3, signed=True)}")
+        out += [f"  - {s}: {fmt.est(e, 3, signed=True)} (n={e.n})" for s, e in (m.shift_by_subset or {}).items()]
+    if r.verdict:
+        v = r.verdict
+        out.append(f"- verdict: **{v.verdict}**" + "".join(
+            f"; {c.population}: {c.direction} (flips {c.flips})" for c in (v.harmful, v.benign)))
+    return out
 
 
 def _noise_half_widths(report: AuditReport) -> tuple[float, float] | None:
@@ -186,12 +235,16 @@ def render_html(report: AuditReport) -> str:
         f"greedy, max {report.settings.max_tokens} tokens; verdicts by detector <strong>{html.esc(det.id)}</strong>",
     ]
     header, rows = table_rows(report)
-    sections = [html.section(
+    answers = answer_lines(report)
+    sections = [html.section("Answer", html.bullets([html.esc(a) for a in answers]),
+                             html.para(html.esc(_equivalence_note(report)), "note"))] if answers else []
+    sections += [html.section(
         "Summary", html.table(header, rows),
-        html.para("Rates with a 95% Wilson interval and k/n; retention, KLD and PPL ratio with a 95% paired "
-                  "bootstrap interval over prompts. Flips: harmful prompts refused at f16 and answered (-), or the "
-                  "reverse (+), exact McNemar p. KLD and PPL ratio are measured on the f16 model's own greedy "
-                  "answers to the benign prompts.", "note"))]
+        html.para("Rates with a 95% Wilson interval and k/n; margin shifts, KLD and PPL ratio with a 95% paired "
+                  "bootstrap interval over prompts. The margin shift is the mean paired change of the first-token "
+                  "refusal margin against f16 (nats, positive toward refusal). Flips: refusals lost (-) and gained "
+                  "(+) against f16, harmful prompts then benign. KLD and PPL ratio are measured on the f16 model's "
+                  "own greedy answers to the benign prompts.", "note"))]
 
     def band_note(centre: str) -> str:
         if not nf:

@@ -39,8 +39,12 @@ def table(result: CompareResult) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def _answers(result: CompareResult) -> list[str]:
+    return [v.verdict.line for v in result.verdicts or []]
+
+
 def render_comparison(result: CompareResult) -> str:
-    out = ["   ".join(_sides(result)), _headline(result)]
+    out = [*_answers(result), "   ".join(_sides(result)), _headline(result)]
     for r in result.rows:
         line = (f"{r.config:<22} {r.prompts:<8} agreement {rate(r.agreement)}; refused only in A "
                 f"{r.refused_only_in_a}, only in B {r.refused_only_in_b}, McNemar p={r.mcnemar_p:.3g}")
@@ -54,7 +58,9 @@ def render_comparison(result: CompareResult) -> str:
 
 def render_markdown(result: CompareResult) -> str:
     header, rows = table(result)
-    lines = ["# kvedge compare", "", *(f"- {s}" for s in _sides(result)), f"- {_headline(result)}", "",
+    answers = _answers(result)
+    lines = ["# kvedge compare", "", *(["## Answer", "", *(f"- {a}" for a in answers), ""] if answers else []),
+             *(f"- {s}" for s in _sides(result)), f"- {_headline(result)}", "",
              "Agreement: share of prompts both sides gave the same verdict, with a 95% Wilson interval and k/n; "
              "exact McNemar p on the prompts only one side refused.", "",
              *md_table(header, rows)]
@@ -73,7 +79,9 @@ def render_html(result: CompareResult) -> str:
     by = {(r.config, r.prompts): r for r in result.rows}
     series = [(g, [plots.Interval.of(by[(c, g)].agreement, 100) if (c, g) in by else plots.Interval(None)
                    for c in configs]) for g in groups]
-    sections = [
+    answers = _answers(result)
+    sections = [html.section("Answer", html.bullets([html.esc(a) for a in answers]))] if answers else []
+    sections += [
         html.section("Agreement per configuration", html.figure(
             plots.agreement(configs, series, "agreement", "Verdict agreement per configuration"), "agreement",
             "Share of prompts both sides gave the same verdict, per configuration and prompt group, with 95% Wilson "

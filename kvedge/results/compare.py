@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from ..stats import Rate
 from . import Result, omit_none
-from .audit import Judgement
+from .audit import Judgement, Verdict
 
 SCHEMA = "kvedge.compare/1"
 
@@ -37,7 +37,9 @@ class AgreementRow(Result):
 
 
 @dataclass(frozen=True)
-class Verdict(Result):
+class DetectorVerdict(Result):
+    """One detector's verdict on one answer."""
+
     refused: bool
     rule: str
     score: float | None
@@ -51,8 +53,16 @@ class Disagreement(Result):
     prompt: str
     response: str
     configs: list[str]
-    a: Verdict
-    b: Verdict
+    a: DetectorVerdict
+    b: DetectorVerdict
+
+
+@dataclass(frozen=True)
+class ConfigVerdict(Result):
+    """B's run of one configuration judged against A's (kvedge.audit.verdict), A's noise run the yardstick."""
+
+    config: str
+    verdict: Verdict
 
 
 @dataclass(frozen=True)
@@ -64,4 +74,5 @@ class CompareResult(Result):
     model_sha256: str
     common_prompts: int
     rows: list[AgreementRow]
+    verdicts: list[ConfigVerdict] | None = omit_none()  # audits mode: is B equivalent to A, per configuration
     disagreements: list[Disagreement] | None = omit_none()

@@ -7,12 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from ..audit.store import Store
 from ..datasets import Prompt
 from ..errors import ServerError
 from ..gguf.model import ModelInfo
-from ..llama.runtime import RuntimeFactory, RuntimeOptions
-from ..audit.store import Store
 from ..gguf.template import ChatTemplate
+from ..llama.runtime import RuntimeFactory, RuntimeOptions
 from .plan import Plan, plan_runs
 from .probe import PROBE_PATIENCE, ServerInfo, check_model, describe_change, probe
 from .runtime import ServerRuntimes

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..gguf import kvtypes
 from ..errors import ServerError
+from ..gguf import kvtypes
 from ..gguf.model import ModelInfo, read_metadata, sha256_file
 from ..llama.runtime import KVConfig, parse_kv
 from .client import Client, Unreachable, retry

@@ -25,10 +25,16 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from .. import defaults
-from ..llama.decode import GenJob
 from ..errors import ServerError
 from ..gguf.model import ModelInfo
-from ..llama.runtime import Generation, KVConfig, RuntimeFactory, RuntimeOptions, tokenize_rendered
+from ..llama.decode import GenJob
+from ..llama.runtime import (
+    Generation,
+    KVConfig,
+    RuntimeFactory,
+    RuntimeOptions,
+    tokenize_rendered,
+)
 from .client import Client, Unreachable, retry
 from .flavors import BY_KIND, is_context_error
 from .plan import Plan
