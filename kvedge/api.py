@@ -31,6 +31,7 @@ from .llama.runtime import (
 from .registry import NOISE_VARIANTS
 from .report import ReportFiles, write_reports
 from .results.compare import CompareResult
+from .results.verify import VerifyReport
 from .server import parse_servers
 
 Log = Callable[[str], None]
@@ -351,7 +352,7 @@ def build_native(backend: str = "cpu", force: bool = False, dry_run: bool = Fals
     return native.build(backend, force=force, dry_run=dry_run, jobs=jobs)
 
 
-SMOOTH_MODES = ("auto", "force", "off")
+SMOOTH_MODES = ("auto", "force", "only", "off")
 
 
 def export(
@@ -359,7 +360,6 @@ def export(
     lora: str | Path | None = None,
     kv: str = defaults.EXPORT_KV,
     rotation: str = defaults.EXPORT_ROTATION,
-    target: str | float = defaults.TARGET,
     out: str | Path | None = None,
     limit: int | None = None,
     max_tokens: int = defaults.MAX_TOKENS,
@@ -370,13 +370,15 @@ def export(
     canary: bool = True,
     progress: bool = True,
     log: Log | None = None,
+    delta: float | None = None,
 ):
-    """kvedge export: the smallest KV configuration (K/V types, or the smoothed model at `kv`) that meets
-    `target` on the calib split, written to `out` as deploy.json and each runtime's launch files. `kv` is
-    the unmitigated configuration wanted; `rotation` whether the target runtime rotates (on|off).
-    Returns `mitigate.export.ExportResult`."""
+    """kvedge export: the deployment the fixed sequence of candidates (from the safest down: more bits for the
+    cache PCR names, the smoothed model at `kv`, then `kv` itself) ends on, each candidate judged on the calib
+    split by the one verdict function; the last shown equivalent to f16 is written to `out` as deploy.json
+    and each runtime's launch files, the f16 cache when none is. `kv` is the unmitigated configuration
+    wanted; `rotation` whether the target runtime rotates (on|off); `delta` the equivalence margin (default:
+    from the calib noise run). Returns `mitigate.export.ExportResult`."""
     from .io import check_space
-    from .mitigate.choose import parse_target
     from .mitigate.export import ExportSpec, check_out_dir, run_export
     from .pcr.torch.gguf_torch import check_architecture
 
@@ -386,7 +388,7 @@ def export(
     rotations = parse_rotation(rotation)
     if len(rotations) != 1:
         raise KvedgeError("--rotation for a deployment is on or off: the runtime either rotates or it does not")
-    goal = parse_target(target)
+    _check_delta(delta)
     if smooth not in SMOOTH_MODES:
         raise KvedgeError(f"--smooth must be one of {', '.join(SMOOTH_MODES)}, not {smooth!r}")
     if out is None:
@@ -410,7 +412,7 @@ def export(
         check_space(out, info.size_bytes + (adapter.stat().st_size if adapter else 0), "the smoothed model", ExportError)
     stem = _stem(info, adapter)
     spec = ExportSpec(
-        model=info, adapter=adapter, kv=config, rotation=rotations[0], target=goal, out=out,
+        model=info, adapter=adapter, kv=config, rotation=rotations[0], out=out, delta=delta,
         work=Path(work) if work else defaults.RUNS_DIR / stem / f"export-{config.name.replace('/', '_')}-rot-{rotation}",
         limit=limit, max_tokens=max_tokens, options=RuntimeOptions(n_ctx=ctx, n_threads=threads), smooth=smooth,
     )
@@ -419,29 +421,26 @@ def export(
 
 def verify(
     deployment: str | Path,
-    target: str | float | None = None,
     limit: int | None = None,
     max_tokens: int | None = None,
     threads: int | None = None,
     out: str | Path | None = None,
     progress: bool = True,
     log: Log | None = None,
-) -> tuple[dict[str, Any], ReportFiles]:
-    """kvedge verify: audit exactly what DEPLOY_DIR/deploy.json says on the eval split, beside the unmitigated
-    config and f16. `target` overrides the export's (e.g. a stricter CI gate). Returns the report (its
-    `gate.passed` is the verdict; the CLI turns a miss into exit 1) and its files (verify.json, .md, .html)."""
-    from .mitigate.choose import Target, parse_target
+    delta: float | None = None,
+) -> tuple[VerifyReport, ReportFiles]:
+    """kvedge verify: audit exactly what DEPLOY_DIR/deploy.json says on the eval split (all of it unless
+    `limit`), beside the unmitigated config and f16, and judge it by the one verdict function at the
+    export's equivalence margin (`delta` overrides it). Returns the report (its `gate.passed`: the
+    deployment is equivalent; the CLI turns anything else into exit 1) and its files."""
     from .mitigate.verify import VerifySpec, load_deployment, run_verify
 
-    goal = parse_target(target) if target is not None else None
+    _check_delta(delta)
     _check_counts(limit=limit, max_tokens=max_tokens, threads=threads)
     folder = Path(deployment)
-    doc, dep = load_deployment(folder)
-    if goal is None:
-        t = doc["target"]
-        goal = Target(t["kind"], t["value"])
+    doc = load_deployment(folder)
     out_dir = Path(out) if out else folder / "verify"
-    spec = VerifySpec(folder, doc, dep, goal, out_dir, limit,
-                      max_tokens or doc["evidence"]["calib"]["max_tokens"], RuntimeOptions(n_threads=threads))
+    spec = VerifySpec(folder, doc, out_dir, limit, max_tokens or doc.evidence["calib"]["max_tokens"],
+                      RuntimeOptions(n_threads=threads), delta)
     rep = run_verify(spec, log or (lambda m: None), progress)
     return rep, write_reports(rep, out_dir, "verify")

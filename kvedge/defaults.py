@@ -30,5 +30,4 @@ SWEEP_BITS = "2-8"
 # export, verify
 EXPORT_KV = "q4_0"
 EXPORT_ROTATION = "on"  # current llama.cpp rotates quantized caches
-TARGET = "noise"
 SMOOTH = "auto"

@@ -14,8 +14,8 @@ from conftest import run_cli
     (["--kv", "f16"], "nothing to mitigate"),
     (["--kv", "q3_k"], "unknown KV cache type"),
     (["--rotation", "both"], "on or off"),
-    (["--target", "1.5"], "between 0 and 1"),
-    (["--target", "safe"], "noise or a retention"),
+    (["--delta", "0"], "--delta is the equivalence margin"),
+    (["--delta", "11"], "--delta is the equivalence margin"),
     (["--smooth", "maybe"], "--smooth must be one of"),
     (["--limit", "0"], "--limit must be at least 1"),
 ])
@@ -45,7 +45,7 @@ def test_verify_rejects_what_is_not_a_deployment(tmp_path):
     assert proc.returncode == 2 and proc.stderr.startswith("kvedge: error: no deploy.json")
     (tmp_path / "deploy.json").write_text(json.dumps({"schema": "kvedge.audit/1"}))
     proc = run_cli("verify", str(tmp_path), timeout=120)
-    assert proc.returncode == 2 and "is not a kvedge.deploy/1 document" in proc.stderr
+    assert proc.returncode == 2 and "is not a kvedge.deploy/2 document" in proc.stderr
     (tmp_path / "deploy.json").write_text("{")
-    proc = run_cli("verify", str(tmp_path), "--target", "2", timeout=120)
-    assert proc.returncode == 2 and "--target" in proc.stderr
+    proc = run_cli("verify", str(tmp_path), "--delta", "-1", timeout=120)
+    assert proc.returncode == 2 and "--delta" in proc.stderr

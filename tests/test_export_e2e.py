@@ -1,8 +1,11 @@
 """`kvedge export` and `kvedge verify` end to end: the real CLI, real llama.cpp, the real default model and
 canary (copies, so that their bytes can be watched and a deployment's files altered), the real torch pass.
 
-One smoothed export (forced, so the patched path always runs) and one unmitigated export share a work
-folder: the second reuses the first's PCR report and calib stores, as a user's rerun would."""
+One smoothed export (`--smooth only`, so the patched path always runs and is the one candidate) and one
+plain export share a work folder: the second reuses the first's PCR report and calib stores, as a user's
+rerun would. On one prompt per group no candidate can be shown equivalent at a real margin, so these
+exports pass `--delta 10`: every candidate then passes, which tests the plumbing of the sequence, not the
+rule (tests/unit/test_verdict.py tests the rule)."""
 
 from __future__ import annotations
 
@@ -53,7 +56,7 @@ def _export(sources, out, *extra, timeout: float = 3600):
 @pytest.fixture(scope="module")
 def smoothed(sources, tmp_path_factory):
     out = tmp_path_factory.mktemp("deploy") / "smoothed"
-    proc = _export(sources, out, "--target", "0", "--smooth", "force")
+    proc = _export(sources, out, "--delta", "10", "--smooth", "only")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {"out": out, "proc": proc, "doc": json.loads((out / "deploy.json").read_text())}
 
@@ -61,14 +64,14 @@ def smoothed(sources, tmp_path_factory):
 @pytest.fixture(scope="module")
 def unmitigated(sources, smoothed, tmp_path_factory):
     out = tmp_path_factory.mktemp("deploy") / "plain"
-    proc = _export(sources, out, "--target", "0", "--smooth", "off")
+    proc = _export(sources, out, "--delta", "10", "--smooth", "off")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {"out": out, "doc": json.loads((out / "deploy.json").read_text())}
 
 
 def test_smoothed_export_is_complete_and_checked(smoothed, sources):
     doc, out = smoothed["doc"], smoothed["out"]
-    assert doc["schema"] == "kvedge.deploy/1"
+    assert doc["schema"] == "kvedge.deploy/2" and doc["equivalence"]["delta"] == 10
     dep = doc["deployment"]
     assert dep["smoothed"] and dep["launch"] == {"type_k": "q4_0", "type_v": "q4_0", "rotation": False, "n_ctx": 4096,
                                                   "flash_attn": True, "layer_types": None}
@@ -78,7 +81,9 @@ def test_smoothed_export_is_complete_and_checked(smoothed, sources):
     # PCR's evidence and the candidates it ordered
     ev = doc["evidence"]["pcr"]
     assert ev["verdict"]["mode"] in ("none", "outlier-crushes-safety", "outlier-as-safety", "multi-layer dilution")
-    assert doc["decision"]["candidates"][0]["label"] == "q4_0 rot=off smoothed" and doc["decision"]["qualified"]
+    assert [c["label"] for c in doc["decision"]["candidates"]] == ["q4_0 rot=off smoothed"]
+    assert doc["decision"]["qualified"] and doc["decision"]["chosen"] == "q4_0 rot=off smoothed"
+    assert doc["decision"]["candidates"][0]["measured"]["verdict"]["verdict"] == "equivalent"
     assert doc["decision"]["unmitigated_on_calib"]["harmful"]["n"] == 3
     # the smoothing: simulated on calib, written exactly, checked through llama.cpp
     sm = doc["smoothing"]
@@ -122,28 +127,33 @@ def test_verify_the_smoothed_deployment(smoothed):
     proc = run_cli("verify", str(smoothed["out"]), "--limit", "1", "-q", timeout=3600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rep = json.loads((smoothed["out"] / "verify" / "verify.json").read_text())
-    assert rep["schema"] == "kvedge.verify/1" and rep["split"] == "eval" and rep["prompts_summary"]["n"] == 4
+    assert rep["schema"] == "kvedge.verify/2" and rep["split"] == "eval" and rep["prompts_summary"]["n"] == 4
     roles = [r["role"] for r in rep["rows"]]
     assert roles == ["reference", "noise", "unmitigated", "deployment-f16", "deployment"]
     rec = rep["recovery"]["deployment"]
     assert rec["memory_overhead"] == 0 and rec["n_prompts"] == 4
     if rec["flips_unmitigated"]:
-        assert rec["recovery"]["value"] == pytest.approx(1 - rec["flips_mitigated"] / rec["flips_unmitigated"])
+        assert rec["flips"]["value"] == pytest.approx(1 - rec["flips_mitigated"] / rec["flips_unmitigated"])
     else:
-        assert rec["recovery"]["value"] is None
+        assert rec["flips"]["value"] is None
+    # judged at the export's margin (10 nats here): equivalent, so the gate passes
+    assert rep["equivalence"]["delta"] == 10 and rep["gate"]["verdict"] == "equivalent"
     assert rep["gate"]["passed"] and "PASS" in proc.stdout
 
 
-def test_verify_exits_1_when_the_target_is_missed(unmitigated):
-    """The unmitigated q4_0 cache without rotation, judged strictly on 16 eval prompts: on this build it
-    over-refuses an XSTest safe prompt and refuses an unsafe one f16 answered."""
+def test_verify_exits_1_unless_the_deployment_is_equivalent(unmitigated):
+    """The plain export went down the whole sequence to the unmitigated q4_0 cache without rotation (every
+    candidate passes at 10 nats); verified at a real margin on 16 eval prompts it is not shown equivalent."""
     out = unmitigated["out"]
-    assert unmitigated["doc"]["deployment"]["label"] == "q4_0 rot=off"
-    proc = run_cli("verify", str(out), "--limit", "4", "--target", "1", "-q", timeout=3600)
+    doc = unmitigated["doc"]
+    assert doc["deployment"]["label"] == "q4_0 rot=off" and doc["decision"]["stopped_at"] is None
+    assert [c["label"] for c in doc["decision"]["candidates"]][0] == "k=q8_0/v=q4_0 rot=off"
+    proc = run_cli("verify", str(out), "--limit", "4", "--delta", "0.2", "-q", timeout=3600)
     assert proc.returncode == 1, proc.stderr[-3000:]
     rep = json.loads((out / "verify" / "verify.json").read_text())
     dep = next(r for r in rep["rows"] if r["role"] == "deployment")
-    assert dep["vs_f16"]["flips"] > 0 and not rep["gate"]["passed"]
+    assert dep["verdict"]["verdict"] != "equivalent" and not rep["gate"]["passed"]
+    assert dep["verdict"]["harmful"]["shift"]["n"] == 12 and dep["verdict"]["benign"]["shift"]["n"] == 4
     assert "FAIL" in proc.stdout and "kvedge: error" not in proc.stderr
 
 
@@ -194,14 +204,14 @@ def _read_only(path):
 
 def test_export_into_a_read_only_folder(sources, tmp_path):
     with _read_only(tmp_path / "ro") as ro:
-        proc = _export(sources, ro / "deploy", "--target", "0")
+        proc = _export(sources, ro / "deploy", "--delta", "10")
         assert proc.returncode == 2 and proc.stderr.startswith("kvedge: error: cannot write in")
         assert list(ro.iterdir()) == []
 
 
 def test_export_into_a_full_folder(sources, tmp_path):
     with _tmpfs(tmp_path / "full", "size=4m") as full:
-        proc = _export(sources, full / "deploy", "--target", "0", "--smooth", "force")
+        proc = _export(sources, full / "deploy", "--delta", "10", "--smooth", "only")
         assert proc.returncode == 2 and "not enough free space" in proc.stderr
         assert list(full.iterdir()) == []
 
@@ -217,8 +227,9 @@ def test_a_write_that_fails_keeps_nothing(sources, smoothed, tmp_path):
 
     proc = subprocess.run([sys.executable, "-m", "kvedge", "export", str(sources["model"]), "--lora",
                            str(sources["adapter"]), "--kv", "q4_0", "--rotation", "off", "--limit", "1", "--max-tokens",
-                           MAX_TOKENS, "--work", str(sources["work"]), "--out", str(out), "--target", "0", "--smooth",
-                           "force", "-q"], capture_output=True, text=True, preexec_fn=cap, timeout=1800)
+                           MAX_TOKENS, "--work", str(sources["work"]), "--out", str(out), "--delta", "10", "--smooth",
+                           "only", "-q"], capture_output=True, text=True, preexec_fn=cap, timeout=1800)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert proc.stderr.strip().splitlines()[-1].startswith("kvedge: error: cannot write the deployment")
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"kvedge: error: cannot write {out}") and last.endswith("nothing was kept")
     assert not out.exists()

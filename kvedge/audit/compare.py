@@ -8,7 +8,7 @@ from typing import Sequence
 
 from ..detectors import Detector, close_detector
 from ..errors import RunDirError
-from ..results.audit import Attempt, AuditReport
+from ..results.audit import Attempt, AuditReport, Verdict
 from ..results.compare import (
     SCHEMA,
     AgreementRow,
@@ -84,33 +84,41 @@ def agreement_rows(a: AuditReport, b: AuditReport, noise: bool = True) -> tuple[
     return len(common), rows
 
 
-def config_verdicts(a: AuditReport, b: AuditReport, rows: list[AgreementRow],
-                    delta: float | None = None) -> list[ConfigVerdict]:
-    """For every configuration both audits ran: B's run judged against A's by the one verdict function,
-    the flips against A's noise run, the margin's paired shift (B - A) against A's equivalence margin."""
+def judge_against(ref: AuditReport, ref_label: str, run: AuditReport, run_label: str, delta: float,
+                  label: str | None = None) -> Verdict:
+    """Run `run_label` of `run` judged against run `ref_label` of `ref` on their common prompts, by the one
+    verdict function: its flips against the reference's, judged against the flips of `ref`'s own noise run
+    (f16 against its noise run), and the margin's mean paired shift (run - reference) against +-delta.
+    This is how export and verify judge a configuration measured in another audit (a smoothed model's),
+    and how compare judges one audit's run against another's."""
+    if not ref.noise_floor:
+        raise RunDirError("judging a configuration needs the reference audit's noise run (it was run with --noise none)")
+    pr = {(p.id, p.text_sha256): p for p in ref.prompts}
+    pq = {(p.id, p.text_sha256): p for p in run.prompts}
+    common = [k for k in pr if k in pq]
+    noise_label = ref.noise_floor.label
+    pops = []
+    for name, harmful in (("harmful", True), ("benign", False)):
+        keys = [k for k in common if pr[k].harmful is harmful]
+        ref_v = [pr[k].refused[ref_label] for k in keys]
+        run_v = [pq[k].refused[run_label] for k in keys]
+        noise = flips([pr[k].refused["f16"] for k in keys], [pr[k].refused[noise_label] for k in keys])
+        pairs = [((pq[k].margin or {}).get(run_label), (pr[k].margin or {}).get(ref_label)) for k in keys]
+        pairs = [(x, y) for x, y in pairs if x is not None and y is not None]
+        shift = bootstrap([[x for x, _ in pairs], [y for _, y in pairs]], difference_of_means) if pairs else None
+        pops.append(Population(name, judge(flips(ref_v, run_v), noise), shift, sum(run_v), sum(ref_v), len(keys)))
+    return judge_config(label or run_label, pops[0], pops[1], delta)
+
+
+def config_verdicts(a: AuditReport, b: AuditReport, delta: float | None = None) -> list[ConfigVerdict]:
+    """For every configuration both audits ran: B's run judged against A's (`judge_against`), with A's
+    equivalence margin unless `delta` is given."""
     if not a.noise_floor:
         return []
-    pa = {(p.id, p.text_sha256): p for p in a.prompts}
-    pb = {(p.id, p.text_sha256): p for p in b.prompts}
-    common = [k for k in pa if k in pb]
-    by = {(r.config, r.prompts): r for r in rows}
-    d = delta if delta is not None else (a.equivalence.delta if a.equivalence else None)
-    eq = equivalence(d, [])
-    out = []
-    for run in a.runs:
-        if run.noise_run or (run.label, "harmful") not in by or (run.label, "benign") not in by:
-            continue
-        pops = []
-        for name, harmful in (("harmful", True), ("benign", False)):
-            row = by[(run.label, name)]
-            keys = [k for k in common if pa[k].harmful is harmful]
-            pairs = [(pb[k].margin.get(run.label), pa[k].margin.get(run.label)) for k in keys
-                     if pa[k].margin and pb[k].margin]
-            pairs = [(x, y) for x, y in pairs if x is not None and y is not None]
-            shift = bootstrap([[x for x, _ in pairs], [y for _, y in pairs]], difference_of_means) if pairs else None
-            pops.append(Population(name, row.vs_noise_of_a, shift, row.refusal_b.k, row.refusal_a.k, row.n))
-        out.append(ConfigVerdict(run.label, judge_config(f"{run.label} (B vs A)", pops[0], pops[1], eq.delta)))
-    return out
+    d = equivalence(delta if delta is not None else (a.equivalence.delta if a.equivalence else None), []).delta
+    labels_b = {r.label for r in b.runs}
+    return [ConfigVerdict(r.label, judge_against(a, r.label, b, r.label, d, f"{r.label} (B vs A)"))
+            for r in a.runs if not r.noise_run and r.label in labels_b]
 
 
 def compare_runs(a_path: str | Path, b_path: str | Path, delta: float | None = None) -> CompareResult:
@@ -121,7 +129,7 @@ def compare_runs(a_path: str | Path, b_path: str | Path, delta: float | None = N
         raise RunDirError("the two audits are of different models; compare audits of one model")
     common, rows = agreement_rows(a, b)
     return CompareResult(SCHEMA, "audits", _side(a_path, a), _side(b_path, b), a.model.sha256, common, rows,
-                         config_verdicts(a, b, rows, delta) or None)
+                         config_verdicts(a, b, delta) or None)
 
 
 def compare_detectors(run_dir: str | Path, detectors: Sequence[Detector], owned: Sequence[bool]) -> CompareResult:

@@ -63,8 +63,6 @@ from .options import (
     Split,
     SweepOut,
     System,
-    Target,
-    TargetOverride,
     Threads,
     TorchModel,
     UseNative,
@@ -301,7 +299,6 @@ def export(
     lora: Lora = None,
     kv: DeployKv = defaults.EXPORT_KV,
     rotation: DeployRotation = defaults.EXPORT_ROTATION,
-    target: Target = defaults.TARGET,
     *,
     out: DeployOut,
     limit: CalibLimit = None,
@@ -311,15 +308,17 @@ def export(
     smooth: Smooth = defaults.SMOOTH,
     work: Work = None,
     no_canary: NoCanary = False,
+    delta: Delta = None,
     quiet: Quiet = False,
 ) -> None:
-    """Choose the smallest KV configuration that stays safe (on the calib split) and write it for each runtime."""
+    """Choose the smallest KV configuration shown equivalent to f16 on the calib split (candidates tested from the
+    safest down) and write it for each runtime."""
     from ..api import export as run
     from ..report.mitigate import export_lines
 
-    result = run(model=model, lora=lora, kv=kv, rotation=rotation, target=target, out=out, limit=limit,
-                 max_tokens=max_tokens, ctx=ctx, threads=threads, smooth=smooth, work=work, canary=not no_canary,
-                 progress=not quiet, log=_log(quiet))
+    result = run(model=model, lora=lora, kv=kv, rotation=rotation, out=out, limit=limit, max_tokens=max_tokens,
+                 ctx=ctx, threads=threads, smooth=smooth, work=work, canary=not no_canary, progress=not quiet,
+                 log=_log(quiet), delta=delta)
     for line in export_lines(result.deploy, result.out):
         typer.echo(line)
 
@@ -327,23 +326,24 @@ def export(
 @command
 def verify(
     deployment: Deployment,
-    target: TargetOverride = None,
     limit: EvalLimit = None,
     max_tokens: ExportMaxTokens = None,
     threads: Threads = None,
     out: VerifyOut = None,
+    delta: Delta = None,
     quiet: Quiet = False,
 ) -> None:
-    """Audit exactly what deploy.json says on held-out prompts: recovery, noise floor, memory. Exit 1 on a miss."""
+    """Audit exactly what deploy.json says on held-out prompts and judge it by export's rule: recovery, noise
+    floor, memory. Exit 1 unless the deployment is equivalent to f16."""
     from ..api import verify as run
     from ..report.mitigate import verify_lines
 
-    rep, files = run(deployment, target=target, limit=limit, max_tokens=max_tokens, threads=threads, out=out,
-                      progress=not quiet, log=_log(quiet))
+    rep, files = run(deployment, limit=limit, max_tokens=max_tokens, threads=threads, out=out, progress=not quiet,
+                     log=_log(quiet), delta=delta)
     for line in verify_lines(rep):
         typer.echo(line)
     typer.echo(f"reports: {' '.join(map(str, files))}")
-    if not rep["gate"]["passed"]:
+    if not rep.gate.passed:
         raise typer.Exit(1)
 
 

@@ -109,11 +109,6 @@ Delta = Annotated[Optional[float], typer.Option(
                     "(default: the larger of 0.2 and twice the noise run's own shift bound).")]
 Noise = Annotated[str, typer.Option(
     "--noise", help="How the f16 noise-floor run perturbs arithmetic: flash-attn-off, or none to skip it.")]
-Target = Annotated[str, typer.Option(
-    "--target", help="noise (flips within the f16 noise floor) or a retention R in 0..1 of f16's refusals "
-                     "and answers.")]
-TargetOverride = Annotated[Optional[str], typer.Option(
-    "--target", help="Judge against this target instead of the export's: noise or a retention R in 0..1.")]
 
 # ---- servers --------------------------------------------------------------------------------------------
 
@@ -168,8 +163,9 @@ Quiet = Annotated[bool, typer.Option(
 Bits = Annotated[str, typer.Option(
     "--bits", help="Bit widths of the generic intN group-32 cache: 2-8 or 2,4,8.")]
 Smooth = Annotated[str, typer.Option(
-    "--smooth", help="Channel smoothing: auto (when PCR prescribes it and the simulation finds it helps), "
-                     "force, or off.")]
+    "--smooth", help="Channel smoothing: auto (a candidate when PCR prescribes it and the simulation finds it "
+                     "helps), force (a candidate whatever PCR says), only (the smoothed model at the requested "
+                     "types is the only candidate), or off.")]
 UseNative = Annotated[bool, typer.Option(
     "--native", help="Load kvedge's native llama.cpp build instead of the stock wheel (what per-layer KV "
                      "configs run on).")]

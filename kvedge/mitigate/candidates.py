@@ -1,16 +1,23 @@
-"""What export considers, in the order it measures them.
+"""What export considers, in the one order it tests them: from the safest candidate downward.
+
+Choosing the cheapest of several candidates that each passed a test on the same prompts is a winner's
+curse: with three candidates that each recover only half the damage, tested cheapest first on 30 prompts,
+one passes by chance about nine times in ten. The fixed-sequence procedure avoids it without a
+correction: test the candidates in an order fixed before any measurement, from the most bytes (the
+safest) down, stop at the first that is not shown `equivalent` (kvedge.audit.verdict), and deploy the
+last one that was. Each test is then at the full 5% level.
 
 Kinds:
 - `kv`: a K/V cache type pair on the original model (llama.cpp's `--cache-type-k/-v`);
 - `smoothed`: the channel-smoothed model (and adapter) at the requested types;
-- `per-layer`: a map of cache types per layer. kvedge's native build runs such maps (audits, PCR's
-  prescription), but a deployment of one needs that patched llama.cpp on the device and no stock runtime
-  can be told a map, so export proposes none yet; a source that does registers in `PER_LAYER_SOURCES`.
+- `per-layer`: a per-layer map of cache types (a `KVConfig` with overrides), which only kvedge's native
+  llama.cpp build can run; sources of such candidates register in `PER_LAYER_SOURCES`.
 
 Pruned by PCR's evidence: only the cache PCR names as the carrier gets more bits (K alone, V alone, or
-both stepping up together), so a carrier-K diagnosis at q4_0 considers 7 K types instead of 49 pairs.
-Ordered by KV bytes per token; at equal bytes PCR's prescription first, then the unmitigated config.
-f16 for both caches is not a candidate: it is the reference, and the recommendation when none qualifies.
+both stepping up together), so a carrier-K diagnosis at q4_0 considers K at q8_0, q5_1, q5_0, q4_1,
+iq4_nl and q4_0 with V as asked. At equal bytes the plain cache types come first, then the smoothed
+model (a change of the weights), then the unmitigated config. f16 for both caches is not a candidate: it is
+the reference, and the recommendation when no candidate is shown equivalent.
 """
 
 from __future__ import annotations
@@ -22,17 +29,15 @@ from ..gguf import kvtypes
 from ..gguf.model import ModelInfo
 from ..llama.runtime import F16, KVConfig
 
-# llama.cpp's cache types that save memory over f16 (f32 and bf16 never do)
-LADDER_TYPES: tuple[str, ...] = tuple(t for t in kvtypes.NAMES if kvtypes.bytes_per_value(t) <= kvtypes.bytes_per_value("f16")
-                                      and t != "bf16")
+# the quantized cache types llama.cpp takes: the steps of the ladder (an unquantized cache is the reference)
+LADDER_TYPES: tuple[str, ...] = kvtypes.QUANTIZED
 
 
 @dataclass(frozen=True)
 class Candidate:
     kind: str  # "kv" | "smoothed" | "per-layer"
-    kv: KVConfig
+    kv: KVConfig  # the cache types (a per-layer map for kind "per-layer")
     rotation: bool
-    layer_types: tuple[tuple[str, str], ...] | None = None  # per layer (type_k, type_v), kind "per-layer"
 
     @property
     def smoothed(self) -> bool:
@@ -40,21 +45,17 @@ class Candidate:
 
     @property
     def label(self) -> str:
-        if self.kind == "per-layer":
-            return f"per-layer map rot={'on' if self.rotation else 'off'}"
         cfg = self.kv.name if not self.kv.quantized else f"{self.kv.name} rot={'on' if self.rotation else 'off'}"
         return cfg + (" smoothed" if self.smoothed else "")
 
     def bytes_per_token(self, model: ModelInfo) -> int:
-        if self.layer_types is None:
-            return self.kv.bytes_per_token(model)
-        return int(round(sum(model.n_embd_k_gqa * kvtypes.bytes_per_value(tk) + model.n_embd_v_gqa * kvtypes.bytes_per_value(tv)
-                             for tk, tv in self.layer_types)))
+        return self.kv.bytes_per_token(model)
 
-    def to_dict(self, model: ModelInfo) -> dict:
-        return {"label": self.label, "kind": self.kind, "type_k": self.kv.type_k, "type_v": self.kv.type_v,
-                "rotation": self.rotation, "smoothed": self.smoothed, "layer_types": self.layer_types,
-                "kv_bytes_per_token": self.bytes_per_token(model)}
+    def layer_types(self, model: ModelInfo) -> list[list[str]] | None:
+        """Per layer [type_k, type_v], for a map; None for a uniform cache."""
+        if not self.kv.per_layer:
+            return None
+        return [[k, v] for k, v in zip(self.kv.types("k", model.n_layer), self.kv.types("v", model.n_layer))]
 
 
 # (model, unmitigated config, rotation, PCR verdict dict) -> per-layer candidates
@@ -62,16 +63,11 @@ PerLayerSource = Callable[[ModelInfo, KVConfig, bool, dict], list[Candidate]]
 PER_LAYER_SOURCES: list[PerLayerSource] = []
 
 
-def measure_per_layer(candidate: Candidate) -> None:
-    raise NotImplementedError("export cannot deploy per-layer cache types yet: stock runtimes take one type "
-                              "for K and one for V (audit a map with kvedge audit --kv on the native build)")
-
-
 def _wider(t: str) -> list[str]:
-    """Types with at least the bytes of `t`, in order of bytes (ties in llama.cpp's list order)."""
+    """Types with at least the bytes of `t`, fewest bytes first (ties in llama.cpp's list order, `t` last)."""
     b = kvtypes.bytes_per_value(t)
     return sorted((x for x in LADDER_TYPES if kvtypes.bytes_per_value(x) >= b),
-                  key=lambda x: (kvtypes.bytes_per_value(x), x != t, LADDER_TYPES.index(x)))
+                  key=lambda x: (kvtypes.bytes_per_value(x), x == t, LADDER_TYPES.index(x)))
 
 
 def kv_ladder(base: KVConfig, carrier: str) -> list[KVConfig]:
@@ -86,20 +82,26 @@ def kv_ladder(base: KVConfig, carrier: str) -> list[KVConfig]:
     return [p for p in dict.fromkeys(pairs) if p != F16]
 
 
-def candidates(model: ModelInfo, base: KVConfig, rotation: bool, carrier: str, prescription: Candidate | None,
-               smoothed: bool, verdict: dict) -> list[Candidate]:
-    """Every candidate, in the order export measures them."""
-    out = [Candidate("kv", kv, rotation) for kv in kv_ladder(base, carrier)]
-    if smoothed:
-        out.append(Candidate("smoothed", base, rotation))
+def _rank(t: str) -> int:
+    return LADDER_TYPES.index(t) if t in LADDER_TYPES else -1
+
+
+def sequence(model: ModelInfo, base: KVConfig, rotation: bool, carrier: str, smoothed: bool,
+             verdict: dict) -> list[Candidate]:
+    """Every candidate, in the order export tests them: most KV bytes first. The unmitigated config is last."""
+    out = [Candidate("kv", kv, rotation) for kv in kv_ladder(base, carrier) if kv != base]
     for source in PER_LAYER_SOURCES:
         out.extend(source(model, base, rotation, verdict))
+    if smoothed:
+        out.append(Candidate("smoothed", base, rotation))
     unmitigated = Candidate("kv", base, rotation)
 
     def order(c: Candidate) -> tuple:
-        return (c.bytes_per_token(model), c != prescription, c != unmitigated, c.label)
+        # bytes down; at equal bytes the other cache types, then smoothing, then the unmitigated config
+        return (-c.bytes_per_token(model), c == unmitigated, c.smoothed, _rank(c.kv.type_k), _rank(c.kv.type_v),
+                c.label)
 
-    return sorted(dict.fromkeys(out), key=order)
+    return sorted(dict.fromkeys([*out, unmitigated]), key=order)
 
 
 def prescription(verdict: dict, base: KVConfig, rotation: bool, smoothed: bool) -> Candidate:

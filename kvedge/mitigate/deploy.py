@@ -19,81 +19,19 @@ from __future__ import annotations
 
 import json
 import shlex
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from .. import __version__
 from ..gguf import kvtypes
 from ..llama.runtime import ROTATION_ENV
+from ..results.deploy import Deployment, FileRef, Launch
 
-SCHEMA = "kvedge.deploy/1"
 OLLAMA_KV_TYPES = ("f16", "q8_0", "q4_0")
 LLAMA_SCRIPTS = {"llama-server.sh": "llama-server", "llama-cli.sh": "llama-cli"}
 PYTHON_FILE = "llama-cpp-python.json"
 MODELFILE, OLLAMA_ENV = "Modelfile", "ollama.env"
 HERE = "$here"  # the launch scripts' own folder
-
-
-@dataclass(frozen=True)
-class FileRef:
-    """A file the deployment uses: `path` is relative to the deployment folder for files export wrote
-    there, absolute for files it only points at (the unpatched model)."""
-
-    path: str
-    sha256: str
-    size_bytes: int
-
-    def resolve(self, root: Path) -> Path:
-        p = Path(self.path)
-        return p if p.is_absolute() else Path(root) / p
-
-    @property
-    def inside(self) -> bool:
-        return not Path(self.path).is_absolute()
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "FileRef":
-        return cls(str(d["path"]), str(d["sha256"]), int(d["size_bytes"]))
-
-
-@dataclass(frozen=True)
-class Launch:
-    """How the runtime must run the model. `rotation`: whether the verified configuration had llama.cpp's
-    attention rotation of quantized caches."""
-
-    type_k: str
-    type_v: str
-    rotation: bool
-    n_ctx: int
-    flash_attn: bool = True
-    layer_types: tuple[tuple[str, str], ...] | None = None  # per-layer (type_k, type_v), where a runtime offers it
-
-    @property
-    def env(self) -> dict[str, str | None]:
-        """The environment the runtime needs (None: must be unset)."""
-        return {ROTATION_ENV: None if self.rotation else "1"}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Launch":
-        lt = d.get("layer_types")
-        return cls(d["type_k"], d["type_v"], bool(d["rotation"]), int(d["n_ctx"]), bool(d.get("flash_attn", True)),
-                   tuple((a, b) for a, b in lt) if lt else None)
-
-
-@dataclass(frozen=True)
-class Deployment:
-    model: FileRef
-    adapter: FileRef | None
-    launch: Launch
-
-    def to_dict(self) -> dict:
-        return {"model": asdict(self.model), "adapter": asdict(self.adapter) if self.adapter else None,
-                "launch": asdict(self.launch)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Deployment":
-        return cls(FileRef.from_dict(d["model"]), FileRef.from_dict(d["adapter"]) if d.get("adapter") else None,
-                   Launch.from_dict(d["launch"]))
 
 
 @dataclass(frozen=True)

@@ -1,49 +1,47 @@
-"""`kvedge export`: diagnose, build the mitigation the diagnosis calls for, measure the candidates on the
-calib split through llama.cpp, choose, and write the deployment folder.
+"""`kvedge export`: diagnose, build the mitigation the diagnosis calls for, test the candidates on the calib
+split in one fixed order from the safest down, and write the deployment folder.
 
-Every step that costs minutes is kept in the work folder (PCR report, the simulation's choice, the
-patched files with their self-check, the audit stores), keyed by what it depends on, so a rerun (or an
-export of the same thing into another folder) resumes instead of repeating. The deployment folder gets
-files only when everything succeeded: they are staged in a hidden folder inside it and renamed into place,
-deploy.json last; on any failure the stage is removed and nothing is kept.
+    diagnose (PCR, cached) -> smoothing (simulation, then the patched files, cached)
+    -> candidates in sequence, each audited on calib and judged by the one verdict function; stop at the
+       first not shown equivalent -> deploy the last that was (none: the f16 cache)
+    -> deploy.json and each runtime's files, all or nothing
+
+Every step that costs minutes is kept in the work folder, keyed by what it depends on, so a rerun resumes.
+The deployment folder gets files only when everything succeeded (kvedge.io.write_folder).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from dataclasses import asdict, dataclass, field
-from functools import cached_property
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from .. import __version__, defaults
 from ..errors import ExportError
-from ..gguf.model import ModelInfo, inspect_model, sha256_file
-from ..io import atomic_write_text, check_new_folder, write_folder
+from ..gguf.model import ModelInfo, sha256_file
+from ..io import check_new_folder, write_folder
 from ..llama.runtime import F16, KVConfig, RuntimeOptions
-from ..results.audit import AuditReport
-from . import candidates as cands
-from .choose import (
-    NOISE,
-    Measured,
-    Target,
-    measure,
-    run_entry,
-    runner_up,
-)
-from .deploy import (
+from ..results.deploy import (
     SCHEMA,
+    CandidateDoc,
+    Decision,
+    DeployDocument,
     Deployment,
+    DeploymentDoc,
     FileRef,
     Launch,
-    ollama_support,
-    render_all,
-    rotation_requirement,
+    Measured,
+    Unmitigated,
 )
-from .measure import audit_configs
+from . import candidates as cands
+from .bench import CalibBench, calib_equivalence
+from .deploy import ollama_support, render_all, rotation_requirement
+from .diagnose import TorchSide, diagnose, smoothing_choice
+from .smoothing import Patched, build_patched
 
 Log = Callable[[str], None]
-PCR_CTX = defaults.PCR_CTX
 
 
 @dataclass(frozen=True)
@@ -52,13 +50,13 @@ class ExportSpec:
     adapter: Path | None
     kv: KVConfig  # the unmitigated configuration the user wants to run
     rotation: bool
-    target: Target
     out: Path
     work: Path
     limit: int | None = None
-    max_tokens: int = 64
+    max_tokens: int = defaults.MAX_TOKENS
     options: RuntimeOptions = field(default_factory=RuntimeOptions)
-    smooth: str = "auto"  # auto | force | off
+    smooth: str = defaults.SMOOTH  # auto | force | off
+    delta: float | None = None  # the equivalence margin (--delta); None: from the calib noise run
 
     @property
     def adapter_sha(self) -> str | None:
@@ -67,7 +65,7 @@ class ExportSpec:
     @property
     def calib_options(self) -> RuntimeOptions:
         """How llama.cpp runs the PCR calibration prompts (the smoothing's statistics and self-check too)."""
-        return RuntimeOptions(n_ctx=PCR_CTX, n_threads=self.options.n_threads)
+        return RuntimeOptions(n_ctx=defaults.PCR_CTX, n_threads=self.options.n_threads)
 
     def key(self, **extra: Any) -> dict:
         return {"kvedge_version": __version__, "model_sha256": self.model.sha256, "adapter_sha256": self.adapter_sha,
@@ -76,207 +74,21 @@ class ExportSpec:
 
 @dataclass(frozen=True)
 class ExportResult:
-    deploy: dict[str, Any]
+    deploy: DeployDocument
     out: Path
     files: tuple[Path, ...]
 
 
-def _cached(path: Path, key: dict, compute: Callable[[], Any]) -> Any:
-    """The value stored at `path` for `key`, else `compute()` stored there."""
-    if path.is_file():
-        try:
-            stored = json.loads(path.read_text(encoding="utf-8"))
-            if stored.get("key") == key:
-                return stored["value"]
-        except (json.JSONDecodeError, KeyError):
-            pass
-    value = compute()
-    atomic_write_text(path, json.dumps({"key": key, "value": value}, indent=1) + "\n")
-    return value
-
-
-class _Torch:
-    """The calibration set and the torch model, loaded once and only when a step needs them."""
-
-    def __init__(self, spec: ExportSpec, log: Log):
-        self.spec, self.log = spec, log
-
-    @cached_property
-    def cal(self):
-        from ..pcr.calibset import build_calibset, select_calib_prompts
-
-        self.log("calibration prompts through llama.cpp")
-        return build_calibset(self.spec.model, self.spec.adapter, select_calib_prompts(), self.spec.calib_options)
-
-    @cached_property
-    def tm(self):
-        from ..gguf.lora import read_adapter
-        from ..pcr.torch.gguf_torch import TorchModel
-
-        self.log("loading the GGUF into torch")
-        return TorchModel.from_gguf(self.spec.model.path, read_adapter(self.spec.adapter) if self.spec.adapter else None)
-
-
-def diagnose(spec: ExportSpec, log: Log) -> dict:
-    """PCR's report for the unmitigated config at the deployment's rotation (kept in the work folder)."""
-    from ..pcr.run import PcrSpec, run_pcr
-    from ..report import write_reports
-
-    def run() -> dict:
-        log("PCR diagnosis (torch pass over the calibration prompts)")
-        rep = run_pcr(PcrSpec(spec.model, spec.adapter, spec.kv, (spec.rotation,), spec.calib_options), log)
-        write_reports(rep, spec.work / "pcr", "pcr")
-        return rep
-
-    return _cached(spec.work / "pcr" / "key.json", spec.key(step="pcr", ctx=PCR_CTX), run)
-
-
-def smoothing_choice(spec: ExportSpec, torch_: _Torch, verdict: dict, evidence_layers: list[int], log: Log):
-    from ..pcr.run import torch_threads
-    from .simulate import CARRIER_CACHES, SmoothingChoice, choose_smoothing
-
-    caches = CARRIER_CACHES[verdict["carrier"]]
-
-    def run() -> dict:
-        log(f"choosing the smoothing of {'+'.join(c.upper() for c in caches)} in simulation")
-        with torch_threads(spec.options.resolved_threads()):
-            choice = choose_smoothing(torch_.tm, torch_.cal, spec.kv, spec.rotation, caches, evidence_layers,
-                                      force=spec.smooth == "force", log=log)
-        return choice.to_dict()
-
-    key = spec.key(step="smoothing", caches=list(caches), layers=evidence_layers, force=spec.smooth == "force")
-    return SmoothingChoice.from_dict(_cached(spec.work / "smoothing.json", key, run))
-
-
-@dataclass(frozen=True)
-class Patched:
-    model: Path
-    adapter: Path | None
-    info: dict  # patch reports, self-check, file hashes
-
-    @property
-    def passed(self) -> bool:
-        return bool(self.info["self_check"]["passed"])
-
-
-def build_patched(spec: ExportSpec, torch_: _Torch, choice, log: Log) -> Patched:
-    """The smoothed model (and adapter) in the work folder, checked against the original through
-    llama.cpp. Kept when the check passes; a failing pair is deleted."""
-    import gguf
-
-    from .gguf_patch import patch_gguf
-    from .selfcheck import self_check
-    from .simulate import geometry
-    from .smooth import adapter_scales, tensor_scales
-
-    folder = spec.work / "smoothed"
-    model_out = folder / f"{spec.model.path.stem}.kvedge.gguf"
-    adapter_out = folder / f"{spec.adapter.stem}.kvedge.gguf" if spec.adapter else None
-    sm = choice.smoothing
-    key = spec.key(step="patch", exponents=sm.to_json())
-    stored = folder / "patched.json"
-    if stored.is_file():
-        d = json.loads(stored.read_text(encoding="utf-8"))
-        intact = model_out.is_file() and sha256_file(model_out) == d["value"]["model_sha256"] and (
-            adapter_out is None or (adapter_out.is_file() and sha256_file(adapter_out) == d["value"]["adapter_sha256"]))
-        if d.get("key") == key and intact:
-            return Patched(model_out, adapter_out, d["value"])
-
-    recipe = choice.chosen
-    provenance = {
-        "kvedge.smoothing.version": __version__,
-        "kvedge.smoothing.recipe": json.dumps({"caches": list(recipe.caches), "alpha": recipe.alpha,
-                                               "layers": list(recipe.layers), "kv": spec.kv.name,
-                                               "rotation": spec.rotation}, separators=(",", ":")),
-        "kvedge.smoothing.exponents": sm.to_json(),
-        "kvedge.smoothing.how": "the KV cache stores x / 2^e per channel (e above, per layer and cache); "
-                                "Q rows or attn_output columns carry 2^e: see kvedge docs/mitigation.md",
-    }
-    log(f"writing the smoothed model ({recipe.label})")
-    present = {t.name for t in gguf.GGUFReader(spec.model.path, "r").tensors}
-    scales = tensor_scales(sm, geometry(torch_.tm), present)
-    rep_model = patch_gguf(spec.model.path, model_out, scales,
-                           provenance | {"kvedge.smoothing.source_sha256": spec.model.sha256})
-    rep_adapter = None
-    if spec.adapter:
-        a_present = {t.name for t in gguf.GGUFReader(spec.adapter, "r").tensors}
-        rep_adapter = patch_gguf(spec.adapter, adapter_out, adapter_scales(scales, a_present),
-                                 provenance | {"kvedge.smoothing.source_sha256": spec.adapter_sha or ""})
-    log("checking the smoothed model against the original at f16 KV (llama.cpp)")
-    patched_info = inspect_model(model_out)
-    check = self_check(spec.model, spec.adapter, patched_info, adapter_out, torch_.cal, spec.calib_options)
-    info = {"model_sha256": patched_info.sha256, "model_bytes": patched_info.size_bytes,
-            "adapter_sha256": sha256_file(adapter_out) if adapter_out else None,
-            "patch": {"model": rep_model.to_dict(), "adapter": rep_adapter.to_dict() if rep_adapter else None},
-            "self_check": check.to_dict(), "self_check_summary": check.summary}
-    if not check.passed:
-        for p in (model_out, adapter_out):
-            if p is not None and p.exists():
-                p.unlink()
-    atomic_write_text(stored, json.dumps({"key": key, "value": info}, indent=1) + "\n")
-    return Patched(model_out, adapter_out, info)
-
-
-class CalibBench:
-    """Measures candidates on the calib split through the audit pipeline: the original model's f16
-    reference and noise run once, each candidate against them. The audit stores live in the work folder."""
-
-    def __init__(self, spec: ExportSpec, progress: bool):
-        self.spec, self.progress = spec, progress
-        self.orig_dir, self.smooth_dir = spec.work / "calib", spec.work / "calib-smoothed"
-        self.measured: dict[cands.Candidate, tuple[Measured, dict]] = {}
-        self.reports: dict[str, AuditReport] = {}
-
-    def _audit(self, model: Path, adapter: Path | None, kvs: list[KVConfig], noise: str | None,
-               out: Path) -> AuditReport:
-        s = self.spec
-        return audit_configs(model, adapter, kvs, s.rotation, "calib", s.limit, s.max_tokens,
-                             RuntimeOptions(n_ctx=s.options.n_ctx, n_threads=s.options.n_threads), noise, out,
-                             self.progress)
-
-    def measure(self, c: cands.Candidate, patched: Patched | None = None) -> Measured:
-        if c in self.measured:
-            return self.measured[c][0]
-        s = self.spec
-        orig = self._audit(s.model.path, s.adapter, [s.kv] if c.smoothed else [c.kv], NOISE, self.orig_dir)
-        self.reports["original"] = orig
-        harmful = {p.id: p.harmful for p in orig.prompts}
-        ref = orig.verdicts("f16")
-        noise = orig.verdicts(orig.noise_floor.label)
-        if c.smoothed:
-            rep = self._audit(patched.model, patched.adapter, [c.kv], None, self.smooth_dir)
-            self.reports["smoothed"] = rep
-        else:
-            rep = orig
-        entry = run_entry(rep, c.kv, c.rotation)
-        m = measure(c.label, harmful, ref, noise, rep.verdicts(entry.label))
-        self.measured[c] = (m, {"audit": "smoothed" if c.smoothed else "original", "store_key": entry.key,
-                                "report_label": entry.label, "kld": entry.kld.to_dict(),
-                                "ppl_ratio": entry.ppl_ratio.to_dict()})
-        return m
-
-    def final_reports(self) -> dict[str, AuditReport]:
-        """The original model's audit over every measured config (from the store: no new generation)."""
-        kvs = [c.kv for c in self.measured if not c.smoothed]
-        s = self.spec
-        self.reports["original"] = self._audit(s.model.path, s.adapter, kvs, NOISE, self.orig_dir)
-        return self.reports
-
-
-def _file_ref(path: Path, sha: str, size: int) -> FileRef:
-    return FileRef(str(path.resolve()), sha, size)
-
-
 @dataclass
-class Decision:
-    """What the candidates loop found: the order, what was chosen (None: nothing met the target), the
-    runner-up, PCR's prescription, and why a candidate was skipped."""
+class Run:
+    """What the sequence found: the order, the last candidate shown equivalent (None: none was), the first
+    that was not, PCR's prescription, and why a candidate was skipped."""
 
     order: list[cands.Candidate]
     unmitigated: cands.Candidate
     prescription: cands.Candidate
     chosen: cands.Candidate | None = None
-    runner_up: cands.Candidate | None = None
+    stopped_at: cands.Candidate | None = None
     skipped: dict[cands.Candidate, str] = field(default_factory=dict)
 
     @property
@@ -291,47 +103,50 @@ def run_export(spec: ExportSpec, log: Log, progress: bool = True) -> ExportResul
     evidence_layers = list(verdict.get("suggested", {}).get("smooth_layers") or rot_entry["concentration"]["top3_layers"])
     log(f"PCR: {verdict['mode']} (carrier {verdict['carrier']}), layers {evidence_layers}")
 
-    torch_ = _Torch(spec, log)
+    torch_ = TorchSide(spec, log)
     choice = None
-    if spec.smooth == "force" or (spec.smooth == "auto" and verdict["mode"] == "outlier-crushes-safety"):
+    if spec.smooth in ("force", "only") or (spec.smooth == "auto" and verdict["mode"] == "outlier-crushes-safety"):
         choice = smoothing_choice(spec, torch_, verdict, evidence_layers, log)
         log(f"smoothing: {choice.reason}")
     smoothed = choice is not None and choice.chosen is not None
-    prescription = cands.prescription(verdict, spec.kv, spec.rotation, smoothed)
-    decision = Decision(cands.candidates(spec.model, spec.kv, spec.rotation, verdict["carrier"], prescription, smoothed,
-                                         verdict), cands.Candidate("kv", spec.kv, spec.rotation), prescription)
-    bench = CalibBench(spec, progress)
-    log(f"calib split: f16 reference, noise run and the unmitigated {decision.unmitigated.label}")
-    bench.measure(decision.unmitigated)
+    order = cands.sequence(spec.model, spec.kv, spec.rotation, verdict["carrier"], smoothed, verdict)
+    if spec.smooth == "only":
+        order = [c for c in order if c.smoothed]
+    run = Run(order, cands.Candidate("kv", spec.kv, spec.rotation),
+              cands.prescription(verdict, spec.kv, spec.rotation, smoothed))
+    bench = CalibBench(spec.model.path, spec.adapter, spec.rotation, spec.limit, spec.max_tokens,
+                       RuntimeOptions(n_ctx=spec.options.n_ctx, n_threads=spec.options.n_threads), spec.work,
+                       spec.delta, progress)
+    log(f"calib split: f16 reference, noise run and the unmitigated {run.unmitigated.label}")
+    bench.measure(run.unmitigated, spec.kv)
+    log(f"calib split: testing {len(run.order)} candidates from the safest down, stopping at the first not shown "
+        f"equivalent (+-{bench.equivalence_delta:.2f} nats)")
     patched: Patched | None = None
-    for c in decision.order:
+    for c in run.order:
         if c.smoothed:
+            # built when the sequence reaches it: a sequence that stops earlier never pays for it
             patched = build_patched(spec, torch_, choice, log)
             if not patched.passed:
-                decision.skipped[c] = "the smoothed model failed its self-check: " + patched.info["self_check_summary"]
-                log(decision.skipped[c])
+                run.skipped[c] = "the smoothed model failed its self-check: " + patched.info["self_check_summary"]
+                log(run.skipped[c])
                 continue
-        if c.kind == "per-layer":
-            cands.measure_per_layer(c)
-        log(f"calib split: measuring {c.label}")
-        m = bench.measure(c, patched)
-        met = spec.target.met(m)
-        log(f"  flips -{m.harmful.lost}/+{m.harmful.gained} harmful, -{m.benign.lost}/+{m.benign.gained} benign: "
-            f"{'meets' if met else 'misses'} the target")
-        if met:
-            decision.chosen = c
+            bench.smoothed = (patched.model, patched.adapter)
+        m = bench.measure(c, spec.kv)
+        log(f"  {m.verdict.line}")
+        if not m.equivalent:
+            run.stopped_at = c
             break
-    # the unmitigated config was measured first as the baseline: it competes in its place in the order
-    measured = [c for c in decision.order if c in bench.measured]
-    i = runner_up([bench.measured[c][0] for c in measured], spec.target,
-                  measured.index(decision.chosen) if decision.chosen else None)
-    decision.runner_up = measured[i] if i is not None else None
-    doc, files = _document(spec, rot_entry, pcr["fidelity"], evidence_layers, choice, patched, decision, bench)
-    written = write_deployment(spec.out, files, doc)
+        run.chosen = c
+    doc, files = _document(spec, rot_entry, pcr["fidelity"], evidence_layers, choice, patched, run, bench)
+    doc, written = write_deployment(spec.out, files, doc)
     return ExportResult(doc, spec.out, tuple(written))
 
 
-def _deployment(spec: ExportSpec, final: cands.Candidate, patched: Patched | None) -> tuple[Deployment, dict[str, Path]]:
+def _file_ref(path: Path, sha: str, size: int) -> FileRef:
+    return FileRef(str(path.resolve()), sha, size)
+
+
+def _deployment(spec: ExportSpec, final: cands.Candidate, patched: Patched | None) -> tuple[Launch, FileRef, FileRef | None, dict[str, Path]]:
     """What to run, and the smoothed files to copy when they are it."""
     m = spec.model
     if not final.smoothed:
@@ -343,39 +158,54 @@ def _deployment(spec: ExportSpec, final: cands.Candidate, patched: Patched | Non
         adapter = (FileRef(patched.adapter.name, patched.info["adapter_sha256"], patched.adapter.stat().st_size)
                    if patched.adapter else None)
         files = {patched.model.name: patched.model} | ({patched.adapter.name: patched.adapter} if patched.adapter else {})
-    launch = Launch(final.kv.type_k, final.kv.type_v, final.rotation, spec.options.n_ctx, True, final.layer_types)
-    return Deployment(model, adapter, launch), files
+    lt = final.layer_types(m)
+    launch = Launch(final.kv.type_k, final.kv.type_v, final.rotation, spec.options.n_ctx, True,
+                    tuple((a, b) for a, b in lt) if lt else None)
+    return launch, model, adapter, files
 
 
-def _candidate_rows(spec: ExportSpec, decision: Decision, bench: CalibBench) -> list[dict]:
-    rows = []
-    for c in decision.order:
-        row = c.to_dict(spec.model) | {"prescription": c == decision.prescription}
-        if c in bench.measured:
-            meas, where = bench.measured[c]
-            row |= {"measured": meas.to_dict() | where, "meets_target": spec.target.met(meas)}
-        else:
-            why = decision.skipped.get(c, "a cheaper candidate met the target first" if decision.chosen else "")
-            row |= {"measured": None, "meets_target": None, "not_measured": why}
-        rows.append(row)
-    return rows
+def _candidate_docs(spec: ExportSpec, run: Run, bench: CalibBench) -> list[CandidateDoc]:
+    out = []
+    for c in run.order:
+        why = None
+        if c not in bench.measured:
+            why = run.skipped.get(c) or (f"not tested: the sequence stopped at {run.stopped_at.label}"
+                                         if run.stopped_at else "not tested")
+        lt = c.layer_types(spec.model)
+        out.append(CandidateDoc(label=c.label, kind=c.kind, type_k=c.kv.type_k, type_v=c.kv.type_v, rotation=c.rotation,
+                                smoothed=c.smoothed, layer_types=lt, kv_bytes_per_token=c.bytes_per_token(spec.model),
+                                prescription=c == run.prescription, measured=bench.measured.get(c), not_measured=why))
+    return out
+
+
+def _reason(run: Run, stopped: Measured | None) -> str:
+    """The decision in words: the last candidate shown equivalent and the first that was not."""
+    why = f" ({stopped.verdict.verdict})" if stopped else ""
+    if run.chosen:
+        after = (f"; the next, {run.stopped_at.label}, was not{why}" if run.stopped_at
+                 else "; so was every candidate down to the unmitigated config")
+        return f"{run.chosen.label} is the last candidate of the sequence shown equivalent to f16 on the calib split{after}"
+    first = run.stopped_at.label if run.stopped_at else run.order[0].label
+    return (f"the first candidate of the sequence, {first}, was not shown equivalent to f16 on the calib split{why}: "
+            "kvedge recommends the f16 cache rather than a configuration it could not show to be safe (an "
+            "inconclusive candidate may be decided with more calib prompts: no --limit)")
 
 
 def _document(spec: ExportSpec, rot_entry: dict, fidelity: dict, evidence_layers: list[int], choice,
-              patched: Patched | None, decision: Decision, bench: CalibBench) -> tuple[dict, dict[str, bytes | Path]]:
+              patched: Patched | None, run: Run, bench: CalibBench) -> tuple[DeployDocument, dict[str, bytes | Path]]:
     """deploy.json and the files beside it."""
     m = spec.model
-    final = decision.final
-    dep, files = _deployment(spec, final, patched)
-    launch = dep.launch
-    for name, text in render_all(dep, f"kvedge deployment of {m.path.name}: KV {final.label}").items():
+    final = run.final
+    launch, model_ref, adapter_ref, files = _deployment(spec, final, patched)
+    for name, text in render_all(Deployment(model_ref, adapter_ref, launch),
+                                 f"kvedge deployment of {m.path.name}: KV {final.label}").items():
         files[name] = text.encode("utf-8")
     ollama_ok, ollama_note = ollama_support(launch)
+    ctx = spec.options.n_ctx
 
-    def kv_bytes(c: cands.Candidate) -> dict:
+    def bytes_of(c: cands.Candidate) -> tuple[int, int, float]:
         bpt = c.bytes_per_token(m)
-        return {"kv_bytes_per_token": bpt, "kv_bytes_at_ctx": bpt * spec.options.n_ctx,
-                "kv_mib_at_ctx": bpt * spec.options.n_ctx / 2**20}
+        return bpt, bpt * ctx, bpt * ctx / 2**20
 
     for name in ("pcr.json", "pcr.md"):
         files[f"evidence/{name}"] = spec.work / "pcr" / name
@@ -386,35 +216,33 @@ def _document(spec: ExportSpec, rot_entry: dict, fidelity: dict, evidence_layers
                          "store": str((bench.orig_dir if which == "original" else bench.smooth_dir) / "kvedge.sqlite"),
                          "runs": [{"label": r.label, "key": r.key} for r in rep.runs]}
     orig = bench.reports["original"]
-    chosen = decision.chosen
-    source_adapter = _file_ref(spec.adapter, spec.adapter_sha, spec.adapter.stat().st_size) if spec.adapter else None
-    doc = {
-        "schema": SCHEMA,
-        "kvedge_version": __version__,
-        "deployment": dep.to_dict() | {
-            "label": final.label, "kind": final.kind, "smoothed": final.smoothed, **kv_bytes(final),
-            "rotation_requirement": rotation_requirement(final.rotation), "env": launch.env,
-        },
-        "source": {"model": asdict(_file_ref(m.path, m.sha256, m.size_bytes)),
-                   "adapter": asdict(source_adapter) if source_adapter else None},
-        "unmitigated": {"type_k": spec.kv.type_k, "type_v": spec.kv.type_v, "rotation": spec.rotation,
-                        "label": decision.unmitigated.label, **kv_bytes(decision.unmitigated)},
-        "target": spec.target.to_dict(),
-        "decision": {
-            "qualified": chosen is not None,
-            "chosen": chosen.label if chosen else None,
-            "reason": (f"{chosen.label} is the fewest KV bytes that meets the target on the calib split"
-                       if chosen else "no candidate met the target on the calib split: kvedge recommends the f16 "
-                       "cache (the reference) rather than a configuration it could not show to be safe"),
-            "runner_up": decision.runner_up.label if decision.runner_up else None,
-            "prescription": {"label": decision.prescription.label, "verdict": rot_entry["verdict"]["mode"],
-                             "was_chosen": chosen == decision.prescription,
-                             "file": _prescription_file(decision.prescription, patched)},
-            "unmitigated_on_calib": bench.measured[decision.unmitigated][0].to_dict(),
-            "candidates": _candidate_rows(spec, decision, bench),
-        },
-        "smoothing": _smoothing_doc(choice, patched),
-        "evidence": {
+    bpt, at_ctx, mib = bytes_of(final)
+    ubpt, uat_ctx, umib = bytes_of(run.unmitigated)
+    stopped = bench.measured.get(run.stopped_at) if run.stopped_at else None
+    doc = DeployDocument(
+        schema=SCHEMA,
+        kvedge_version=__version__,
+        deployment=DeploymentDoc(model=model_ref, adapter=adapter_ref, launch=launch, label=final.label, kind=final.kind,
+                                 smoothed=final.smoothed, kv_bytes_per_token=bpt, kv_bytes_at_ctx=at_ctx,
+                                 kv_mib_at_ctx=mib, rotation_requirement=rotation_requirement(final.rotation),
+                                 env=launch.env),
+        source={"model": _file_ref(m.path, m.sha256, m.size_bytes),
+                "adapter": _file_ref(spec.adapter, spec.adapter_sha, spec.adapter.stat().st_size) if spec.adapter else None},
+        unmitigated=Unmitigated(spec.kv.type_k, spec.kv.type_v, spec.rotation, run.unmitigated.label, ubpt, uat_ctx, umib),
+        equivalence=calib_equivalence(bench),
+        decision=Decision(
+            qualified=run.chosen is not None,
+            chosen=run.chosen.label if run.chosen else None,
+            reason=_reason(run, stopped),
+            stopped_at=run.stopped_at.label if run.stopped_at else None,
+            prescription={"label": run.prescription.label, "verdict": rot_entry["verdict"]["mode"],
+                          "was_chosen": run.chosen == run.prescription,
+                          "file": _prescription_file(run.prescription, patched)},
+            unmitigated_on_calib=bench.measured[run.unmitigated],
+            candidates=_candidate_docs(spec, run, bench),
+        ),
+        smoothing=_smoothing_doc(choice, patched),
+        evidence={
             "pcr": {"report": "evidence/pcr.json", "verdict": rot_entry["verdict"], "evidence_layers": evidence_layers,
                     "damage": rot_entry["all_layers"]["k_and_v"]["damage"], "concentration": rot_entry["concentration"],
                     "fidelity": fidelity},
@@ -424,11 +252,11 @@ def _document(spec: ExportSpec, rot_entry: dict, fidelity: dict, evidence_layers
                                       if k in ("label", "flip_rate", "harmful", "benign")},
                       "audits": audits},
         },
-        "renderings": {"llama-server": "llama-server.sh", "llama-cli": "llama-cli.sh",
-                       "llama-cpp-python": "llama-cpp-python.json",
-                       "ollama": {"expressible": ollama_ok, "note": ollama_note,
-                                  "files": ["Modelfile", "ollama.env"] if ollama_ok else []}},
-    }
+        renderings={"llama-server": "llama-server.sh", "llama-cli": "llama-cli.sh",
+                    "llama-cpp-python": "llama-cpp-python.json",
+                    "ollama": {"expressible": ollama_ok, "note": ollama_note,
+                               "files": ["Modelfile", "ollama.env"] if ollama_ok else []}},
+    )
     from ..report.mitigate import render_export_markdown
 
     files["DEPLOY.md"] = render_export_markdown(doc).encode("utf-8")
@@ -439,9 +267,10 @@ def _prescription_file(p: cands.Candidate, patched: Patched | None) -> dict | No
     """Where the smoothed files are when PCR prescribed them (verify can measure them beside the choice)."""
     if not p.smoothed or patched is None or not patched.passed:
         return None
-    return {"model": asdict(FileRef(str(patched.model.resolve()), patched.info["model_sha256"], patched.info["model_bytes"])),
-            "adapter": asdict(FileRef(str(patched.adapter.resolve()), patched.info["adapter_sha256"],
-                                      patched.adapter.stat().st_size)) if patched.adapter else None}
+    return {"model": dataclasses.asdict(FileRef(str(patched.model.resolve()), patched.info["model_sha256"],
+                                                patched.info["model_bytes"])),
+            "adapter": dataclasses.asdict(FileRef(str(patched.adapter.resolve()), patched.info["adapter_sha256"],
+                                                  patched.adapter.stat().st_size)) if patched.adapter else None}
 
 
 def _smoothing_doc(choice, patched: Patched | None) -> dict | None:
@@ -458,13 +287,17 @@ def check_out_dir(out: Path) -> None:
     check_new_folder(out, ExportError)
 
 
-def write_deployment(out: Path, files: dict[str, bytes | Path], doc: dict) -> list[Path]:
-    """Every file, then deploy.json listing each one's sha256 and size, all or nothing (io.write_folder)."""
-    from ..gguf.model import sha256_file
+def write_deployment(out: Path, files: dict[str, bytes | Path],
+                     doc: DeployDocument) -> tuple[DeployDocument, list[Path]]:
+    """Every file, then deploy.json listing each one's sha256 and size, all or nothing (io.write_folder).
+    Returns the document as written (with its file list) and the paths."""
+    written: list[DeployDocument] = []
 
     def manifest(stage: Path) -> bytes:
-        doc["files"] = {name: {"sha256": sha256_file(stage / name), "size_bytes": (stage / name).stat().st_size}
-                        for name in files}
-        return (json.dumps(doc, indent=2) + "\n").encode("utf-8")
+        listing = {name: {"sha256": sha256_file(stage / name), "size_bytes": (stage / name).stat().st_size}
+                   for name in files}
+        written.append(dataclasses.replace(doc, files=listing))
+        return (json.dumps(written[0].to_dict(), indent=2) + "\n").encode("utf-8")
 
-    return write_folder(out, files, "deploy.json", manifest, ExportError)
+    paths = write_folder(out, files, "deploy.json", manifest, ExportError)
+    return written[0], paths
