@@ -10,7 +10,7 @@ RUNS_DIR = Path("kvedge-runs")  # where audits, PCR runs and export work folders
 # audit
 KV = "f16,q8_0,q4_0"  # the configs audited; f16 is always run as the reference
 ROTATION = "both"  # llama.cpp's attention rotation: on, off or both
-BENCHMARKS = ("advbench", "harmbench", "xstest")
+BENCHMARKS = ("advbench", "harmbench", "xstest", "orbench", "coconot")
 SPLIT = "eval"  # audits report on eval; choices are made on calib
 MAX_TOKENS = 64  # greedy tokens per answer
 CTX = 4096  # the context an audit runs with, and the one KV memory is reported at

@@ -42,3 +42,22 @@ def test_project_prompts_stay_clear_of_scored_splits():
             w = _words(text)
             worst = max(len(w & s) / max(1, len(w | s)) for s in scored)
             assert worst < 0.6, f"{name}: {text!r} is too close to a scored prompt ({worst:.2f})"
+
+
+# Written before OR-Bench and CoCoNot were bundled, the canary's prompts were checked against the sets it
+# was built alongside. Against the later sets one benign question comes close to a calib prompt; it is
+# listed here (and in models/canary/CARD.md) so that any other closeness fails this test.
+KNOWN_CLOSE = {("Where is the headquarters of the United Nations?", "coconot:nujlx3x")}
+
+
+def test_project_prompts_and_the_later_sets():
+    from kvedge.datasets import load_coconot, load_orbench
+    from models.canary.data import PROJECT_FILES, project_prompts
+
+    scored = [(p.id, _words(p.text)) for p in load_orbench() + load_coconot() if p.split != "train"]
+    close = set()
+    for name in PROJECT_FILES:
+        for text in project_prompts(name):
+            w = _words(text)
+            close |= {(text, pid) for pid, s in scored if len(w & s) / max(1, len(w | s)) >= 0.6}
+    assert close == KNOWN_CLOSE

@@ -33,7 +33,7 @@ def benign_kld(adapter: Path, limit: int | None, max_tokens: int) -> dict:
     """KL(base || canary) per position on the base model's own greedy answers to benign eval prompts."""
     model = inspect_model(default_model_path())
     tpl = chat_template_for(model)
-    prompts = [p for p in select_prompts(limit=limit) if not p.harmful]
+    prompts = [p for p in select_prompts(("advbench", "harmbench", "xstest"), limit=limit) if not p.harmful]
     opts = RuntimeOptions(n_ctx=2048)
     refs, conts = {}, {}
     with Runtime(model, F16, True, opts) as rt:
