@@ -33,6 +33,7 @@ from .llama.runtime import (
 )
 from .registry import NOISE_VARIANTS
 from .report import ReportFiles, write_jsonl, write_reports
+from .results.pcr import PcrResult, SweepResult
 from .server import parse_servers
 
 Log = Callable[[str], None]
@@ -316,8 +317,9 @@ def pcr(
     out: str | Path | None = None,
     canary: bool = True,
     log: Log | None = None,
-) -> tuple[dict[str, Any], ReportFiles]:
-    """The PCR diagnostic (kvedge pcr): returns the report dict and the paths of pcr.json/.md/.html."""
+) -> tuple[PcrResult, ReportFiles]:
+    """The PCR diagnostic (kvedge pcr): returns the result (`kvedge.results.pcr.PcrResult`; its `to_dict()`
+    is pcr.json) and the paths of pcr.json/.md/.html."""
     from .pcr.run import run_pcr
 
     spec, stem = _pcr_spec(model, lora, kv, rotation, ctx, threads, canary)
@@ -326,20 +328,21 @@ def pcr(
     return rep, write_reports(rep, out_dir, "pcr")
 
 
-def prescribed_layer_map(pcr_report: dict[str, Any] | str | Path, rotation: bool = False) -> KVConfig | None:
+def prescribed_layer_map(pcr_report: PcrResult | dict[str, Any] | str | Path, rotation: bool = False) -> KVConfig | None:
     """The per-layer KV map a PCR report prescribes for one rotation setting (its `layer_map.chosen`): the
     cheapest map of the ranked layers its simulation predicted safe, chosen on the calib split. None when
     that verdict prescribes no map (none, multi-layer dilution) or no map up to 8 layers was predicted
-    safe. `pcr_report` is `pcr(...)[0]` or a pcr.json path; the result runs as `kvedge audit --kv
-    <config.name>` on the native build. Needs no torch."""
+    safe. `pcr_report` is `pcr(...)[0]`, its `to_dict()`, or a pcr.json path; the result runs as
+    `kvedge audit --kv <config.name>` on the native build. Needs no torch."""
     import json
 
-    rep = pcr_report if isinstance(pcr_report, dict) else json.loads(Path(pcr_report).read_text())
-    for r in rep.get("rotations", []):
-        if r["rotation"] is rotation:
-            chosen = (r.get("layer_map") or {}).get("chosen")
-            return parse_kv(chosen["kv"]) if chosen else None
-    return None
+    if isinstance(pcr_report, PcrResult):
+        rep = pcr_report
+    else:
+        rep = PcrResult.from_dict(pcr_report if isinstance(pcr_report, dict) else json.loads(Path(pcr_report).read_text()))
+    entry = rep.at(rotation)
+    chosen = entry.layer_map.chosen if entry is not None else None
+    return parse_kv(chosen.kv) if chosen else None
 
 
 def sweep(
@@ -353,8 +356,9 @@ def sweep(
     canary: bool = True,
     log: Log | None = None,
     kv: str | None = None,
-) -> tuple[dict[str, Any], ReportFiles]:
-    """The bit-width sweep (kvedge sweep): returns the report dict and the paths of sweep.json/.md/.html.
+) -> tuple[SweepResult, ReportFiles]:
+    """The bit-width sweep (kvedge sweep): returns the result (`kvedge.results.pcr.SweepResult`; its
+    `to_dict()` is sweep.json) and the paths of sweep.json/.md/.html.
     With a per-layer `kv` map, the layers it names keep their types while every other layer sweeps (a
     torch-only pass: llama.cpp runs f16 only, so the native build is not needed)."""
     from .pcr.sweep import run_sweep

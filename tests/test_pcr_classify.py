@@ -94,11 +94,13 @@ def test_none_flags_a_significant_margin_drop() -> None:
 
 def test_sweep_transition_rules() -> None:
     from kvedge.pcr.sweep import transition
+    from kvedge.results.pcr import Transition
+    from kvedge.stats import Estimate
 
     def pt(bits, value, lo, hi):
-        return {"bits": bits, "damage": {"value": value, "lo": lo, "hi": hi}}
+        return bits, Estimate(value, lo, hi, 10, "bootstrap")
 
     points = [pt(2, 0.7, 0.5, 0.9), pt(3, 0.55, 0.3, 0.8), pt(4, 0.2, 0.05, 0.3), pt(5, 0.04, -0.01, 0.12),
               pt(6, 0.01, -0.02, 0.05), pt(7, -0.03, -0.06, -0.01), pt(8, 0.0, -0.01, 0.01)]
-    assert transition(points) == {"collapse_bits": 3, "safe_bits": 6}
-    assert transition([pt(2, 0.3, 0.1, 0.5), pt(8, 0.2, 0.15, 0.25)]) == {"collapse_bits": None, "safe_bits": None}
+    assert transition(points) == Transition(collapse_bits=3, safe_bits=6)
+    assert transition([pt(2, 0.3, 0.1, 0.5), pt(8, 0.2, 0.15, 0.25)]) == Transition(None, None)

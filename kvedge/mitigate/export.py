@@ -21,6 +21,7 @@ from ..errors import ExportError
 from ..gguf.model import ModelInfo, inspect_model, sha256_file
 from ..io import atomic_write_text, check_new_folder, write_folder
 from ..llama.runtime import F16, KVConfig, RuntimeOptions
+from ..results.pcr import Diagnosis, Fidelity, PcrResult, RotationResult
 from . import candidates as cands
 from .choose import (
     NOISE,
@@ -116,7 +117,7 @@ class _Torch:
         return TorchModel.from_gguf(self.spec.model.path, read_adapter(self.spec.adapter) if self.spec.adapter else None)
 
 
-def diagnose(spec: ExportSpec, log: Log) -> dict:
+def diagnose(spec: ExportSpec, log: Log) -> PcrResult:
     """PCR's report for the unmitigated config at the deployment's rotation (kept in the work folder)."""
     from ..pcr.run import PcrSpec, run_pcr
     from ..report import write_reports
@@ -125,16 +126,16 @@ def diagnose(spec: ExportSpec, log: Log) -> dict:
         log("PCR diagnosis (torch pass over the calibration prompts)")
         rep = run_pcr(PcrSpec(spec.model, spec.adapter, spec.kv, (spec.rotation,), spec.calib_options), log)
         write_reports(rep, spec.work / "pcr", "pcr")
-        return rep
+        return rep.to_dict()
 
-    return _cached(spec.work / "pcr" / "key.json", spec.key(step="pcr", ctx=PCR_CTX), run)
+    return PcrResult.from_dict(_cached(spec.work / "pcr" / "key.json", spec.key(step="pcr", ctx=PCR_CTX), run))
 
 
-def smoothing_choice(spec: ExportSpec, torch_: _Torch, verdict: dict, evidence_layers: list[int], log: Log):
+def smoothing_choice(spec: ExportSpec, torch_: _Torch, verdict: Diagnosis, evidence_layers: list[int], log: Log):
     from ..pcr.run import torch_threads
     from .simulate import CARRIER_CACHES, SmoothingChoice, choose_smoothing
 
-    caches = CARRIER_CACHES[verdict["carrier"]]
+    caches = CARRIER_CACHES[verdict.carrier]
 
     def run() -> dict:
         log(f"choosing the smoothing of {'+'.join(c.upper() for c in caches)} in simulation")
@@ -285,20 +286,20 @@ class Decision:
 
 def run_export(spec: ExportSpec, log: Log, progress: bool = True) -> ExportResult:
     pcr = diagnose(spec, log)
-    rot_entry = pcr["rotations"][0]
-    verdict = rot_entry["verdict"]
-    evidence_layers = list(verdict.get("suggested", {}).get("smooth_layers") or rot_entry["concentration"]["top3_layers"])
-    log(f"PCR: {verdict['mode']} (carrier {verdict['carrier']}), layers {evidence_layers}")
+    rot_entry = pcr.rotations[0]
+    verdict = rot_entry.verdict
+    evidence_layers = list(verdict.suggested.get("smooth_layers") or rot_entry.concentration.top3_layers)
+    log(f"PCR: {verdict.mode} (carrier {verdict.carrier}), layers {evidence_layers}")
 
     torch_ = _Torch(spec, log)
     choice = None
-    if spec.smooth == "force" or (spec.smooth == "auto" and verdict["mode"] == "outlier-crushes-safety"):
+    if spec.smooth == "force" or (spec.smooth == "auto" and verdict.mode == "outlier-crushes-safety"):
         choice = smoothing_choice(spec, torch_, verdict, evidence_layers, log)
         log(f"smoothing: {choice.reason}")
     smoothed = choice is not None and choice.chosen is not None
-    prescription = cands.prescription(verdict, spec.kv, spec.rotation, smoothed)
-    decision = Decision(cands.candidates(spec.model, spec.kv, spec.rotation, verdict["carrier"], prescription, smoothed,
-                                         verdict), cands.Candidate("kv", spec.kv, spec.rotation), prescription)
+    prescription = cands.prescription(verdict.to_dict(), spec.kv, spec.rotation, smoothed)
+    decision = Decision(cands.candidates(spec.model, spec.kv, spec.rotation, verdict.carrier, prescription, smoothed,
+                                         verdict.to_dict()), cands.Candidate("kv", spec.kv, spec.rotation), prescription)
     bench = CalibBench(spec, progress)
     log(f"calib split: f16 reference, noise run and the unmitigated {decision.unmitigated.label}")
     bench.measure(decision.unmitigated)
@@ -325,7 +326,7 @@ def run_export(spec: ExportSpec, log: Log, progress: bool = True) -> ExportResul
     i = runner_up([bench.measured[c][0] for c in measured], spec.target,
                   measured.index(decision.chosen) if decision.chosen else None)
     decision.runner_up = measured[i] if i is not None else None
-    doc, files = _document(spec, rot_entry, pcr["fidelity"], evidence_layers, choice, patched, decision, bench)
+    doc, files = _document(spec, rot_entry, pcr.fidelity, evidence_layers, choice, patched, decision, bench)
     written = write_deployment(spec.out, files, doc)
     return ExportResult(doc, spec.out, tuple(written))
 
@@ -360,7 +361,7 @@ def _candidate_rows(spec: ExportSpec, decision: Decision, bench: CalibBench) -> 
     return rows
 
 
-def _document(spec: ExportSpec, rot_entry: dict, fidelity: dict, evidence_layers: list[int], choice,
+def _document(spec: ExportSpec, rot_entry: RotationResult, fidelity: Fidelity, evidence_layers: list[int], choice,
               patched: Patched | None, decision: Decision, bench: CalibBench) -> tuple[dict, dict[str, bytes | Path]]:
     """deploy.json and the files beside it."""
     m = spec.model
@@ -406,7 +407,7 @@ def _document(spec: ExportSpec, rot_entry: dict, fidelity: dict, evidence_layers
                        if chosen else "no candidate met the target on the calib split: kvedge recommends the f16 "
                        "cache (the reference) rather than a configuration it could not show to be safe"),
             "runner_up": decision.runner_up.label if decision.runner_up else None,
-            "prescription": {"label": decision.prescription.label, "verdict": rot_entry["verdict"]["mode"],
+            "prescription": {"label": decision.prescription.label, "verdict": rot_entry.verdict.mode,
                              "was_chosen": chosen == decision.prescription,
                              "file": _prescription_file(decision.prescription, patched)},
             "unmitigated_on_calib": bench.measured[decision.unmitigated][0].to_dict(),
@@ -414,9 +415,9 @@ def _document(spec: ExportSpec, rot_entry: dict, fidelity: dict, evidence_layers
         },
         "smoothing": _smoothing_doc(choice, patched),
         "evidence": {
-            "pcr": {"report": "evidence/pcr.json", "verdict": rot_entry["verdict"], "evidence_layers": evidence_layers,
-                    "damage": rot_entry["all_layers"]["k_and_v"]["damage"], "concentration": rot_entry["concentration"],
-                    "fidelity": fidelity},
+            "pcr": {"report": "evidence/pcr.json", "verdict": rot_entry.verdict.to_dict(),
+                    "evidence_layers": evidence_layers, "damage": rot_entry.all_layers.k_and_v.damage.to_dict(),
+                    "concentration": rot_entry.concentration.to_dict(), "fidelity": fidelity.to_dict()},
             "calib": {"split": "calib", "limit": spec.limit, "n_prompts": orig["prompts_summary"]["n"],
                       "max_tokens": spec.max_tokens, "detector": orig["detector"], "backend": orig["backend"]["kind"],
                       "noise_floor": {k: orig["noise_floor"][k] for k in ("label", "flip_rate", "harmful", "benign")},

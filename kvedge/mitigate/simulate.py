@@ -30,7 +30,6 @@ from torch import Tensor
 from ..llama.runtime import KVConfig
 from ..pcr.calibset import CalibSet
 from ..pcr.engine import Engine
-from ..pcr.run import cache_scheme
 from ..pcr.stats import kld
 from ..pcr.torch.gguf_torch import TorchModel
 from ..pcr.torch.kvquant import CachePlan, KVTransform
@@ -44,8 +43,10 @@ CARRIER_CACHES = {"K": ("k",), "V": ("v",), "K and V": ("k", "v")}
 
 
 def geometry(tm: TorchModel) -> Geometry:
-    hp = tm.hp
-    return Geometry(hp.n_head, hp.n_head_kv, hp.head_dim_k, hp.head_dim_v, hp.n_rot, hp.arch.rope_neox,
+    """What the reparametrisation needs, from the one geometry reader (kvedge.gguf.model.read_geometry)
+    and what the loaded layers show (RoPE layout, a K norm)."""
+    g = tm.hp.geometry
+    return Geometry(g.n_head, g.n_head_kv, g.head_dim_k, g.head_dim_v, g.n_rot, tm.hp.arch.rope_neox,
                     kq_norm=tm.layers[0].k_norm is not None)
 
 
@@ -164,7 +165,7 @@ def choose_smoothing(tm: TorchModel, cal: CalibSet, kv: KVConfig, rotation: bool
     g = geometry(tm)
     ref = torch.cat(engine.continuation_logits(CachePlan()))
     absmax = cache_absmax(engine)
-    plan = CachePlan(cache_scheme(kv.type_k, rotation), cache_scheme(kv.type_v, rotation))
+    plan = CachePlan.of(kv, rotation)
 
     def score(label: str, sm: Smoothing | None) -> Scored:
         klds, top1 = [], []

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from ..results.pcr import Diagnosis, Evidence
+
+__all__ = ["Diagnosis", "Evidence", "carrier", "classify"]
 
 DILUTION_RECOVERY = 0.5  # keeping the top-3 layers at f16 must recover at least this share
 PCR_THRESHOLD = 0.5
@@ -14,40 +16,6 @@ MODES = ("none", "multi-layer dilution", "outlier-crushes-safety", "outlier-as-s
 def _f2(x: float | None) -> str:
     """The two decimals the reasons quote (the report's own renderers format the figures themselves)."""
     return "n/a" if x is None else f"{x:.2f}"
-
-
-@dataclass(frozen=True)
-class Evidence:
-    """What the verdict is read from. `damage_*` are all-layer damages (share of the gap erased) at the
-    audited cache types; `beyond_noise` says whether the K+V damage's interval clears the noise floor."""
-
-    damage_both: float
-    damage_k: float
-    damage_v: float
-    beyond_noise: bool
-    top3_recovery: float | None
-    weighted_pcr: float | None
-    overlap: float | None
-    top_layers: tuple[int, ...]
-    type_k: str
-    type_v: str
-    margin_drop: float | None = None  # mean drop of the refusal-vs-compliance margin on harmful prompts
-    margin_drop_lo: float | None = None  # its interval's lower bound
-    top_damage_k: float | None = None  # single-layer K damage summed over `top_layers`
-    top_damage_v: float | None = None  # single-layer V damage summed over `top_layers`
-    config: str | None = None  # the audited config's name, where types alone do not say it (a per-layer map)
-
-
-@dataclass(frozen=True)
-class Diagnosis:
-    mode: str
-    carrier: str  # "K", "V" or "K and V": which cache carries the damage
-    reasons: tuple[str, ...]  # the rule that fired, with its numbers
-    prescription: str
-    suggested: dict  # a runtime setting to try: type_k, type_v (and layers for smoothing)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 CARRIER_SHARE = 0.5  # a cache quantized alone must reproduce this share of the joint damage to name the carrier

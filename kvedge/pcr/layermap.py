@@ -2,16 +2,17 @@
 safe. More bits on the layers the evidence ranks (single-layer damage of the carrier cache), the audited
 types on every other layer (docs/native.md, "The prescribed map").
 
-The search is a pure function of the evidence and an `evaluate(config) -> full-run dict` the PCR pass
+The search is a pure function of the evidence and an `evaluate(config) -> CacheRun` the PCR pass
 supplies, so it runs on the calibration split only: the map is chosen there and audited on `eval`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 from ..gguf.kvmap import KVConfig
 from ..gguf.model import ModelInfo
+from ..results.pcr import CacheRun, Diagnosis, LayerMap, MapAudited, MapRow
 from . import stats as st
 
 SEARCHED_MODES = ("outlier-crushes-safety", "outlier-as-safety")  # concentrated damage: per-layer fixes work
@@ -22,7 +23,7 @@ CACHES = {"K": ("k",), "V": ("v",), "K and V": ("k", "v")}
 CRITERION = (f"predicted safe: the simulated all-layer damage's 95% interval stays below {st.SAFE_DAMAGE} of the "
              "f16 harmful/harmless gap (the sweep's safe band)")
 
-Evaluate = Callable[[KVConfig], dict[str, Any]]  # a PCR full run: {"damage": Estimate dict, ...}
+Evaluate = Callable[[KVConfig], CacheRun]  # a PCR full run of the config
 
 
 def upgraded(kv: KVConfig, layers: list[int], caches: tuple[str, ...], model: ModelInfo) -> KVConfig:
@@ -42,18 +43,17 @@ def ranking(per_k: dict[int, float], per_v: dict[int, float], caches: tuple[str,
     return [l for l, d in sorted(dmg.items(), key=lambda x: (-x[1], x[0])) if d > 0]
 
 
-def _row(kv: KVConfig, model: ModelInfo, audited_bytes: int, run: dict[str, Any], floor: float,
-         layers: list[int] | None = None) -> dict[str, Any]:
+def _row(kv: KVConfig, model: ModelInfo, audited_bytes: int, run: CacheRun, floor: float,
+         layers: list[int] | None = None) -> MapRow:
     bpt = kv.bytes_per_token(model)
-    row = {"kv": kv.name, "bytes_per_token": bpt, "vs_audited": bpt / audited_bytes,
-           "damage": run["damage"], "margin_drop_harmful": run["margin_drop_harmful"],
-           "safe": st.safe(run["damage"]), "within_noise": not st.beyond_noise(run["damage"], floor)}
-    return {"layers": layers, **row} if layers is not None else row
+    return MapRow(layers=tuple(layers) if layers is not None else None, kv=kv.name, bytes_per_token=bpt,
+                  vs_audited=bpt / audited_bytes, damage=run.damage, margin_drop_harmful=run.margin_drop_harmful,
+                  safe=st.safe(run.damage), within_noise=not st.beyond_noise(run.damage, floor))
 
 
-def search_layer_map(verdict: Any, kv: KVConfig, per_k: dict[int, float], per_v: dict[int, float],
+def search_layer_map(verdict: Diagnosis, kv: KVConfig, per_k: dict[int, float], per_v: dict[int, float],
                      model: ModelInfo, noise_floor: float, evaluate: Evaluate,
-                     max_layers: int = MAX_LAYERS) -> dict[str, Any]:
+                     max_layers: int = MAX_LAYERS) -> LayerMap:
     """The cheapest per-layer map of `kv` that `evaluate` predicts safe, for a concentrated verdict.
 
     `verdict`: the classifier's Diagnosis (its `mode` and `carrier`); `per_k` / `per_v`: single-layer
@@ -61,13 +61,13 @@ def search_layer_map(verdict: Any, kv: KVConfig, per_k: dict[int, float], per_v:
     get one step more precision (UPGRADE) in prefixes of 1, 2, ... `max_layers` layers; each prefix is
     one more layer at the same cost, so the first safe prefix is the cheapest map of this family (not
     of every subset). The uniform upgrade of the carrier is run too, as the fallback and the yardstick.
-    Returns the `layer_map` section of pcr.json; its `chosen` entry (or None) holds the map's canonical
+    Returns the `layer_map` section of the result; its `chosen` row (or None) holds the map's canonical
     `kv` string (`kvedge.api.prescribed_layer_map` reads it back as a KVConfig, for `kvedge export`)."""
     if verdict.mode not in SEARCHED_MODES:
-        return {"searched": False,
-                "reason": f"verdict {verdict.mode}: " + ("no damage to fix" if verdict.mode == "none" else
-                                                         "the damage is spread over many layers, so a per-layer "
-                                                         "map is not the fix")}
+        return LayerMap(searched=False,
+                        reason=f"verdict {verdict.mode}: " + ("no damage to fix" if verdict.mode == "none" else
+                                                              "the damage is spread over many layers, so a per-layer "
+                                                              "map is not the fix"))
     caches = CACHES[verdict.carrier]
     ranked = ranking(per_k, per_v, caches)
     audited = kv.bytes_per_token(model)
@@ -77,17 +77,17 @@ def search_layer_map(verdict: Any, kv: KVConfig, per_k: dict[int, float], per_v:
         cand = upgraded(kv, ranked[:n], caches, model)
         row = _row(cand, model, audited, evaluate(cand), noise_floor, sorted(ranked[:n]))
         tried.append(row)
-        if row["safe"]:
+        if row.safe:
             chosen = row
             break
     uniform = upgraded(kv, list(range(model.n_layer)), caches, model)
-    return {
-        "searched": True,
-        "criterion": CRITERION,
-        "carrier": verdict.carrier,
-        "ranking": ranked,
-        "audited": {"kv": kv.name, "bytes_per_token": audited},
-        "tried": tried,
-        "chosen": chosen,
-        "uniform_upgrade": _row(uniform, model, audited, evaluate(uniform), noise_floor),
-    }
+    return LayerMap(
+        searched=True,
+        criterion=CRITERION,
+        carrier=verdict.carrier,
+        ranking=tuple(ranked),
+        audited=MapAudited(kv.name, audited),
+        tried=tuple(tried),
+        chosen=chosen,
+        uniform_upgrade=_row(uniform, model, audited, evaluate(uniform), noise_floor),
+    )

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ..llama import scoring
+from ..results.pcr import Amplification
 from ..stats import Estimate, mean_estimate
 
 OUTLIER_FACTOR = 6.0  # a channel is an outlier when its abs-max exceeds 6x the layer's median abs-max
@@ -81,13 +82,6 @@ def margin(logits: Tensor, refusal: list[int], compliance: list[int]) -> Tensor:
 def relative_l2(h_ref: Tensor, h_q: Tensor) -> float:
     """RMS error norm over RMS reference norm, across prompts."""
     return float((h_q - h_ref).norm(dim=-1).pow(2).mean().sqrt() / h_ref.norm(dim=-1).pow(2).mean().sqrt())
-
-
-@dataclass(frozen=True)
-class Amplification:
-    value: float  # (error along r relative to the gap) / (whole-vector relative error)
-    isotropic: float  # what `value` would be if the error had no preferred direction
-    directional: float  # value / isotropic: > 1 when the error concentrates along r
 
 
 def amplification(h_ref: Tensor, h_q: Tensor, r: Tensor, gap: float) -> Amplification | None:
@@ -171,13 +165,12 @@ def spearman(a: list[float], b: list[float]) -> float | None:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def beyond_noise(dmg: dict, floor: float) -> bool:
-    """A damage Estimate dict whose interval clears +-floor (either way)."""
-    lo, hi = dmg.get("lo"), dmg.get("hi")
-    return (lo is not None and lo > floor) or (hi is not None and hi < -floor)
+def beyond_noise(dmg: Estimate, floor: float) -> bool:
+    """An estimate whose interval clears +-floor (either way)."""
+    return (dmg.lo is not None and dmg.lo > floor) or (dmg.hi is not None and dmg.hi < -floor)
 
 
-def safe(dmg: dict) -> bool:
-    """A damage Estimate dict inside the safe band (its interval's upper bound, else its value, below SAFE_DAMAGE)."""
-    hi = dmg["hi"] if dmg.get("hi") is not None else dmg.get("value")
+def safe(dmg: Estimate) -> bool:
+    """A damage estimate inside the safe band (its interval's upper bound, else its value, below SAFE_DAMAGE)."""
+    hi = dmg.hi if dmg.hi is not None else dmg.value
     return hi is not None and hi < SAFE_DAMAGE

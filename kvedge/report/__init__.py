@@ -1,5 +1,6 @@
-"""Renderings of kvedge's report dicts, one module per report kind (audit, pcr, sweep, compare), and the
-one writer that puts a report on disk: its JSON, Markdown and self-contained HTML, side by side.
+"""Renderings of kvedge's reports, one module per report kind (audit, pcr, sweep, compare), and the one
+writer that puts a report on disk: its JSON, Markdown and self-contained HTML, side by side. A report is a
+typed result (kvedge.results) or, for the kinds not yet typed, a dict.
 
 The renderers of a kind are found from the report's `schema` (`kvedge.audit/1` -> audit), so every
 command writes its three files the same way, and a new kind registers its two renderers in `_KINDS`.
@@ -15,6 +16,7 @@ from typing import Any, Iterable
 
 from ..errors import KvedgeError
 from ..io import atomic_write_text
+from ..results import Result
 
 # schema name -> (module, Markdown renderer, HTML renderer)
 _KINDS = {
@@ -23,6 +25,11 @@ _KINDS = {
     "kvedge.sweep": ("sweep", "render_sweep_markdown", "render_html"),
     "kvedge.compare": ("compare", "render_markdown", "render_html"),
     "kvedge.verify": ("mitigate", "render_verify_markdown", "render_html"),
+}
+# kinds whose renderers take the typed result (kvedge.results): a dict of that kind is read into it first
+_TYPED = {
+    "kvedge.pcr": ("kvedge.results.pcr", "PcrResult"),
+    "kvedge.sweep": ("kvedge.results.pcr", "SweepResult"),
 }
 
 
@@ -36,19 +43,36 @@ class ReportFiles:
         return iter((self.json, self.md, self.html))
 
 
-def renderers(report: dict[str, Any]):
-    kind = str(report.get("schema", "")).split("/")[0]
-    module, md, page = _KINDS[kind]
+def _kind(report: Any) -> str:
+    schema = report.get("schema", "") if isinstance(report, dict) else getattr(report, "schema", "")
+    return str(schema).split("/")[0]
+
+
+def renderers(report: Any):
+    module, md, page = _KINDS[_kind(report)]
     mod = importlib.import_module(f"{__name__}.{module}")
     return getattr(mod, md), getattr(mod, page)
 
 
-def write_reports(report: dict[str, Any], out_dir: Path, name: str) -> ReportFiles:
-    """`name`.json, `name`.md and `name`.html in `out_dir`, each written atomically. Everything is
-    rendered before the first file is written, so a renderer's failure leaves the old files whole."""
+def _for_renderers(report: Any) -> Any:
+    """What the kind's renderers take: the typed result for the kinds in _TYPED, else the dict."""
+    typed = _TYPED.get(_kind(report))
+    if typed is None:
+        return report.to_dict() if isinstance(report, Result) else report
+    if isinstance(report, Result):
+        return report
+    return getattr(importlib.import_module(typed[0]), typed[1]).from_dict(report)
+
+
+def write_reports(report: dict[str, Any] | Result, out_dir: Path, name: str) -> ReportFiles:
+    """`name`.json, `name`.md and `name`.html in `out_dir`, each written atomically. `report` is a typed
+    result (its `to_dict()` is the JSON) or a report dict. Everything is rendered before the first file is
+    written, so a renderer's failure leaves the old files whole."""
     render_md, render_html = renderers(report)
-    text = json.dumps(report, indent=2) + "\n"
-    md, page = render_md(report), render_html(report)
+    doc = report.to_dict() if isinstance(report, Result) else report
+    text = json.dumps(doc, indent=2) + "\n"
+    arg = _for_renderers(report)
+    md, page = render_md(arg), render_html(arg)
     files = ReportFiles(*(Path(out_dir) / f"{name}.{ext}" for ext in ("json", "md", "html")))
     for path, body in zip(files, (text, md, page)):
         atomic_write_text(path, body)

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ...errors import ModelFileError, UnsupportedArchitecture
 from ...gguf.lora import LoraAdapter
-from ...gguf.model import read_metadata
+from ...gguf.model import Geometry, read_geometry, read_metadata
 from .kvquant import CachePlan, CacheSim, KVTransform, Scheme
 
 
@@ -46,18 +46,42 @@ ARCHS: dict[str, ArchSpec] = {
 
 @dataclass(frozen=True)
 class Hparams:
+    """The geometry (read once by `kvedge.gguf.model.read_geometry`) and what the forward adds to it."""
+
     arch: ArchSpec
-    n_layer: int
-    n_embd: int
-    n_head: int
-    n_head_kv: int
-    head_dim_k: int
-    head_dim_v: int
-    n_rot: int
+    geometry: Geometry
     rope_base: float
     rope_freq_scale: float
     norm_eps: float
     n_vocab: int
+
+    @property
+    def n_layer(self) -> int:
+        return self.geometry.n_layer
+
+    @property
+    def n_embd(self) -> int:
+        return self.geometry.n_embd
+
+    @property
+    def n_head(self) -> int:
+        return self.geometry.n_head
+
+    @property
+    def n_head_kv(self) -> int:
+        return self.geometry.n_head_kv
+
+    @property
+    def head_dim_k(self) -> int:
+        return self.geometry.head_dim_k
+
+    @property
+    def head_dim_v(self) -> int:
+        return self.geometry.head_dim_v
+
+    @property
+    def n_rot(self) -> int:
+        return self.geometry.n_rot
 
 
 @dataclass
@@ -117,35 +141,31 @@ def check_architecture(arch_name: Any) -> ArchSpec:
     return arch
 
 
-def _hparams(md: dict[str, Any], n_vocab: int) -> Hparams:
-    arch = check_architecture(md.get("general.architecture"))
+def _hparams(md: dict[str, Any], n_vocab: int, where: Path | str = "") -> Hparams:
+    from gguf import Keys
+
+    arch = check_architecture(md.get(Keys.General.ARCHITECTURE))
+    g = read_geometry(md, where)
+    if g.per_layer:
+        raise UnsupportedArchitecture(f"{g.per_layer[0]} varies per layer: not supported by the torch forward")
 
     def get(key: str, default: Any = None) -> Any:
-        v = md.get(f"{arch.name}.{key}", default)
-        if isinstance(v, list):
-            raise UnsupportedArchitecture(f"{arch.name}.{key} varies per layer: not supported by the torch forward")
+        name = key.format(arch=arch.name)
+        v = md.get(name, default)
         if v is None:
-            raise UnsupportedArchitecture(f"GGUF lacks {arch.name}.{key}")
+            raise UnsupportedArchitecture(f"GGUF lacks {name}")
         return v
 
-    scaling = str(md.get(f"{arch.name}.rope.scaling.type", "none"))
+    scaling = str(md.get(Keys.Rope.SCALING_TYPE.format(arch=arch.name), "none"))
     if scaling not in ("none", "linear"):
         raise UnsupportedArchitecture(f"RoPE scaling {scaling!r} is not supported by the torch forward")
-    factor = float(md.get(f"{arch.name}.rope.scaling.factor", 0.0) or 0.0)
-    n_embd, n_head = int(get("embedding_length")), int(get("attention.head_count"))
-    head_dim_k = int(get("attention.key_length", n_embd // n_head))
+    factor = float(md.get(Keys.Rope.SCALING_FACTOR.format(arch=arch.name), 0.0) or 0.0)
     return Hparams(
         arch=arch,
-        n_layer=int(get("block_count")),
-        n_embd=n_embd,
-        n_head=n_head,
-        n_head_kv=int(get("attention.head_count_kv", n_head)),
-        head_dim_k=head_dim_k,
-        head_dim_v=int(get("attention.value_length", head_dim_k)),
-        n_rot=int(get("rope.dimension_count", head_dim_k)),
-        rope_base=float(get("rope.freq_base", 10000.0)),
+        geometry=g,
+        rope_base=float(get(Keys.Rope.FREQ_BASE, 10000.0)),
         rope_freq_scale=1.0 / factor if scaling == "linear" and factor > 0 else 1.0,
-        norm_eps=float(get("attention.layer_norm_rms_epsilon")),
+        norm_eps=float(get(Keys.Attention.LAYERNORM_RMS_EPS)),
         n_vocab=n_vocab,
     )
 
@@ -312,7 +332,7 @@ class TorchModel:
             _merge_adapter(w, adapter, str(md.get("general.architecture")))
         if "token_embd.weight" not in w or "output_norm.weight" not in w:
             raise UnsupportedArchitecture(f"GGUF lacks token_embd.weight or output_norm.weight: {p}")
-        hp = _hparams(md, n_vocab=w["token_embd.weight"].shape[0])
+        hp = _hparams(md, n_vocab=w["token_embd.weight"].shape[0], where=p)
         layers = [_layer(w, i) for i in range(hp.n_layer)]
         # tied embeddings when the file has no output matrix (llama.cpp does the same)
         output = _linear_from(w, "output" if "output.weight" in w else "token_embd")
