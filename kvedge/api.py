@@ -281,15 +281,18 @@ def compare(
 
 
 def _pcr_spec(model, lora, kv: str, rotation: str, ctx: int, threads: int | None, canary: bool,
-              map_in_llama_cpp: bool = True):
+              map_in_llama_cpp: bool = True, n_benign: int | None = None):
     try:
         import torch  # noqa: F401
     except ImportError:
         raise KvedgeError("this command runs a torch pass: install it with pip install 'kvedge[pcr]' "
                           "(CPU torch==2.13.0)") from None
+    from .pcr.calibset import N_BENIGN
     from .pcr.run import PcrSpec
     from .pcr.torch.gguf_torch import check_architecture
 
+    if n_benign is not None:
+        _check_counts(n_benign=n_benign)
     rotations = parse_rotation(rotation)
     config = parse_kv(kv)
     _check_runtime_flags(ctx, threads, 0)
@@ -303,7 +306,8 @@ def _pcr_spec(model, lora, kv: str, rotation: str, ctx: int, threads: int | None
     if config.per_layer and map_in_llama_cpp:
         native.require_native()  # the fidelity check runs the map in llama.cpp
     adapter = _adapter_for(info, model, lora, canary)
-    spec = PcrSpec(info, adapter, config, rotations, RuntimeOptions(n_ctx=ctx, n_threads=threads))
+    spec = PcrSpec(info, adapter, config, rotations, RuntimeOptions(n_ctx=ctx, n_threads=threads),
+                   n_benign=n_benign or N_BENIGN)
     return spec, _stem(info, adapter)
 
 
@@ -317,12 +321,14 @@ def pcr(
     out: str | Path | None = None,
     canary: bool = True,
     log: Log | None = None,
+    n_benign: int | None = None,
 ) -> tuple[PcrResult, ReportFiles]:
     """The PCR diagnostic (kvedge pcr): returns the result (`kvedge.results.pcr.PcrResult`; its `to_dict()`
-    is pcr.json) and the paths of pcr.json/.md/.html."""
+    is pcr.json) and the paths of pcr.json/.md/.html. `n_benign`: benign calibration prompts (default 30,
+    every XSTest-safe prompt of the calib split; fewer is faster and gives the benign shift a wider interval)."""
     from .pcr.run import run_pcr
 
-    spec, stem = _pcr_spec(model, lora, kv, rotation, ctx, threads, canary)
+    spec, stem = _pcr_spec(model, lora, kv, rotation, ctx, threads, canary, n_benign=n_benign)
     rep = run_pcr(spec, log or (lambda m: None))
     out_dir = Path(out) if out else defaults.RUNS_DIR / stem / f"pcr-{spec.kv.name}"
     return rep, write_reports(rep, out_dir, "pcr")

@@ -21,7 +21,7 @@ from ..errors import ExportError
 from ..gguf.model import ModelInfo, inspect_model, sha256_file
 from ..io import atomic_write_text, check_new_folder, write_folder
 from ..llama.runtime import F16, KVConfig, RuntimeOptions
-from ..results.pcr import Diagnosis, Fidelity, PcrResult, RotationResult
+from ..results.pcr import PCR_SCHEMA, Diagnosis, Fidelity, PcrResult, RotationResult
 from . import candidates as cands
 from .choose import (
     NOISE,
@@ -128,10 +128,12 @@ def diagnose(spec: ExportSpec, log: Log) -> PcrResult:
         write_reports(rep, spec.work / "pcr", "pcr")
         return rep.to_dict()
 
-    return PcrResult.from_dict(_cached(spec.work / "pcr" / "key.json", spec.key(step="pcr", ctx=PCR_CTX), run))
+    key = spec.key(step="pcr", ctx=PCR_CTX, schema=PCR_SCHEMA)  # a report of an older schema is recomputed
+    return PcrResult.from_dict(_cached(spec.work / "pcr" / "key.json", key, run))
 
 
-def smoothing_choice(spec: ExportSpec, torch_: _Torch, verdict: Diagnosis, evidence_layers: list[int], log: Log):
+def smoothing_choice(spec: ExportSpec, torch_: _Torch, verdict: Diagnosis, evidence_layers: list[int], log: Log,
+                     population: str | None = None):
     from ..pcr.run import torch_threads
     from .simulate import CARRIER_CACHES, SmoothingChoice, choose_smoothing
 
@@ -141,10 +143,11 @@ def smoothing_choice(spec: ExportSpec, torch_: _Torch, verdict: Diagnosis, evide
         log(f"choosing the smoothing of {'+'.join(c.upper() for c in caches)} in simulation")
         with torch_threads(spec.options.resolved_threads()):
             choice = choose_smoothing(torch_.tm, torch_.cal, spec.kv, spec.rotation, caches, evidence_layers,
-                                      force=spec.smooth == "force", log=log)
+                                      force=spec.smooth == "force", population=population, log=log)
         return choice.to_dict()
 
-    key = spec.key(step="smoothing", caches=list(caches), layers=evidence_layers, force=spec.smooth == "force")
+    key = spec.key(step="smoothing", caches=list(caches), layers=evidence_layers, force=spec.smooth == "force",
+                   population=population)
     return SmoothingChoice.from_dict(_cached(spec.work / "smoothing.json", key, run))
 
 
@@ -294,7 +297,7 @@ def run_export(spec: ExportSpec, log: Log, progress: bool = True) -> ExportResul
     torch_ = _Torch(spec, log)
     choice = None
     if spec.smooth == "force" or (spec.smooth == "auto" and verdict.mode == "outlier-crushes-safety"):
-        choice = smoothing_choice(spec, torch_, verdict, evidence_layers, log)
+        choice = smoothing_choice(spec, torch_, verdict, evidence_layers, log, rot_entry.evidence.population)
         log(f"smoothing: {choice.reason}")
     smoothed = choice is not None and choice.chosen is not None
     prescription = cands.prescription(verdict.to_dict(), spec.kv, spec.rotation, smoothed)

@@ -48,7 +48,7 @@ def transition(points: list[tuple[int, Estimate]]) -> Transition:
 
 def run_sweep(spec: PcrSpec, bits: tuple[int, ...] = BITS, log: Callable[[str], None] = lambda m: None) -> SweepResult:
     t0 = time.perf_counter()
-    cal = build_calibset(spec.model, spec.lora, select_calib_prompts(), spec.options)
+    cal = build_calibset(spec.model, spec.lora, select_calib_prompts(spec.n_benign), spec.options)
     threads = spec.options.resolved_threads()
     with torch_threads(threads):
         ps = PcrPass(spec, cal, spec.torch_model(), log)
@@ -64,7 +64,8 @@ def run_sweep(spec: PcrSpec, bits: tuple[int, ...] = BITS, log: Callable[[str], 
                     log(f"rotation {'on' if rot else 'off'}, {kind}, int{b}")
                     res = ps.full(plan)
                     points.append(SweepPoint(b, s.bits_per_value, res.damage, res.margin_drop_harmful,
-                                             res.kld_harmless, res.relative_l2_readout))
+                                             res.kld_harmless, res.relative_l2_readout, res.damage_benign,
+                                             res.margin_shift_harmful, res.margin_shift_benign))
                 curves.append(Curve(rot, kind, tuple(points), transition([(p.bits, p.damage) for p in points])))
     kv = spec.kv
     return SweepResult(
@@ -75,7 +76,8 @@ def run_sweep(spec: PcrSpec, bits: tuple[int, ...] = BITS, log: Callable[[str], 
         held=HeldMap(kv=kv.name, type_k=kv.type_k, type_v=kv.type_v, layers_k=kv.layers_k or None,
                      layers_v=kv.layers_v or None) if kv.per_layer else None,
         readout_layer=ps.l_star, gap=ps.dirs.gap,
-        noise_floor=SweepNoise(ps.noise, ps.noise_floor),
+        noise_floor=SweepNoise(ps.noise.damage, ps.noise.floor, ps.noise.margin_floor_harmful,
+                               ps.noise.margin_floor_benign),
         collapse_threshold=COLLAPSE,
         safe_threshold=SAFE,
         curves=tuple(curves),

@@ -1,4 +1,4 @@
-"""Markdown, HTML and terminal renderings of a sweep result (`kvedge.results.pcr.SweepResult`, schema kvedge.sweep/1)."""
+"""Markdown, HTML and terminal renderings of a sweep result (`kvedge.results.pcr.SweepResult`, schema kvedge.sweep/2)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..results.pcr import SweepResult
 from . import html, plots
-from .fmt import md_table
+from .fmt import est, md_table
 
 
 def _name(rep: SweepResult) -> str:
@@ -19,8 +19,9 @@ def sweep_summary_lines(rep: SweepResult) -> list[str]:
     for c in rep.curves:
         t = c.transition
         pts = "  ".join(f"{p.bits}b:{p.damage.value:+.2f}" for p in c.points)
+        benign = "  ".join(f"{p.bits}b:{p.margin_shift_benign.value:+.2f}" for p in c.points)
         lines.append(f"{c.cache:>3} rot {'on ' if c.rotation else 'off'}  collapse<= {t.collapse_bits or '-'}  "
-                     f"safe>= {t.safe_bits or '-'}  damage {pts}")
+                     f"safe>= {t.safe_bits or '-'}  damage {pts}  benign margin shift (nats) {benign}")
     return lines
 
 
@@ -33,15 +34,22 @@ def render_sweep_markdown(rep: SweepResult) -> str:
              f"f16 harmful/harmless gap (readout layer {rep.readout_layer}, g = {rep.gap:.3f}) erased, with a "
              f"95% bootstrap interval; noise floor +-{rep.noise_floor.floor:.4f}. Collapse: damage >= "
              f"{rep.collapse_threshold}; safe: every wider width's interval below {rep.safe_threshold}. "
+             "Margin shifts: m_q - m_f16 of the first-token refusal margin per population (nats, positive toward "
+             f"refusal; noise floors +-{rep.noise_floor.margin_floor_harmful:.4f} harmful, "
+             f"+-{rep.noise_floor.margin_floor_benign:.4f} benign): a benign shift toward refusal is over-refusal. "
              f"{rep.timing.seconds:.0f} s.", ""]
     for c in rep.curves:
         t = c.transition
         lines += [f"## {c.cache.upper()}, rotation {'on' if c.rotation else 'off'}: collapse at <= "
                   f"{t.collapse_bits or 'none'} bits, safe from {t.safe_bits or 'none'} bits", "",
-                  *md_table(["bits", "damage", "margin drop (harmful)", "KLD (harmless)", "rel. L2 at l*"],
+                  *md_table(["bits", "damage", "margin drop (harmful)", "margin shift harmful", "margin shift benign",
+                             "damage benign", "KLD (benign)", "rel. L2 at l*"],
                             [[str(p.bits),
                               f"{p.damage.value:+.3f} [{p.damage.lo:+.3f}, {p.damage.hi:+.3f}]",
-                              f"{p.margin_drop_harmful.value:+.3f}", f"{p.kld_harmless.value:.4f}",
+                              f"{p.margin_drop_harmful.value:+.3f}",
+                              est(p.margin_shift_harmful.to_dict(), 3, True, with_n=True),
+                              est(p.margin_shift_benign.to_dict(), 3, True, with_n=True),
+                              est(p.damage_benign.to_dict(), 3, True), f"{p.kld_harmless.value:.4f}",
                               f"{p.relative_l2_readout:.4f}"] for p in c.points]), ""]
     return "\n".join(lines)
 
