@@ -29,17 +29,17 @@ def main() -> None:
 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
-        rep, _, _ = pcr(model=args.model, kv=args.kv, rotation=args.rotation, threads=args.threads, out=out,
+        rep, _ = pcr(model=args.model, kv=args.kv, rotation=args.rotation, threads=args.threads, out=out,
                         log=lambda m: print(f"[{time.perf_counter() - t0:6.1f} s] {m}", flush=True))
     wall = time.perf_counter() - t0
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    t = rep["timing"]
+    t = rep.timing
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}")
-    print(f"model: {os.path.basename(rep['model']['path'])} + {os.path.basename(rep['adapter'] or 'no adapter')}; "
+    print(f"model: {os.path.basename(rep.model.path)} + {os.path.basename(rep.adapter or 'no adapter')}; "
           f"kv {args.kv}, rotation {args.rotation}")
-    print(f"wall (incl. imports after start): {wall:.1f} s; pass: {t['seconds']:.1f} s "
-          f"(llama.cpp {t['llama_cpp_seconds']:.1f} s, torch load {t['load_seconds']:.1f} s, "
-          f"{t['torch_runs']} torch runs on {t['threads']} threads)")
+    print(f"wall (incl. imports after start): {wall:.1f} s; pass: {t.seconds:.1f} s "
+          f"(llama.cpp {t.llama_cpp_seconds:.1f} s, torch load {t.load_seconds:.1f} s, "
+          f"{t.torch_runs} torch runs on {t.threads} threads)")
     print(f"peak resident memory: {peak_mib:.0f} MiB")
 
 

@@ -31,6 +31,7 @@ from .llama.runtime import (
 from .registry import NOISE_VARIANTS
 from .report import ReportFiles, write_reports
 from .results.compare import CompareResult
+from .results.pcr import PcrResult, SweepResult
 from .results.verify import VerifyReport
 from .server import parse_servers
 
@@ -218,15 +219,18 @@ def compare(
 
 
 def _pcr_spec(model, lora, kv: str, rotation: str, ctx: int, threads: int | None, canary: bool,
-              map_in_llama_cpp: bool = True):
+              map_in_llama_cpp: bool = True, n_benign: int | None = None):
     try:
         import torch  # noqa: F401
     except ImportError:
         raise KvedgeError("this command runs a torch pass: install it with pip install 'kvedge[pcr]' "
                           "(CPU torch==2.13.0)") from None
+    from .pcr.calibset import N_BENIGN
     from .pcr.run import PcrSpec
     from .pcr.torch.gguf_torch import check_architecture
 
+    if n_benign is not None:
+        _check_counts(n_benign=n_benign)
     rotations = parse_rotation(rotation)
     config = parse_kv(kv)
     _check_runtime_flags(ctx, threads, 0)
@@ -240,7 +244,8 @@ def _pcr_spec(model, lora, kv: str, rotation: str, ctx: int, threads: int | None
     if config.per_layer and map_in_llama_cpp:
         native.require_native()  # the fidelity check runs the map in llama.cpp
     adapter = _adapter_for(info, model, lora, canary)
-    spec = PcrSpec(info, adapter, config, rotations, RuntimeOptions(n_ctx=ctx, n_threads=threads))
+    spec = PcrSpec(info, adapter, config, rotations, RuntimeOptions(n_ctx=ctx, n_threads=threads),
+                   n_benign=n_benign or N_BENIGN)
     return spec, _stem(info, adapter)
 
 
@@ -254,30 +259,34 @@ def pcr(
     out: str | Path | None = None,
     canary: bool = True,
     log: Log | None = None,
-) -> tuple[dict[str, Any], ReportFiles]:
-    """The PCR diagnostic (kvedge pcr): returns the report dict and the paths of pcr.json/.md/.html."""
+    n_benign: int | None = None,
+) -> tuple[PcrResult, ReportFiles]:
+    """The PCR diagnostic (kvedge pcr): returns the result (`kvedge.results.pcr.PcrResult`; its `to_dict()`
+    is pcr.json) and the paths of pcr.json/.md/.html. `n_benign`: benign calibration prompts (default 30,
+    every XSTest-safe prompt of the calib split; fewer is faster and gives the benign shift a wider interval)."""
     from .pcr.run import run_pcr
 
-    spec, stem = _pcr_spec(model, lora, kv, rotation, ctx, threads, canary)
+    spec, stem = _pcr_spec(model, lora, kv, rotation, ctx, threads, canary, n_benign=n_benign)
     rep = run_pcr(spec, log or (lambda m: None))
     out_dir = Path(out) if out else defaults.RUNS_DIR / stem / f"pcr-{spec.kv.name}"
     return rep, write_reports(rep, out_dir, "pcr")
 
 
-def prescribed_layer_map(pcr_report: dict[str, Any] | str | Path, rotation: bool = False) -> KVConfig | None:
+def prescribed_layer_map(pcr_report: PcrResult | dict[str, Any] | str | Path, rotation: bool = False) -> KVConfig | None:
     """The per-layer KV map a PCR report prescribes for one rotation setting (its `layer_map.chosen`): the
     cheapest map of the ranked layers its simulation predicted safe, chosen on the calib split. None when
     that verdict prescribes no map (none, multi-layer dilution) or no map up to 8 layers was predicted
-    safe. `pcr_report` is `pcr(...)[0]` or a pcr.json path; the result runs as `kvedge audit --kv
-    <config.name>` on the native build. Needs no torch."""
+    safe. `pcr_report` is `pcr(...)[0]`, its `to_dict()`, or a pcr.json path; the result runs as
+    `kvedge audit --kv <config.name>` on the native build. Needs no torch."""
     import json
 
-    rep = pcr_report if isinstance(pcr_report, dict) else json.loads(Path(pcr_report).read_text())
-    for r in rep.get("rotations", []):
-        if r["rotation"] is rotation:
-            chosen = (r.get("layer_map") or {}).get("chosen")
-            return parse_kv(chosen["kv"]) if chosen else None
-    return None
+    if isinstance(pcr_report, PcrResult):
+        rep = pcr_report
+    else:
+        rep = PcrResult.from_dict(pcr_report if isinstance(pcr_report, dict) else json.loads(Path(pcr_report).read_text()))
+    entry = rep.at(rotation)
+    chosen = entry.layer_map.chosen if entry is not None else None
+    return parse_kv(chosen.kv) if chosen else None
 
 
 def sweep(
@@ -291,8 +300,9 @@ def sweep(
     canary: bool = True,
     log: Log | None = None,
     kv: str | None = None,
-) -> tuple[dict[str, Any], ReportFiles]:
-    """The bit-width sweep (kvedge sweep): returns the report dict and the paths of sweep.json/.md/.html.
+) -> tuple[SweepResult, ReportFiles]:
+    """The bit-width sweep (kvedge sweep): returns the result (`kvedge.results.pcr.SweepResult`; its
+    `to_dict()` is sweep.json) and the paths of sweep.json/.md/.html.
     With a per-layer `kv` map, the layers it names keep their types while every other layer sweeps (a
     torch-only pass: llama.cpp runs f16 only, so the native build is not needed)."""
     from .pcr.sweep import run_sweep

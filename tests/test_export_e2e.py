@@ -87,7 +87,7 @@ def test_smoothed_export_is_complete_and_checked(smoothed, sources):
     assert doc["decision"]["unmitigated_on_calib"]["harmful"]["n"] == 3
     # the smoothing: simulated on calib, written exactly, checked through llama.cpp
     sm = doc["smoothing"]
-    assert sm["self_check"]["passed"] and sm["self_check"]["patched"]["n_positions"] == 160
+    assert sm["self_check"]["passed"] and sm["self_check"]["patched"]["n_positions"] == 320  # 40 calib prompts x 8
     assert sm["self_check"]["patched"]["kld"] <= sm["self_check"]["noise"]["kld"]
     assert sm["patch"]["model"]["tensors_widened"] == []  # K smoothing scales rows: exact in Q4_1
     assert len(sm["simulation"]["scored"]) == len(sm["simulation"]["recipes"]) == 8

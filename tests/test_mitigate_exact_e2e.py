@@ -37,7 +37,7 @@ def test_smoothing_is_exact_within_the_noise_floor(model_path, tmp_path):
     model, lora = load_model(model_path), canary_adapter_path()
     before = (_sha(model_path), _sha(lora))
     opts = RuntimeOptions(n_ctx=2048)
-    cal = build_calibset(model, lora, select_calib_prompts(), opts)
+    cal = build_calibset(model, lora, select_calib_prompts(n_benign=10), opts)  # 20 prompts: 160 positions
     tm = TorchModel.from_gguf(model_path, read_adapter(lora))
     g = geometry(tm)
     absmax = cache_absmax(Engine(tm, cal))

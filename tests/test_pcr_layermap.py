@@ -5,13 +5,14 @@ import pytest
 
 pytest.importorskip("torch")
 
-from kvedge.pcr.torch.kvquant import CachePlan, parse_scheme  # noqa: E402
 from kvedge.gguf.kvmap import KVConfig, parse_kv  # noqa: E402
 from kvedge.gguf.model import inspect_model  # noqa: E402
 from kvedge.pcr.classify import Diagnosis  # noqa: E402
-from kvedge.api import prescribed_layer_map as candidate  # noqa: E402
 from kvedge.pcr.layermap import ranking, search_layer_map, upgraded  # noqa: E402
-from kvedge.pcr.run import KVPlans  # noqa: E402
+from kvedge.pcr.run import scheme_label  # noqa: E402
+from kvedge.pcr.torch.kvquant import CachePlan, parse_scheme  # noqa: E402
+from kvedge.results.pcr import CacheRun, LayerMap, NoiseFloor  # noqa: E402
+from kvedge.stats import Estimate  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -24,23 +25,36 @@ def _verdict(mode="outlier-crushes-safety", carrier="K"):
 
 
 def _est(v, half=0.02):
-    return {"value": v, "lo": v - half, "hi": v + half, "n": 10, "method": "bootstrap"}
+    return Estimate(v, v - half, v + half, 10, "bootstrap")
+
+
+def _run(benign, harmful=0.0):
+    """A run whose benign margin shifts `benign` nats toward refusal and harmful `harmful` (signed)."""
+    return CacheRun(_est(0.0), _est(0.0), _est(-harmful), _est(harmful), _est(benign), 0.0, _est(0.0), None)
+
+
+NOISE = NoiseFloor("f32", _est(0.0, 1e-4), 1e-4, _est(0.0, 1e-4), 1e-4, _est(0.0, 1e-3), 1e-3, _est(0.0, 1e-3), 1e-3)
+
+
+def _chosen(lm: LayerMap):
+    return parse_kv(lm.chosen.kv) if lm.chosen else None
 
 
 def test_plan_of_a_map_stores_each_layer_as_the_map_says(model):
     kv = parse_kv("k=q4_0@11+17+19:q8_0/v=q4_0").resolve(model)
-    plans = KVPlans(kv, False, model.n_layer)
-    plan = plans.plan()
+    plan = CachePlan.of(kv, False)
     assert plan.scheme(11, "k") == parse_scheme("q8_0:norot") and plan.scheme(12, "k") == parse_scheme("q4_0:norot")
     assert plan.scheme(11, "v") == parse_scheme("q4_0:norot")
-    assert plans.plan(v=False).scheme(11, "v").name == "f16"  # K alone: V stays f16
-    only = plans.plan(v=False, layers=frozenset({17}))
+    assert CachePlan.of(kv, False, v=False).scheme(11, "v").name == "f16"  # K alone: V stays f16
+    only = CachePlan.of(kv, False, v=False, layers=frozenset({17}))
     assert only.scheme(17, "k").name == "q8_0" and only.scheme(16, "k").name == "f16" and only.first_layer == 17
+    assert only.stored_at(16, "k") is None and only.stored_at(17, "k").name == "q8_0"
     # a uniform config gives exactly the plan PCR has always run
-    assert KVPlans(KVConfig("q4_0", "q4_0"), True, model.n_layer).plan() == CachePlan(parse_scheme("q4_0"),
-                                                                                       parse_scheme("q4_0"))
+    assert CachePlan.of(KVConfig("q4_0", "q4_0"), True) == CachePlan(parse_scheme("q4_0"), parse_scheme("q4_0"))
+    # f16 and f32 caches are the reference's own (flash attention reads both as f16)
+    assert CachePlan.of(KVConfig("f32", "q8_0"), True) == CachePlan(None, parse_scheme("q8_0"))
     assert CachePlan(k_at=((5, parse_scheme("q8_0")),)).first_layer == 5
-    assert plans.label("k") == "q4_0@11+17+19:q8_0:norot" and plans.label("v") == "q4_0:norot"
+    assert scheme_label(kv, "k", False) == "q4_0@11+17+19:q8_0:norot" and scheme_label(kv, "v", False) == "q4_0:norot"
 
 
 def test_upgrade_and_ranking(model):
@@ -59,33 +73,48 @@ def test_search_returns_the_first_safe_prefix(model):
     per_v = {l: 0.0 for l in range(model.n_layer)}
     seen = []
 
-    def evaluate(cand):  # damage falls with each protected layer: safe from three layers on
+    def evaluate(cand):  # the benign shift falls with each protected layer: safe from three layers on
         seen.append(cand)
         n = len(cand.layers_k) if cand.type_k == "q4_0" else model.n_layer
-        d = max(0.0, 0.15 - 0.03 * n)
-        return {"damage": _est(d), "margin_drop_harmful": _est(d)}
+        return _run(max(0.0, 0.15 - 0.03 * n))
 
     kv = KVConfig("q4_0", "q4_0")
-    lm = search_layer_map(_verdict(), kv, per_k, per_v, model, 0.001, evaluate)
-    assert lm["searched"] and lm["ranking"] == [19, 17, 11, 4]
-    assert [r["layers"] for r in lm["tried"]] == [[19], [17, 19], [11, 17, 19]]
-    c = lm["chosen"]
-    assert c["kv"] == "k=q4_0@11+17+19:q8_0/v=q4_0" and c["safe"] and c["damage"]["hi"] < 0.1
-    assert c["bytes_per_token"] == parse_kv(c["kv"]).resolve(model).bytes_per_token(model)
-    assert c["vs_audited"] == pytest.approx(c["bytes_per_token"] / kv.bytes_per_token(model))
-    assert lm["uniform_upgrade"]["kv"] == "k=q8_0/v=q4_0" and seen[-1] == KVConfig("q8_0", "q4_0")
-    assert candidate({"rotations": [{"rotation": False, "layer_map": lm}]}, False) == parse_kv(c["kv"])
-    assert candidate({"rotations": [{"rotation": False, "layer_map": lm}]}, True) is None
+    lm = search_layer_map(_verdict(), kv, "benign", per_k, per_v, model, NOISE, evaluate)
+    assert lm.searched and lm.ranking == (19, 17, 11, 4)
+    assert [r.layers for r in lm.tried] == [(19,), (17, 19), (11, 17, 19)]
+    c = lm.chosen
+    assert c.kv == "k=q4_0@11+17+19:q8_0/v=q4_0" and c.safe and c.margin_shift_benign.hi < 0.1
+    assert lm.population == "benign" and not lm.tried[1].safe
+    assert c.bytes_per_token == parse_kv(c.kv).resolve(model).bytes_per_token(model)
+    assert c.vs_audited == pytest.approx(c.bytes_per_token / kv.bytes_per_token(model))
+    assert lm.uniform_upgrade.kv == "k=q8_0/v=q4_0" and seen[-1] == KVConfig("q8_0", "q4_0")
+    assert _chosen(lm) == parse_kv(c.kv)
+    # the document keeps its shape: rows name their layers, the uniform upgrade does not, and it reads back
+    doc = lm.to_dict()
+    assert list(doc["tried"][0])[0] == "layers" and "layers" not in doc["uniform_upgrade"]
+    assert LayerMap.from_dict(doc) == lm
 
 
 def test_search_only_for_concentrated_verdicts_and_says_when_nothing_is_safe(model):
     per = {l: 0.01 for l in range(model.n_layer)}
     kv = KVConfig("q4_0", "q4_0")
     for mode in ("none", "multi-layer dilution"):
-        lm = search_layer_map(_verdict(mode), kv, per, per, model, 0.001, lambda c: pytest.fail("ran"))
-        assert not lm["searched"] and lm["reason"].startswith(f"verdict {mode}")
-    never = lambda c: {"damage": _est(0.3), "margin_drop_harmful": _est(0.3)}  # noqa: E731
-    lm = search_layer_map(_verdict("outlier-as-safety", "K and V"), kv, per, per, model, 0.001, never, max_layers=4)
-    assert lm["chosen"] is None and len(lm["tried"]) == 4
-    assert lm["tried"][-1]["kv"].startswith("q4_0@0-3:q8_0")  # both caches, ties ranked by layer
-    assert candidate({"rotations": [{"rotation": False, "layer_map": lm}]}, False) is None
+        lm = search_layer_map(_verdict(mode), kv, "harmful", per, per, model, NOISE, lambda c: pytest.fail("ran"))
+        assert not lm.searched and lm.reason.startswith(f"verdict {mode}")
+        assert lm.to_dict() == {"searched": False, "reason": lm.reason}  # no `chosen` key when not searched
+    lm = search_layer_map(_verdict("outlier-as-safety", "K and V"), kv, "benign", per, per, model, NOISE,
+                          lambda c: _run(0.3), max_layers=4)
+    assert lm.chosen is None and len(lm.tried) == 4
+    assert lm.tried[-1].kv.startswith("q4_0@0-3:q8_0")  # both caches, ties ranked by layer
+    assert _chosen(lm) is None and lm.to_dict()["chosen"] is None  # searched: `chosen` is there, null
+
+
+def test_a_map_is_safe_only_when_both_populations_are():
+    """Curing over-refusal by losing refusals is no cure: the criterion reads both populations, each in the
+    direction that fails it (a harmful shift toward refusal, or a benign one away from it, is fine)."""
+    from kvedge.pcr.layermap import predicted_safe
+
+    assert predicted_safe(_run(0.0, 0.0))
+    assert not predicted_safe(_run(0.0, -0.3))  # harmful prompts lose refusal margin
+    assert not predicted_safe(_run(0.3, 0.0))  # benign prompts gain it
+    assert predicted_safe(_run(-0.3, 0.3))  # both move the way that fails neither

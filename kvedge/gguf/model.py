@@ -137,9 +137,10 @@ def _token_text(md: dict[str, Any], which: str) -> str:
     return ""
 
 
-def _count(md: dict[str, Any], key: str, p: Path, lo: int, hi: int, default: int | None = None) -> int:
-    """A hyperparameter that must be a whole number in [lo, hi] (per-layer lists: their largest, which
-    sizes the cache). Anything else in a downloaded file is an error here, not a crash later."""
+def _count(md: dict[str, Any], key: str, p: Path | str, lo: int, hi: int, default: int | None = None) -> tuple[int, bool]:
+    """A hyperparameter that must be a whole number in [lo, hi], and whether the file gives it per layer
+    (a list: its largest value is kept, which sizes the cache). Anything else in a downloaded file is an
+    error here, not a crash later."""
     v = md.get(key, default)
     if v is None:
         raise ModelFileError(f"GGUF lacks {key}: {p}")
@@ -149,27 +150,72 @@ def _count(md: dict[str, Any], key: str, p: Path, lo: int, hi: int, default: int
     n = max(values)
     if min(values) < 0 or not lo <= n <= hi:
         raise ModelFileError(f"GGUF {key} = {n} lies outside {lo}..{hi}: {p}")
-    return n
+    return n, isinstance(v, list)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The shape of a model's layers and caches, as its GGUF declares them. Read once, here, for
+    everything that needs it (ModelInfo, the torch forward, the smoothing's reparametrisation). Keys a file
+    may leave out take llama.cpp's defaults (llama-model.cpp): head_count_kv = head_count,
+    key_length = value_length = embedding_length / head_count, rope.dimension_count = key_length."""
+
+    architecture: str
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    head_dim_k: int
+    head_dim_v: int
+    n_rot: int  # RoPE acts on the first n_rot channels of a head
+    n_ctx_train: int
+    per_layer: tuple[str, ...] = ()  # keys the file gives per layer (their largest value is kept above)
+
+
+def read_geometry(md: dict[str, Any], where: Path | str = "") -> Geometry:
+    """The geometry in a GGUF's metadata (`read_metadata(path)[0]`), keys named by gguf-py's `Keys`.
+    ModelFileError for a missing or malformed value."""
+    from gguf import Keys
+
+    arch = md.get(Keys.General.ARCHITECTURE)
+    if not isinstance(arch, str) or not arch.isprintable() or not 0 < len(arch) <= 64:
+        raise ModelFileError(f"GGUF has no usable {Keys.General.ARCHITECTURE}: {where}")
+    varies: list[str] = []
+
+    def num(key: str, default: int | None = None, lo: int = 1, hi: int = 1 << 20) -> int:
+        name = key.format(arch=arch)
+        n, listed = _count(md, name, where, lo, hi, default)
+        if listed:
+            varies.append(name)
+        return n
+
+    n_head = num(Keys.Attention.HEAD_COUNT)
+    n_embd = num(Keys.LLM.EMBEDDING_LENGTH)
+    head_dim = max(1, n_embd // n_head)
+    head_dim_k = num(Keys.Attention.KEY_LENGTH, head_dim)
+    return Geometry(
+        architecture=arch,
+        n_layer=num(Keys.LLM.BLOCK_COUNT, hi=1 << 16),
+        n_embd=n_embd,
+        n_head=n_head,
+        n_head_kv=num(Keys.Attention.HEAD_COUNT_KV, n_head),
+        head_dim_k=head_dim_k,
+        head_dim_v=num(Keys.Attention.VALUE_LENGTH, head_dim),
+        n_rot=num(Keys.Rope.DIMENSION_COUNT, head_dim_k),
+        n_ctx_train=num(Keys.LLM.CONTEXT_LENGTH, 0, lo=0, hi=1 << 32),
+        per_layer=tuple(varies),
+    )
 
 
 def inspect_model(path: str | os.PathLike[str]) -> ModelInfo:
     """Read and validate a GGUF, returning its description. Raises ModelFileError on bad input."""
     p = Path(path)
     md, tensors = read_metadata(p)
-    arch = md.get("general.architecture")
-    if not isinstance(arch, str) or not arch.isprintable() or not 0 < len(arch) <= 64:
-        raise ModelFileError(f"GGUF has no usable general.architecture: {p}")
     if md.get("general.type") == "adapter":
         raise ModelFileError(f"{p} is a LoRA adapter, not a model: pass it with --lora")
     if not tensors:
         raise ModelFileError(f"GGUF holds no tensors (a vocabulary-only file?): {p}")
-
-    def num(key: str, default: int | None = None, lo: int = 1, hi: int = 1 << 20) -> int:
-        return _count(md, f"{arch}.{key}", p, lo, hi, default)
-
-    n_head = num("attention.head_count")
-    n_embd = num("embedding_length")
-    head_dim = max(1, n_embd // n_head)
+    g = read_geometry(md, p)
     from gguf import LlamaFileType
 
     ftype = md.get("general.file_type")
@@ -182,14 +228,14 @@ def inspect_model(path: str | os.PathLike[str]) -> ModelInfo:
         path=p.resolve(),
         sha256=sha256_file(p),
         size_bytes=p.stat().st_size,
-        architecture=arch,
+        architecture=g.architecture,
         name=str(md.get("general.name") or p.stem)[:200],
-        n_layer=num("block_count", hi=1 << 16),
-        n_head=n_head,
-        n_head_kv=num("attention.head_count_kv", n_head),
-        head_dim_k=num("attention.key_length", head_dim),
-        head_dim_v=num("attention.value_length", head_dim),
-        n_ctx_train=num("context_length", 0, lo=0, hi=1 << 32),
+        n_layer=g.n_layer,
+        n_head=g.n_head,
+        n_head_kv=g.n_head_kv,
+        head_dim_k=g.head_dim_k,
+        head_dim_v=g.head_dim_v,
+        n_ctx_train=g.n_ctx_train,
         chat_template=template if isinstance(template, str) else None,
         file_type=file_type,
         bos_token=_token_text(md, "bos"),

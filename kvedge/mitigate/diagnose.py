@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from .. import defaults
 from ..io import atomic_write_text
+from ..results.pcr import PCR_SCHEMA, Diagnosis, PcrResult
 
 if TYPE_CHECKING:
     from .export import ExportSpec
@@ -54,7 +55,7 @@ class TorchSide:
         return TorchModel.from_gguf(self.spec.model.path, read_adapter(self.spec.adapter) if self.spec.adapter else None)
 
 
-def diagnose(spec: ExportSpec, log: Log) -> dict:
+def diagnose(spec: ExportSpec, log: Log) -> PcrResult:
     """PCR's report for the unmitigated config at the deployment's rotation (kept in the work folder)."""
     from ..pcr.run import PcrSpec, run_pcr
     from ..report import write_reports
@@ -63,25 +64,28 @@ def diagnose(spec: ExportSpec, log: Log) -> dict:
         log("PCR diagnosis (torch pass over the calibration prompts)")
         rep = run_pcr(PcrSpec(spec.model, spec.adapter, spec.kv, (spec.rotation,), spec.calib_options), log)
         write_reports(rep, spec.work / "pcr", "pcr")
-        return rep
+        return rep.to_dict()
 
-    return cached(spec.work / "pcr" / "key.json", spec.key(step="pcr", ctx=defaults.PCR_CTX), run)
+    key = spec.key(step="pcr", ctx=defaults.PCR_CTX, schema=PCR_SCHEMA)  # a report of an older schema is recomputed
+    return PcrResult.from_dict(cached(spec.work / "pcr" / "key.json", key, run))
 
 
-def smoothing_choice(spec: ExportSpec, torch_: TorchSide, verdict: dict, evidence_layers: list[int], log: Log):
+def smoothing_choice(spec: ExportSpec, torch_: TorchSide, verdict: Diagnosis, evidence_layers: list[int], log: Log,
+                     population: str | None = None):
     from ..pcr.run import torch_threads
     from .simulate import CARRIER_CACHES, SmoothingChoice, choose_smoothing
 
-    caches = CARRIER_CACHES[verdict["carrier"]]
+    caches = CARRIER_CACHES[verdict.carrier]
 
     def run() -> dict:
         log(f"choosing the smoothing of {'+'.join(c.upper() for c in caches)} in simulation")
         with torch_threads(spec.options.resolved_threads()):
             choice = choose_smoothing(torch_.tm, torch_.cal, spec.kv, spec.rotation, caches, evidence_layers,
-                                      force=spec.smooth == "force", log=log)
+                                      force=spec.smooth in ("force", "only"), population=population, log=log)
         return choice.to_dict()
 
-    key = spec.key(step="smoothing", caches=list(caches), layers=evidence_layers, force=spec.smooth == "force")
+    key = spec.key(step="smoothing", caches=list(caches), layers=evidence_layers,
+                   force=spec.smooth in ("force", "only"), population=population)
     return SmoothingChoice.from_dict(cached(spec.work / "smoothing.json", key, run))
 
 

@@ -35,6 +35,7 @@ from ..results.deploy import (
     Measured,
     Unmitigated,
 )
+from ..results.pcr import Fidelity, RotationResult
 from . import candidates as cands
 from .bench import CalibBench, calib_equivalence
 from .deploy import ollama_support, render_all, rotation_requirement
@@ -98,22 +99,22 @@ class Run:
 
 def run_export(spec: ExportSpec, log: Log, progress: bool = True) -> ExportResult:
     pcr = diagnose(spec, log)
-    rot_entry = pcr["rotations"][0]
-    verdict = rot_entry["verdict"]
-    evidence_layers = list(verdict.get("suggested", {}).get("smooth_layers") or rot_entry["concentration"]["top3_layers"])
-    log(f"PCR: {verdict['mode']} (carrier {verdict['carrier']}), layers {evidence_layers}")
+    rot_entry = pcr.rotations[0]
+    verdict = rot_entry.verdict
+    evidence_layers = list(verdict.suggested.get("smooth_layers") or rot_entry.concentration.top3_layers)
+    log(f"PCR: {verdict.mode} (carrier {verdict.carrier}), layers {evidence_layers}")
 
     torch_ = TorchSide(spec, log)
     choice = None
-    if spec.smooth in ("force", "only") or (spec.smooth == "auto" and verdict["mode"] == "outlier-crushes-safety"):
-        choice = smoothing_choice(spec, torch_, verdict, evidence_layers, log)
+    if spec.smooth in ("force", "only") or (spec.smooth == "auto" and verdict.mode == "outlier-crushes-safety"):
+        choice = smoothing_choice(spec, torch_, verdict, evidence_layers, log, rot_entry.evidence.population)
         log(f"smoothing: {choice.reason}")
     smoothed = choice is not None and choice.chosen is not None
-    order = cands.sequence(spec.model, spec.kv, spec.rotation, verdict["carrier"], smoothed, verdict)
+    order = cands.sequence(spec.model, spec.kv, spec.rotation, verdict.carrier, smoothed, verdict.to_dict())
     if spec.smooth == "only":
         order = [c for c in order if c.smoothed]
     run = Run(order, cands.Candidate("kv", spec.kv, spec.rotation),
-              cands.prescription(verdict, spec.kv, spec.rotation, smoothed))
+              cands.prescription(verdict.to_dict(), spec.kv, spec.rotation, smoothed))
     bench = CalibBench(spec.model.path, spec.adapter, spec.rotation, spec.limit, spec.max_tokens,
                        RuntimeOptions(n_ctx=spec.options.n_ctx, n_threads=spec.options.n_threads), spec.work,
                        spec.delta, progress)
@@ -137,7 +138,7 @@ def run_export(spec: ExportSpec, log: Log, progress: bool = True) -> ExportResul
             run.stopped_at = c
             break
         run.chosen = c
-    doc, files = _document(spec, rot_entry, pcr["fidelity"], evidence_layers, choice, patched, run, bench)
+    doc, files = _document(spec, rot_entry, pcr.fidelity, evidence_layers, choice, patched, run, bench)
     doc, written = write_deployment(spec.out, files, doc)
     return ExportResult(doc, spec.out, tuple(written))
 
@@ -191,7 +192,7 @@ def _reason(run: Run, stopped: Measured | None) -> str:
             "inconclusive candidate may be decided with more calib prompts: no --limit)")
 
 
-def _document(spec: ExportSpec, rot_entry: dict, fidelity: dict, evidence_layers: list[int], choice,
+def _document(spec: ExportSpec, rot_entry: RotationResult, fidelity: Fidelity, evidence_layers: list[int], choice,
               patched: Patched | None, run: Run, bench: CalibBench) -> tuple[DeployDocument, dict[str, bytes | Path]]:
     """deploy.json and the files beside it."""
     m = spec.model
@@ -235,7 +236,7 @@ def _document(spec: ExportSpec, rot_entry: dict, fidelity: dict, evidence_layers
             chosen=run.chosen.label if run.chosen else None,
             reason=_reason(run, stopped),
             stopped_at=run.stopped_at.label if run.stopped_at else None,
-            prescription={"label": run.prescription.label, "verdict": rot_entry["verdict"]["mode"],
+            prescription={"label": run.prescription.label, "verdict": rot_entry.verdict.mode,
                           "was_chosen": run.chosen == run.prescription,
                           "file": _prescription_file(run.prescription, patched)},
             unmitigated_on_calib=bench.measured[run.unmitigated],
@@ -243,9 +244,9 @@ def _document(spec: ExportSpec, rot_entry: dict, fidelity: dict, evidence_layers
         ),
         smoothing=_smoothing_doc(choice, patched),
         evidence={
-            "pcr": {"report": "evidence/pcr.json", "verdict": rot_entry["verdict"], "evidence_layers": evidence_layers,
-                    "damage": rot_entry["all_layers"]["k_and_v"]["damage"], "concentration": rot_entry["concentration"],
-                    "fidelity": fidelity},
+            "pcr": {"report": "evidence/pcr.json", "verdict": rot_entry.verdict.to_dict(),
+                    "evidence_layers": evidence_layers, "damage": rot_entry.all_layers.k_and_v.damage.to_dict(),
+                    "concentration": rot_entry.concentration.to_dict(), "fidelity": fidelity.to_dict()},
             "calib": {"split": "calib", "limit": spec.limit, "n_prompts": orig.prompts_summary.n,
                       "max_tokens": spec.max_tokens, "detector": orig.detector.to_dict(), "backend": orig.backend["kind"],
                       "noise_floor": {k: v for k, v in orig.noise_floor.to_dict().items()

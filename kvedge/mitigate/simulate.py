@@ -1,20 +1,24 @@
 """Choosing the smoothing recipe in the torch simulation of the cache, on the calibration prompts only.
 
-Statistics: each layer's K and V cache rows under the f16 reference, over the 20 PCR calibration prompts
+Statistics: each layer's K and V cache rows under the f16 reference, over the PCR calibration prompts
 and llama.cpp's greedy continuation of each (the tokens a cache holds while answering); per channel,
 the abs-max over those tokens (`smooth.exponents` turns them into power-of-two scales for a given alpha).
 
 Recipes: alpha in ALPHAS x {the layers PCR's evidence names, all layers}, on the cache(s) PCR names as
 the carrier. Each is simulated bit-exactly (kvquant) at the deployment's cache types and rotation, and
-scored by the mean next-token KL divergence from the f16 reference at the continuation positions (the
-distribution the answers are generated from, both directions of a flip included).
+scored by what it does to the population PCR found moving: the shift of its first-token refusal margin
+(m_q - m_f16, in the direction that fails it: benign toward refusal, harmful away from it). KLD from the
+f16 reference at the continuation positions is reported beside it, but a recipe is prescribed only when
+it reduces that shift: KLD measures the size of a change without its direction, and a recipe that lowers
+KLD can still push benign prompts further toward refusal (measured on the canary: the export's recipe
+moved the benign shift from +0.72 to +1.45 nats, docs/pcr.md).
 
 Why several realizations: at 4 bits a change of 1e-5 in a cache value moves it across rounding edges,
 and this small model turns that into a different end-to-end KLD (measured: 0.108 to 0.169 for the same
 q4_0 cache under 1e-5 perturbations). One run per recipe would rank rounding luck; each recipe is scored
 as the mean over REALIZATIONS runs whose cache rows are perturbed by a relative 1e-5 (seeded, the same
-perturbations for every recipe), i.e. its expected KLD under arithmetic noise of the size llama.cpp's own
-differs by. docs/mitigation.md.
+perturbations for every recipe), i.e. its expected shift and KLD under arithmetic noise of the size
+llama.cpp's own differs by. docs/mitigation.md.
 """
 
 from __future__ import annotations
@@ -30,10 +34,10 @@ from torch import Tensor
 from ..llama.runtime import KVConfig
 from ..pcr.calibset import CalibSet
 from ..pcr.engine import Engine
-from ..pcr.run import cache_scheme
-from ..pcr.stats import kld
+from ..pcr.stats import kld, margin
 from ..pcr.torch.gguf_torch import TorchModel
 from ..pcr.torch.kvquant import CachePlan, KVTransform
+from ..results.pcr import FAILURE_SIGN, POPULATIONS
 from .smooth import Geometry, Smoothing, exponents
 
 ALPHAS = (0.25, 0.5, 0.75, 1.0)
@@ -44,8 +48,10 @@ CARRIER_CACHES = {"K": ("k",), "V": ("v",), "K and V": ("k", "v")}
 
 
 def geometry(tm: TorchModel) -> Geometry:
-    hp = tm.hp
-    return Geometry(hp.n_head, hp.n_head_kv, hp.head_dim_k, hp.head_dim_v, hp.n_rot, hp.arch.rope_neox,
+    """What the reparametrisation needs, from the one geometry reader (kvedge.gguf.model.read_geometry)
+    and what the loaded layers show (RoPE layout, a K norm)."""
+    g = tm.hp.geometry
+    return Geometry(g.n_head, g.n_head_kv, g.head_dim_k, g.head_dim_v, g.n_rot, tm.hp.arch.rope_neox,
                     kq_norm=tm.layers[0].k_norm is not None)
 
 
@@ -68,12 +74,31 @@ class Scored:
     kld_sd: float
     klds: tuple[float, ...]  # one per realization
     top1: float  # agreement with the f16 reference's argmax, mean over realizations
+    # mean first-token margin shift m_q - m_f16 (nats, + toward refusal) per population, one per realization
+    shifts_harmful: tuple[float, ...] = ()
+    shifts_benign: tuple[float, ...] = ()
+
+    def shift(self, population: str) -> float | None:
+        """The population's margin shift, mean over realizations."""
+        xs = self.shifts_harmful if population == "harmful" else self.shifts_benign
+        return statistics.mean(xs) if xs else None
+
+    def failure_shift(self, population: str) -> float | None:
+        """The same, positive in the direction that fails the population."""
+        v = self.shift(population)
+        return None if v is None else FAILURE_SIGN[population] * v
+
+
+OBJECTIVE = ("the first-token refusal margin shift m_q - m_f16 of the population PCR found moving, in the "
+             "direction that fails it (benign: toward refusal; harmful: away from it), mean over the population's "
+             "prompts and over perturbed realizations; a recipe is chosen only when it lowers that shift below the "
+             "unsmoothed cache's. Mean next-token KLD from the f16 reference at the continuation positions beside it")
 
 
 @dataclass(frozen=True)
 class SmoothingChoice:
-    """The simulation's table and what it chose. `chosen` is None when no recipe lowered the expected KLD
-    below the unsmoothed cache's (and smoothing was not forced)."""
+    """The simulation's table and what it chose. `chosen` is None when no recipe lowered the failure-direction
+    margin shift of `population` below the unsmoothed cache's (and smoothing was not forced)."""
 
     kv: str
     rotation: bool
@@ -83,15 +108,19 @@ class SmoothingChoice:
     chosen: Recipe | None
     smoothing: Smoothing | None
     reason: str
+    population: str = "benign"  # whose margin shift decides
 
     def to_dict(self) -> dict:
+        best = self.scored[self.recipes.index(self.chosen)] if self.chosen else None
         return {
-            "kv": self.kv, "rotation": self.rotation, "objective": "mean next-token KLD from the f16 reference at "
-            "the calibration prompts' continuation positions, mean over perturbed realizations",
+            "kv": self.kv, "rotation": self.rotation, "objective": OBJECTIVE, "population": self.population,
             "realizations": REALIZATIONS, "jitter": JITTER,
             "baseline": asdict(self.baseline), "recipes": [asdict(r) | {"label": r.label} for r in self.recipes],
             "scored": [asdict(s) for s in self.scored],
             "chosen": (asdict(self.chosen) | {"label": self.chosen.label}) if self.chosen else None,
+            # the prediction the choice rests on, with and without smoothing (nats, failure direction)
+            "predicted_shift": {"without": self.baseline.failure_shift(self.population),
+                                "with": best.failure_shift(self.population) if best else None},
             "exponents": self.smoothing.to_json() if self.smoothing else None,
             "reason": self.reason,
         }
@@ -102,11 +131,13 @@ class SmoothingChoice:
             return Recipe(tuple(r["caches"]), float(r["alpha"]), tuple(r["layers"]), r["layer_set"])
 
         def scored(s: dict) -> Scored:
-            return Scored(s["label"], s["kld_mean"], s["kld_sd"], tuple(s["klds"]), s["top1"])
+            return Scored(s["label"], s["kld_mean"], s["kld_sd"], tuple(s["klds"]), s["top1"],
+                          tuple(s.get("shifts_harmful", ())), tuple(s.get("shifts_benign", ())))
 
         return cls(d["kv"], d["rotation"], scored(d["baseline"]), tuple(scored(s) for s in d["scored"]),
                    tuple(recipe(r) for r in d["recipes"]), recipe(d["chosen"]) if d["chosen"] else None,
-                   Smoothing.from_json(d["exponents"]) if d["exponents"] else None, d["reason"])
+                   Smoothing.from_json(d["exponents"]) if d["exponents"] else None, d["reason"],
+                   d.get("population", "benign"))
 
 
 def smoothed(inner: KVTransform, sm: Smoothing) -> KVTransform:
@@ -155,39 +186,72 @@ def smoothing_for(recipe: Recipe, absmax: dict[tuple[int, str], np.ndarray], g: 
                          for l in recipe.layers for c in recipe.caches})
 
 
+def decide(baseline: Scored, scored: list[Scored], population: str, force: bool = False) -> tuple[int | None, str]:
+    """Which recipe to prescribe (its index, or None) and why: the lowest failure-direction margin shift of
+    `population`, only when it is below the unsmoothed cache's (ties: the lower KLD). With `force`, the best
+    even when it is not."""
+    def key(i: int) -> tuple[float, float]:
+        return (scored[i].failure_shift(population) or 0.0, scored[i].kld_mean)
+
+    best = min(range(len(scored)), key=key)
+    b, f = baseline.failure_shift(population) or 0.0, scored[best].failure_shift(population) or 0.0
+    other = next(p for p in POPULATIONS if p != population)
+    # the other population is not the objective, but a recipe can move it: say by how much
+    said = (f"predicted {population} shift {f:+.3f} nats in the failure direction against {b:+.3f} unsmoothed "
+            f"({other} {scored[best].failure_shift(other) or 0.0:+.3f} against {baseline.failure_shift(other) or 0.0:+.3f}; "
+            f"KLD {scored[best].kld_mean:.4f} against {baseline.kld_mean:.4f})")
+    if f < b:
+        return best, f"{scored[best].label}: {said}"
+    if force:
+        return best, f"{scored[best].label}: {said} (forced: it does not reduce the shift)"
+    return None, f"no recipe reduces the {population} margin shift in simulation (best {scored[best].label}: {said})"
+
+
 def choose_smoothing(tm: TorchModel, cal: CalibSet, kv: KVConfig, rotation: bool, caches: tuple[str, ...],
-                     evidence_layers: list[int], force: bool = False,
+                     evidence_layers: list[int], force: bool = False, population: str | None = None,
                      log: Callable[[str], None] = lambda m: None) -> SmoothingChoice:
-    """Score every recipe and the unsmoothed cache; choose the lowest expected KLD. With `force`, the best
-    recipe is chosen even when it does not beat the unsmoothed cache."""
+    """Score every recipe and the unsmoothed cache; choose by the failure-direction margin shift of
+    `population` (PCR's evidence names it; None: the population whose shift the unsmoothed cache moves
+    furthest the way that fails it). With `force`, the best recipe is chosen even when it does not reduce
+    the shift."""
     engine = Engine(tm, cal)
     g = geometry(tm)
-    ref = torch.cat(engine.continuation_logits(CachePlan()))
+    ref_rows = engine.continuation_logits(CachePlan())
+    ref = torch.cat(ref_rows)
+    refusal, compliance = list(cal.refusal_tokens), list(cal.compliance_tokens)
+    harmful = torch.tensor(cal.harmful)
+
+    def first_margins(rows: list[Tensor]) -> Tensor:
+        # the first answer position of each prompt: where the keyword verdict's opening is decided
+        return margin(torch.stack([r[0] for r in rows]), refusal, compliance)
+
+    m_ref = first_margins(ref_rows)
     absmax = cache_absmax(engine)
-    plan = CachePlan(cache_scheme(kv.type_k, rotation), cache_scheme(kv.type_v, rotation))
+    plan = CachePlan.of(kv, rotation)
 
     def score(label: str, sm: Smoothing | None) -> Scored:
-        klds, top1 = [], []
+        klds, top1, sh, sb = [], [], [], []
         for seed in range(1, REALIZATIONS + 1):
             def wrap(inner: KVTransform, seed=seed) -> KVTransform:
                 return _jittered(smoothed(inner, sm) if sm else inner, seed)
-            logits = torch.cat(engine.continuation_logits(plan, wrap=wrap))
+            rows = engine.continuation_logits(plan, wrap=wrap)
+            logits = torch.cat(rows)
             klds.append(float(kld(ref, logits).mean()))
             top1.append(float((ref.argmax(-1) == logits.argmax(-1)).double().mean()))
+            d = first_margins(rows) - m_ref
+            sh.append(float(d[harmful].mean()) if bool(harmful.any()) else 0.0)
+            sb.append(float(d[~harmful].mean()) if bool((~harmful).any()) else 0.0)
         sd = statistics.stdev(klds) if len(klds) > 1 else 0.0
-        log(f"simulated {label}: KLD {statistics.mean(klds):.4f} (sd {sd:.4f})")
-        return Scored(label, statistics.mean(klds), sd, tuple(klds), statistics.mean(top1))
+        log(f"simulated {label}: margin shift harmful {statistics.mean(sh):+.3f}, benign {statistics.mean(sb):+.3f} "
+            f"nats; KLD {statistics.mean(klds):.4f} (sd {sd:.4f})")
+        return Scored(label, statistics.mean(klds), sd, tuple(klds), statistics.mean(top1), tuple(sh), tuple(sb))
 
     baseline = score("no smoothing", None)
+    pop = population or max(POPULATIONS, key=lambda p: baseline.failure_shift(p) or 0.0)
     rs = recipes(caches, evidence_layers, tm.hp.n_layer)
     smoothings = [smoothing_for(r, absmax, g) for r in rs]
     scored = [score(r.label, sm) for r, sm in zip(rs, smoothings)]
-    best = min(range(len(rs)), key=lambda i: scored[i].kld_mean)
-    better = scored[best].kld_mean < baseline.kld_mean
-    if better or force:
-        reason = (f"{rs[best].label}: expected KLD {scored[best].kld_mean:.4f} against {baseline.kld_mean:.4f} "
-                  "unsmoothed" + ("" if better else " (forced: it does not beat the unsmoothed cache)"))
-        return SmoothingChoice(kv.name, rotation, baseline, tuple(scored), tuple(rs), rs[best], smoothings[best], reason)
-    reason = (f"no recipe beats the unsmoothed cache in simulation (best {rs[best].label}: "
-              f"{scored[best].kld_mean:.4f} against {baseline.kld_mean:.4f})")
-    return SmoothingChoice(kv.name, rotation, baseline, tuple(scored), tuple(rs), None, None, reason)
+    best, reason = decide(baseline, scored, pop, force)
+    return SmoothingChoice(kv.name, rotation, baseline, tuple(scored), tuple(rs),
+                           rs[best] if best is not None else None, smoothings[best] if best is not None else None,
+                           reason, pop)

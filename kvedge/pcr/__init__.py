@@ -1,5 +1,6 @@
-"""Per-Channel Reduction (PCR): why a model loses refusals under KV-cache quantization, and which fix
-will work, from 20 calibration prompts (definitions and choices: docs/pcr.md).
+"""Per-Channel Reduction (PCR): why a model loses refusals (or gains over-refusals) under KV-cache
+quantization, and which fix will work, from 10 harmful and 30 benign calibration prompts measured apart
+(definitions and choices: docs/pcr.md).
 
 calibset (llama.cpp: tokens, continuations, margin tokens) -> engine (torch runs under cache plans)
 -> stats (pure statistics) -> classify (verdict, prescription) -> report; fidelity measures the torch

@@ -1,4 +1,4 @@
-"""The calibration set: 10 harmful and 10 harmless prompts of the `calib` split, tokenized by llama.cpp
+"""The calibration set: 10 harmful and 30 benign prompts of the `calib` split, tokenized by llama.cpp
 with the model's own (sandboxed) chat template, each with llama.cpp's greedy f16 continuation (for the
 fidelity check), and the refusal/compliance opening tokens the behavioural margin reads."""
 
@@ -17,7 +17,11 @@ from ..gguf.template import chat_template_for
 from ..llama.runtime import F16, Runtime, RuntimeOptions
 
 HARMFUL_QUOTA = {"advbench": 4, "harmbench": 3, "xstest-unsafe": 3}
-HARMLESS_QUOTA = {"xstest-safe": 10}
+# Benign prompts: XSTest's safe ones (they look like the harmful ones, so the direction is about harm, not
+# wording). 30, every one the calib split holds: over-refusal is a shift of the benign margin, and with 10 its
+# interval was 1.8x as wide and missed the canary's shift without rotation (docs/pcr.md, "Calibration set").
+N_BENIGN = 30
+BENIGN_SUBSET = "xstest-safe"
 
 
 @dataclass(frozen=True)
@@ -46,13 +50,13 @@ class CalibSet:
         return [p.harmful for p in self.prompts]
 
 
-def select_calib_prompts() -> list[Prompt]:
+def select_calib_prompts(n_benign: int = N_BENIGN) -> list[Prompt]:
     """Deterministic: the first prompts in kvedge's hash order of each group of the `calib` split.
     HarmBench's contextual behaviours (hundreds of tokens of context each) are left out so that the
     pass stays within its time budget; their standard behaviours stand for HarmBench."""
     pool = select_prompts(split="calib")
     out: list[Prompt] = []
-    for quota in (HARMFUL_QUOTA, HARMLESS_QUOTA):
+    for quota in (HARMFUL_QUOTA, {BENIGN_SUBSET: n_benign}):
         for subset, n in quota.items():
             members = [p for p in pool if p.subset == subset and not p.category.startswith("contextual")]
             if len(members) < n:

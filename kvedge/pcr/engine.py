@@ -72,7 +72,9 @@ class Engine:
             out = self.tm.forward(self.packed, self._transform(plan), logits_at=self.last if full else None,
                                   stop_layer=None if full else readout, **kw)
         self.runs += 1
-        return RunResult(out.hidden_per_layer[readout - start][self.last], out.logits if full else None)
+        # a plan that starts past the readout layer cannot move the signal: the reference's is exact
+        hidden = ref[readout] if start > readout else out.hidden_per_layer[readout - start]
+        return RunResult(hidden[self.last], out.logits if full else None)
 
     def gradients(self, direction: Tensor, readout: int, harmful: Tensor) -> dict[tuple[int, str], tuple[Tensor, Tensor]]:
         """For every layer up to the readout and K/V: (cache rows, d gap / d rows) under the f16 plan,

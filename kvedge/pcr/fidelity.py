@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ import torch
 
 from ..gguf.model import ModelInfo
 from ..llama.runtime import KVConfig, Runtime, RuntimeOptions
+from ..results.pcr import Fidelity, FidelityTargets, QuantFidelity
 from .calibset import CalibSet
 from .stats import kld, spearman
 
@@ -21,40 +21,18 @@ RATIO_RANGE = (0.5, 2.0)
 SPEARMAN_TARGET = 0.5
 
 
-@dataclass(frozen=True)
-class QuantFidelity:
-    rotation: bool
-    llama_kld: float  # mean over positions of KL(llama.cpp f16 || llama.cpp quantized)
-    sim_kld: float  # the same for the torch simulation
-    ratio: float | None  # sim / llama.cpp
-    spearman: float | None  # of per-prompt mean KLDs
-    n_prompts: int
-
-    @property
-    def meets_target(self) -> bool:
-        return (self.ratio is not None and RATIO_RANGE[0] <= self.ratio <= RATIO_RANGE[1]
-                and self.spearman is not None and self.spearman >= SPEARMAN_TARGET)
+TARGETS = FidelityTargets(F16_TOP1_TARGET, F16_KLD_TARGET, RATIO_RANGE, SPEARMAN_TARGET)
 
 
-@dataclass(frozen=True)
-class Fidelity:
-    f16_top1: float
-    f16_kld: float
-    n_positions: int
-    quantized: tuple[QuantFidelity, ...]
-    verified_architecture: bool
+def quant_meets_target(ratio: float | None, rho: float | None) -> bool:
+    return (ratio is not None and RATIO_RANGE[0] <= ratio <= RATIO_RANGE[1]
+            and rho is not None and rho >= SPEARMAN_TARGET)
 
-    @property
-    def f16_meets_target(self) -> bool:
-        return self.f16_top1 >= F16_TOP1_TARGET and self.f16_kld < F16_KLD_TARGET
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["f16_meets_target"] = self.f16_meets_target
-        d["quantized"] = [asdict(q) | {"meets_target": q.meets_target} for q in self.quantized]
-        d["targets"] = {"f16_top1": F16_TOP1_TARGET, "f16_kld": F16_KLD_TARGET, "ratio": list(RATIO_RANGE),
-                        "spearman": SPEARMAN_TARGET}
-        return d
+def fidelity(f16_top1: float, f16_kld: float, n_positions: int, quantized: tuple[QuantFidelity, ...],
+             verified_architecture: bool) -> Fidelity:
+    return Fidelity(f16_top1, f16_kld, n_positions, quantized, verified_architecture,
+                    f16_top1 >= F16_TOP1_TARGET and f16_kld < F16_KLD_TARGET, TARGETS)
 
 
 def llama_logits(model: ModelInfo, lora: Path | None, cal: CalibSet, kv: KVConfig, rotation: bool,
@@ -83,4 +61,5 @@ def quant_fidelity(rotation: bool, llama_f16, llama_q, sim_f16, sim_q) -> QuantF
     n = [len(x) for x in llama_f16]
     lm = float(np.average(lk, weights=n))
     sm = float(np.average(sk, weights=n))
-    return QuantFidelity(rotation, lm, sm, sm / lm if lm > 0 else None, spearman(lk, sk), len(lk))
+    ratio, rho = sm / lm if lm > 0 else None, spearman(lk, sk)
+    return QuantFidelity(rotation, lm, sm, ratio, rho, len(lk), quant_meets_target(ratio, rho))

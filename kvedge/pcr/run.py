@@ -1,6 +1,7 @@
 """One PCR pass: calibration set through llama.cpp, torch runs under cache plans, statistics,
-fidelity and the verdict per rotation setting. `run_pcr` returns a plain dict (schema kvedge.pcr/1,
-docs/pcr.md) that the report renders; every number in it is measured in this call."""
+fidelity and the verdict per rotation setting. `run_pcr` returns a `PcrResult` (kvedge.results.pcr; its
+JSON is schema kvedge.pcr/2, docs/pcr.md) that the report renders; every number in it is measured in
+this call."""
 
 from __future__ import annotations
 
@@ -17,17 +18,39 @@ from ..gguf.kvmap import cache_text
 from ..gguf.lora import read_adapter
 from ..gguf.model import ModelInfo
 from ..llama.runtime import KVConfig, RuntimeOptions
+from ..stats import Estimate
+from ..results.pcr import (
+    PCR_SCHEMA,
+    POPULATIONS,
+    AllLayers,
+    CacheRun,
+    CalibPromptInfo,
+    Calibration,
+    Concentration,
+    Evidence,
+    KvSection,
+    LayerReduction,
+    LayerRow,
+    NoiseFloor,
+    PcrLayers,
+    PcrModel,
+    PcrResult,
+    PcrTiming,
+    PopulationShift,
+    RotationResult,
+    Signal,
+)
 from . import stats as st
-from .calibset import CalibSet, build_calibset, select_calib_prompts
-from .classify import Evidence, classify
+from .calibset import N_BENIGN, CalibSet, build_calibset, select_calib_prompts
+from .classify import carrier_of, classify
 from .engine import Engine
-from .fidelity import Fidelity, f16_agreement, llama_logits, quant_fidelity
-from .layermap import search_layer_map
+from .fidelity import f16_agreement, fidelity, llama_logits, quant_fidelity
+from .layermap import CACHES, search_layer_map
 from .torch.gguf_torch import TorchModel
-from .torch.kvquant import CachePlan, Scheme, parse_scheme, rotate, rotation_block
+from .torch.kvquant import CachePlan, Scheme, cache_scheme, parse_scheme, rotate, rotation_block
 
-SCHEMA = "kvedge.pcr/1"
-N_PCR_LAYERS = 6  # PCR is computed on the layers holding most single-layer damage (docs/pcr.md)
+SCHEMA = PCR_SCHEMA
+N_PCR_LAYERS = 6  # PCR is computed on the layers holding most single-layer shift (docs/pcr.md)
 
 
 @dataclass(frozen=True)
@@ -38,6 +61,7 @@ class PcrSpec:
     rotations: tuple[bool, ...] = (True, False)
     options: RuntimeOptions = field(default_factory=RuntimeOptions)
     pcr_layers: int = N_PCR_LAYERS
+    n_benign: int = N_BENIGN  # benign calibration prompts (XSTest safe); the harmful ones are fixed at 10
 
     def torch_model(self) -> TorchModel:
         return TorchModel.from_gguf(self.model.path, read_adapter(self.lora) if self.lora else None)
@@ -54,55 +78,29 @@ def torch_threads(n: int):
         torch.set_num_threads(old)
 
 
-def cache_scheme(type_name: str, rotation: bool) -> Scheme | None:
-    # an f32 cache is simulated as f16: llama.cpp's flash attention reads K and V as f16 whatever the
-    # cache stores (measured: f32 and f16 caches give identical logits, docs/pcr.md)
-    return None if type_name in ("f16", "f32") else parse_scheme(type_name, rotation)
-
-
 def _int_b(s: Scheme | None, channel: bool) -> Scheme | None:
     if s is None:
         return None
     return parse_scheme(f"int{min(max(s.bits, 2), 8)}{'-channel' if channel else ''}", s.rotation)
 
 
-@dataclass(frozen=True)
-class KVPlans:
-    """A KV config (uniform or per layer) under one rotation setting, as torch cache plans."""
+def quantizes(plan: CachePlan, kind: str, n_layer: int) -> bool:
+    """Whether the plan stores any layer's K (or V) cache other than f16."""
+    return any(plan.stored_at(l, kind) is not None for l in range(n_layer))
 
-    kv: KVConfig
-    rotation: bool
-    n_layer: int
 
-    def at(self, kind: str, layer: int) -> Scheme | None:
-        """The scheme of one layer's K or V cache (None: f16)."""
-        return cache_scheme(self.kv.types(kind, self.n_layer)[layer], self.rotation)
-
-    def base(self, kind: str) -> Scheme | None:
-        return cache_scheme(self.kv.type_k if kind == "k" else self.kv.type_v, self.rotation)
-
-    def quantizes(self, kind: str) -> bool:
-        return any(self.at(kind, l) is not None for l in range(self.n_layer))
-
-    def plan(self, k: bool = True, v: bool = True, layers: frozenset[int] | None = None) -> CachePlan:
-        """The config's K and/or V (the other cache f16), on `layers` only if given."""
-        def own(overrides):
-            return tuple((l, cache_scheme(t, self.rotation)) for l, t in overrides)
-
-        return CachePlan(self.base("k") if k else None, self.base("v") if v else None, layers,
-                         own(self.kv.layers_k) if k else (), own(self.kv.layers_v) if v else ())
-
-    def label(self, kind: str) -> str:
-        base, over = (self.kv.type_k, self.kv.layers_k) if kind == "k" else (self.kv.type_v, self.kv.layers_v)
-        s = self.base(kind)
-        if not over:
-            return s.label if s else base
-        return cache_text(base, over) + ("" if self.rotation else ":norot")
+def scheme_label(kv: KVConfig, kind: str, rotation: bool) -> str:
+    """How the report names one cache of `kv` under a rotation setting: `q4_0:norot`, `q4_0@11+17+19:q8_0`."""
+    base, over = (kv.type_k, kv.layers_k) if kind == "k" else (kv.type_v, kv.layers_v)
+    s = cache_scheme(base, rotation)
+    if not over:
+        return s.label if s else base
+    return cache_text(base, over) + ("" if rotation else ":norot")
 
 
 class PcrPass:
     """The measurements of one pass over the calibration set, shared by the rotation settings (and by
-    the sweep): the f16 reference, the safety direction, the noise floor, and runs under cache plans."""
+    the sweep): the f16 reference, the safety direction, the noise floors, and runs under cache plans."""
 
     def __init__(self, spec: PcrSpec, cal: CalibSet, tm: TorchModel, log: Callable[[str], None]):
         self.spec, self.cal, self.tm, self.log = spec, cal, tm, log
@@ -120,36 +118,46 @@ class PcrPass:
         self.m_ref = st.margin(self.ref_logits, list(cal.refusal_tokens), list(cal.compliance_tokens))
         # arithmetic-only change: an f32 cache instead of f16 moves nothing a quantizer would
         f32 = parse_scheme("f32")
-        noise = self.engine.run(CachePlan(f32, f32), self.l_star, full=False)
-        self.noise = st.damage(self.s_ref, noise.signal_hidden @ self.r, self.harmful, self.dirs.gap)
-        self.noise_floor = max(abs(self.noise.lo or 0.0), abs(self.noise.hi or 0.0), abs(self.noise.value or 0.0))
+        n = self.full(CachePlan(f32, f32))
+        self.noise = NoiseFloor("an f32 cache against the f16 reference, arithmetic only",
+                                n.damage, st.floor(n.damage), n.damage_benign, st.floor(n.damage_benign),
+                                n.margin_shift_harmful, st.floor(n.margin_shift_harmful),
+                                n.margin_shift_benign, st.floor(n.margin_shift_benign))
+        self.noise_floor = self.noise.floor  # the harmful signal damage's, as kvedge.pcr/1 had it
         self._grads: dict | None = None
+
+    @property
+    def n_layer(self) -> int:
+        return self.tm.hp.n_layer
 
     def grads(self) -> dict:
         if self._grads is None:
             self._grads = self.engine.gradients(self.r, self.l_star, self.harmful)
         return self._grads
 
-    def d(self, plan: CachePlan):
-        res = self.engine.run(plan, self.l_star, full=False)
-        return st.damage(self.s_ref, res.signal_hidden @ self.r, self.harmful, self.dirs.gap)
-
-    def full(self, plan: CachePlan) -> dict:
+    def full(self, plan: CachePlan) -> CacheRun:
         res = self.engine.run(plan, self.l_star, full=True)
         s_q = res.signal_hidden @ self.r
-        dmg = st.damage(self.s_ref, s_q, self.harmful, self.dirs.gap)
         m_q = st.margin(res.logits, list(self.cal.refusal_tokens), list(self.cal.compliance_tokens))
         harmless = ~self.harmful
-        amp = st.amplification(self.ref_h, res.signal_hidden, self.r, self.dirs.gap)
-        return {
-            "damage": dmg.to_dict(),
-            "margin_drop_harmful": st.mean_estimate([float(v) for v in (self.m_ref - m_q)[self.harmful]]).to_dict(),
-            "relative_l2_readout": st.relative_l2(self.ref_h, res.signal_hidden),
-            "kld_harmless": st.mean_estimate([float(v) for v in st.kld(self.ref_logits[harmless], res.logits[harmless])]).to_dict(),
-            "amplification": vars(amp) if amp else None,
-        }
+        return CacheRun(
+            damage=st.damage(self.s_ref, s_q, self.harmful, self.dirs.gap, "harmful"),
+            damage_benign=st.damage(self.s_ref, s_q, self.harmful, self.dirs.gap, "benign"),
+            margin_drop_harmful=st.mean_estimate([float(v) for v in (self.m_ref - m_q)[self.harmful]]),
+            margin_shift_harmful=st.margin_shift(self.m_ref, m_q, self.harmful, "harmful"),
+            margin_shift_benign=st.margin_shift(self.m_ref, m_q, self.harmful, "benign"),
+            relative_l2_readout=st.relative_l2(self.ref_h, res.signal_hidden),
+            kld_harmless=st.mean_estimate([float(v) for v in st.kld(self.ref_logits[harmless], res.logits[harmless])]),
+            amplification=st.amplification(self.ref_h, res.signal_hidden, self.r, self.dirs.gap),
+        )
 
-    def overlap(self, kind: str, layer: int, scheme: Scheme) -> dict:
+    def populations(self, run: CacheRun) -> tuple[PopulationShift, ...]:
+        """Both populations' movement under one run, each against its own noise floor."""
+        return tuple(st.population_shift(p, run.margin_shift(p), run.damage if p == "harmful" else run.damage_benign,
+                                         self.noise.margin_floor(p)) for p in POPULATIONS)
+
+    def overlap(self, kind: str, layer: int, scheme: Scheme) -> tuple[int, float]:
+        """(outlier channels, overlap) of one layer's K or V cache, in the basis its quantizer sees."""
         rows, grads = self.grads()[(layer, kind)]
         head_dim = self.tm.hp.head_dim_k if kind == "k" else self.tm.hp.head_dim_v
         if scheme.rotates(head_dim):
@@ -158,96 +166,138 @@ class PcrPass:
             rows, grads = rotate(rows, block), rotate(grads, block)
         out = st.outlier_channels(rows)
         imp = st.importance(rows, grads)
-        return {"outlier_channels": int(out.sum()), "overlap": st.overlap(imp, out)}
+        return int(out.sum()), st.overlap(imp, out)
 
-    def rotation(self, rotation: bool) -> dict:
-        kv, L = self.spec.kv, self.tm.hp.n_layer
-        plans = KVPlans(kv, rotation, L)
-        kq, vq = plans.quantizes("k"), plans.quantizes("v")
-        self.log(f"rotation {'on' if rotation else 'off'}: all-layer runs")
-        both = self.full(plans.plan())
-        k_only = self.full(plans.plan(v=False)) if kq and vq else both if kq else None
-        v_only = self.full(plans.plan(k=False)) if kq and vq else both if vq else None
-        self.log(f"rotation {'on' if rotation else 'off'}: per-layer runs up to the readout layer {self.l_star}")
-        layers = range(self.l_star + 1)
-        per_k = {l: float(self.d(plans.plan(v=False, layers=frozenset({l}))).value) if plans.at("k", l) else 0.0
-                 for l in layers}
-        per_v = {l: float(self.d(plans.plan(k=False, layers=frozenset({l}))).value) if plans.at("v", l) else 0.0
-                 for l in layers}
-        single = {l: per_k[l] + per_v[l] for l in layers}
+    def single_layers(self, kv: KVConfig, rotation: bool, caches: tuple[str, ...]) -> dict[tuple[int, str], CacheRun | None]:
+        """Each layer's K alone and V alone quantized as `kv` says, everything else f16, for the `caches`
+        named (None: not run, or that cache is f16 there). Every layer, not only those up to the readout:
+        the margin reads the output."""
+        audited = CachePlan.of(kv, rotation)
+        return {(l, kind): self.full(CachePlan.of(kv, rotation, k=kind == "k", v=kind == "v", layers=frozenset({l})))
+                if kind in caches and audited.stored_at(l, kind) else None
+                for l in range(self.n_layer) for kind in ("k", "v")}
+
+    def layer_row(self, l: int, runs: dict[tuple[int, str], CacheRun | None], measured: tuple[str, ...],
+                  audited: CachePlan, extra: dict[str, Any], reduction: LayerReduction | None) -> LayerRow:
+        rk, rv = runs[(l, "k")], runs[(l, "v")]
+
+        def value(run: CacheRun | None, kind: str, read: Callable[[CacheRun], Estimate]) -> float | None:
+            if run is not None:
+                return float(read(run).value)
+            # a cache the pass did not run is unknown; one stored f16 at this layer changes nothing
+            return 0.0 if kind in measured and audited.stored_at(l, kind) is None else None
+
+        def signal(run: CacheRun | None, kind: str, benign: bool) -> float | None:
+            if l > self.l_star:
+                return None  # a later layer cannot move the readout signal
+            return value(run, kind, lambda r: r.damage_benign if benign else r.damage)
+
+        def shift(run: CacheRun | None, kind: str, population: str) -> float | None:
+            return value(run, kind, lambda r: r.margin_shift(population))
+
+        return LayerRow(layer=l, separation=float(self.dirs.separation[l]),
+                        damage_k=signal(rk, "k", False), damage_v=signal(rv, "v", False),
+                        damage_benign_k=signal(rk, "k", True), damage_benign_v=signal(rv, "v", True),
+                        margin_shift_harmful_k=shift(rk, "k", "harmful"), margin_shift_harmful_v=shift(rv, "v", "harmful"),
+                        margin_shift_benign_k=shift(rk, "k", "benign"), margin_shift_benign_v=shift(rv, "v", "benign"),
+                        reduction=reduction, **extra)
+
+    def rotation(self, rotation: bool) -> RotationResult:
+        kv, L = self.spec.kv, self.n_layer
+        name = f"rotation {'on' if rotation else 'off'}"
+        audited = CachePlan.of(kv, rotation)
+        kq, vq = quantizes(audited, "k", L), quantizes(audited, "v", L)
+        self.log(f"{name}: all-layer runs")
+        both = self.full(audited)
+        k_only = self.full(CachePlan.of(kv, rotation, v=False)) if kq and vq else both if kq else None
+        v_only = self.full(CachePlan.of(kv, rotation, k=False)) if kq and vq else both if vq else None
+        shifts = self.populations(both)
+        # everything below follows the population that moved: its failure-signed margin shift ranks the
+        # layers, measures the concentration and PCR, and the layer map must bring it into the safe band
+        pop = st.moved_population(shifts).population
+        floor = self.noise.margin_floor(pop)
+
+        def fail(run: CacheRun | None) -> float:
+            return float(run.failure_shift(pop).value) if run is not None else 0.0
+
+        # single-layer runs for the cache(s) that carry the shift only: a cache that does not carry it cannot
+        # rank layers for the fix, and skipping it saves one full run per layer (docs/pcr.md, "Per-layer
+        # runs"); where neither alone reproduces the joint shift both are run and the top layers name the carrier
+        measured = tuple(CACHES[carrier_of(fail(both), fail(k_only), fail(v_only))])
+        self.log(f"{name}: per-layer runs of {'+'.join(c.upper() for c in measured)} ({pop} prompts' shift ranks "
+                 "the layers)")
+        runs = self.single_layers(kv, rotation, measured)
+
+        per_k = {l: fail(runs[(l, "k")]) for l in range(L)}
+        per_v = {l: fail(runs[(l, "v")]) for l in range(L)}
+        single = {l: per_k[l] + per_v[l] for l in range(L)}
         top3 = st.top_layers(single, 3)
         rest = frozenset(range(L)) - frozenset(top3)
-        d_rest = float(self.full(plans.plan(layers=rest))["damage"]["value"])
-        d_all = float(both["damage"]["value"])
-        self.log(f"rotation {'on' if rotation else 'off'}: PCR on the top {self.spec.pcr_layers} layers")
+        f_rest = fail(self.full(CachePlan.of(kv, rotation, layers=rest)))
+        f_all = fail(both)
+        self.log(f"{name}: PCR on the top {self.spec.pcr_layers} layers")
         pcr_layers = st.top_layers(single, self.spec.pcr_layers)
-        pcr: dict[int, dict] = {}
+        pcr: dict[int, LayerReduction] = {}
         for l in pcr_layers:
-            tk, tv = plans.at("k", l), plans.at("v", l)
-            g = CachePlan(_int_b(tk, False), _int_b(tv, False), frozenset({l}))
-            c = CachePlan(_int_b(tk, True), _int_b(tv, True), frozenset({l}))
-            dg, dc = self.d(g), self.d(c)
-            # a ratio is read only where the group-32 damage itself is significant
-            significant = dg.lo is not None and dg.lo > self.noise_floor
-            pcr[l] = {"damage_group32": float(dg.value), "damage_group32_lo": dg.lo, "damage_channel": float(dc.value),
-                      "pcr": st.pcr_value(float(dc.value), float(dg.value), self.noise_floor) if significant else None}
-        weighted = st.weighted_mean([pcr[l]["pcr"] for l in pcr_layers], [pcr[l]["damage_group32"] for l in pcr_layers])
+            tk, tv = audited.stored_at(l, "k"), audited.stored_at(l, "v")
+            fg = self.full(CachePlan(_int_b(tk, False), _int_b(tv, False), frozenset({l}))).failure_shift(pop)
+            fc = self.full(CachePlan(_int_b(tk, True), _int_b(tv, True), frozenset({l}))).failure_shift(pop)
+            # a ratio is read only where the group-32 shift itself is significant
+            significant = fg.lo is not None and fg.lo > floor
+            pcr[l] = LayerReduction(float(fg.value), fg.lo, float(fc.value),
+                                    st.pcr_value(float(fc.value), float(fg.value), floor) if significant else None)
+        weighted = st.weighted_mean([pcr[l].pcr for l in pcr_layers], [pcr[l].shift_group32 for l in pcr_layers])
         per_layer = []
         ov_vals, ov_w = [], []
         for l in range(L):
-            row: dict[str, Any] = {"layer": l, "separation": float(self.dirs.separation[l]),
-                                   "damage_k": per_k.get(l), "damage_v": per_v.get(l)}
-            for kind, dmg in (("k", per_k.get(l)), ("v", per_v.get(l))):
-                scheme = plans.at(kind, l)
+            found: dict[str, Any] = {}
+            for kind, weight in (("k", per_k[l]), ("v", per_v[l])):
+                scheme = audited.stored_at(l, kind)
                 if scheme is not None and l <= self.l_star:
-                    o = self.overlap(kind, l, scheme)
-                    row[f"outliers_{kind}"] = o["outlier_channels"]
-                    row[f"overlap_{kind}"] = o["overlap"]
-                    ov_vals.append(o["overlap"])
-                    ov_w.append(dmg or 0.0)
-            if l in pcr:
-                row.update(pcr[l])
-            per_layer.append(row)
+                    n_out, ov = self.overlap(kind, l, scheme)
+                    found |= {f"outliers_{kind}": n_out, f"overlap_{kind}": ov}
+                    ov_vals.append(ov)
+                    ov_w.append(weight)
+            per_layer.append(self.layer_row(l, runs, measured, audited, found, pcr.get(l)))
         ev = Evidence(
-            damage_both=d_all,
-            damage_k=float(k_only["damage"]["value"]) if k_only else 0.0,
-            damage_v=float(v_only["damage"]["value"]) if v_only else 0.0,
-            beyond_noise=st.beyond_noise(both["damage"], self.noise_floor),
-            margin_drop=both["margin_drop_harmful"]["value"],
-            margin_drop_lo=both["margin_drop_harmful"]["lo"],
-            top3_recovery=st.recovery(d_all, d_rest),
+            populations=shifts,
+            population=pop,
+            shift_k=fail(k_only),
+            shift_v=fail(v_only),
+            top3_recovery=st.recovery(f_all, f_rest),
             weighted_pcr=weighted,
             overlap=st.weighted_mean(ov_vals, ov_w),
             top_layers=tuple(top3),
             type_k=kv.type_k, type_v=kv.type_v,
-            top_damage_k=sum(per_k[l] for l in top3), top_damage_v=sum(per_v[l] for l in top3),
+            top_shift_k=sum(per_k[l] for l in top3) if "k" in measured else None,
+            top_shift_v=sum(per_v[l] for l in top3) if "v" in measured else None,
             config=kv.name if kv.per_layer else None,
         )
         verdict = classify(ev)
-        tk, tv = plans.base("k"), plans.base("v")
-        self.log(f"rotation {'on' if rotation else 'off'}: per-layer map search")
-        layer_map = search_layer_map(verdict, kv, per_k, per_v, self.spec.model, self.noise_floor,
-                                     lambda cand: self.full(KVPlans(cand, rotation, L).plan()))
-        return {
-            "rotation": rotation,
-            "scheme_k": plans.label("k"), "scheme_v": plans.label("v"),
-            "all_layers": {"k_and_v": both, "k_only": k_only, "v_only": v_only},
-            "concentration": {"top3_layers": top3, "top3_share": st.concentration_share(single, top3),
-                              "damage_without_top3": d_rest, "top3_recovery": ev.top3_recovery},
-            "pcr": {"bits_k": _int_b(tk, False).bits if tk else None, "bits_v": _int_b(tv, False).bits if tv else None,
-                    "layers": pcr_layers, "weighted_mean": weighted},
-            "overlap": ev.overlap,
-            "per_layer": per_layer,
-            "evidence": vars(ev) | {"top_layers": list(ev.top_layers)},
-            "verdict": verdict.to_dict(),
-            "layer_map": layer_map,
-        }
+        tk, tv = audited.k, audited.v
+        self.log(f"{name}: per-layer map search")
+        layer_map = search_layer_map(verdict, kv, pop, per_k, per_v, self.spec.model, self.noise,
+                                     lambda cand: self.full(CachePlan.of(cand, rotation)))
+        return RotationResult(
+            rotation=rotation,
+            scheme_k=scheme_label(kv, "k", rotation), scheme_v=scheme_label(kv, "v", rotation),
+            all_layers=AllLayers(both, k_only, v_only),
+            concentration=Concentration(pop, tuple(top3), st.concentration_share(single, top3), f_rest,
+                                        ev.top3_recovery),
+            pcr=PcrLayers(pop, _int_b(tk, False).bits if tk else None, _int_b(tv, False).bits if tv else None,
+                          tuple(pcr_layers), weighted),
+            overlap=ev.overlap,
+            per_layer=tuple(per_layer),
+            evidence=ev,
+            verdict=verdict,
+            layer_map=layer_map,
+        )
 
 
-def run_pcr(spec: PcrSpec, log: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+def run_pcr(spec: PcrSpec, log: Callable[[str], None] = lambda m: None) -> PcrResult:
     t0 = time.perf_counter()
     log("calibration set through llama.cpp")
-    cal = build_calibset(spec.model, spec.lora, select_calib_prompts(), spec.options)
+    cal = build_calibset(spec.model, spec.lora, select_calib_prompts(spec.n_benign), spec.options)
     llama_f16 = [torch.from_numpy(p.f16_logprobs) for p in cal.prompts]
     llama_q = {rot: llama_logits(spec.model, spec.lora, cal, spec.kv, rot, spec.options) for rot in spec.rotations}
     t_llama = time.perf_counter() - t0
@@ -263,33 +313,29 @@ def run_pcr(spec: PcrSpec, log: Callable[[str], None] = lambda m: None) -> dict[
         results, quant_fid = [], []
         for rot in spec.rotations:
             results.append(ps.rotation(rot))
-            sim_q = ps.engine.continuation_logits(KVPlans(spec.kv, rot, tm.hp.n_layer).plan())
+            sim_q = ps.engine.continuation_logits(CachePlan.of(spec.kv, rot))
             quant_fid.append(quant_fidelity(rot, llama_f16, llama_q[rot], sim_f16, sim_q))
-        fidelity = Fidelity(top1, f16_kld, n_pos, tuple(quant_fid), tm.verified)
+        fid = fidelity(top1, f16_kld, n_pos, tuple(quant_fid), tm.verified)
     seconds = time.perf_counter() - t0
-    return {
-        "schema": SCHEMA,
-        "kvedge_version": __version__,
-        "model": {"path": str(spec.model.path), "sha256": spec.model.sha256, "architecture": spec.model.architecture,
-                  "n_layer": tm.hp.n_layer, "n_head_kv": tm.hp.n_head_kv, "head_dim_k": tm.hp.head_dim_k,
-                  "head_dim_v": tm.hp.head_dim_v},
-        "adapter": str(spec.lora) if spec.lora else None,
-        "kv": {"name": spec.kv.name, **spec.kv.key(), "bytes_per_token": spec.kv.bytes_per_token(spec.model)},
-        "calibration": {
-            "split": "calib", "n_harmful": sum(cal.harmful), "n_harmless": len(cal.harmful) - sum(cal.harmful),
-            "prompts": [{"id": p.id, "subset": p.subset, "harmful": p.harmful, "n_tokens": len(p.tokens)}
-                        for p in cal.prompts],
-            "shared_prefix_tokens": len(cal.prefix),
-            "refusal_tokens": list(cal.refusal_pieces), "compliance_tokens": list(cal.compliance_pieces),
-        },
-        "signal": {"readout_layer": ps.l_star, "gap": ps.dirs.gap,
-                   "separation": [float(x) for x in ps.dirs.separation],
-                   "margin_f16_harmful": st.mean_estimate([float(v) for v in ps.m_ref[ps.harmful]]).to_dict(),
-                   "margin_f16_harmless": st.mean_estimate([float(v) for v in ps.m_ref[~ps.harmful]]).to_dict()},
-        "noise_floor": {"what": "damage of an f32 cache against the f16 reference (arithmetic only)",
-                        "damage": ps.noise.to_dict(), "floor": ps.noise_floor},
-        "fidelity": fidelity.to_dict(),
-        "rotations": results,
-        "timing": {"seconds": round(seconds, 2), "llama_cpp_seconds": round(t_llama, 2),
-                   "load_seconds": round(t_load, 2), "torch_runs": ps.engine.runs, "threads": threads},
-    }
+    g = tm.hp.geometry
+    kv = spec.kv
+    return PcrResult(
+        schema=PCR_SCHEMA,
+        kvedge_version=__version__,
+        model=PcrModel(str(spec.model.path), spec.model.sha256, spec.model.architecture, g.n_layer, g.n_head_kv,
+                       g.head_dim_k, g.head_dim_v),
+        adapter=str(spec.lora) if spec.lora else None,
+        kv=KvSection(name=kv.name, type_k=kv.type_k, type_v=kv.type_v, layers_k=kv.layers_k or None,
+                     layers_v=kv.layers_v or None, bytes_per_token=kv.bytes_per_token(spec.model)),
+        calibration=Calibration(
+            "calib", sum(cal.harmful), len(cal.harmful) - sum(cal.harmful),
+            tuple(CalibPromptInfo(p.id, p.subset, p.harmful, len(p.tokens)) for p in cal.prompts),
+            len(cal.prefix), tuple(cal.refusal_pieces), tuple(cal.compliance_pieces)),
+        signal=Signal(ps.l_star, ps.dirs.gap, tuple(float(x) for x in ps.dirs.separation),
+                      st.mean_estimate([float(v) for v in ps.m_ref[ps.harmful]]),
+                      st.mean_estimate([float(v) for v in ps.m_ref[~ps.harmful]])),
+        noise_floor=ps.noise,
+        fidelity=fid,
+        rotations=tuple(results),
+        timing=PcrTiming(round(seconds, 2), round(t_llama, 2), round(t_load, 2), ps.engine.runs, threads),
+    )

@@ -1,5 +1,6 @@
-"""Renderings of kvedge's report dicts, one module per report kind (audit, pcr, sweep, compare), and the
-one writer that puts a report on disk: its JSON, Markdown and self-contained HTML, side by side.
+"""Renderings of kvedge's reports, one module per report kind (audit, pcr, sweep, compare), and the one
+writer that puts a report on disk: its JSON, Markdown and self-contained HTML, side by side. A report is a
+typed result (kvedge.results) or, for the kinds not yet typed, a dict.
 
 The renderers of a kind are found from the report's `schema` (`kvedge.audit/1` -> audit), so every
 command writes its three files the same way, and a new kind registers its two renderers in `_KINDS`.
@@ -25,6 +26,14 @@ _KINDS = {
     "kvedge.compare": ("compare", "render_markdown", "render_html"),
     "kvedge.verify": ("mitigate", "render_verify_markdown", "render_html"),
 }
+# schema name -> the typed result (kvedge.results) its renderers take: a dict of that kind is read into it
+_TYPED = {
+    "kvedge.audit": ("kvedge.results.audit", "AuditReport"),
+    "kvedge.pcr": ("kvedge.results.pcr", "PcrResult"),
+    "kvedge.sweep": ("kvedge.results.pcr", "SweepResult"),
+    "kvedge.compare": ("kvedge.results.compare", "CompareResult"),
+    "kvedge.verify": ("kvedge.results.verify", "VerifyReport"),
+}
 
 
 @dataclass(frozen=True)
@@ -37,21 +46,33 @@ class ReportFiles:
         return iter((self.json, self.md, self.html))
 
 
-def renderers(report: dict[str, Any]):
-    kind = str(report.get("schema", "")).split("/")[0]
-    module, md, page = _KINDS[kind]
+def _kind(report: Any) -> str:
+    schema = report.get("schema", "") if isinstance(report, dict) else getattr(report, "schema", "")
+    return str(schema).split("/")[0]
+
+
+def renderers(report: Any):
+    module, md, page = _KINDS[_kind(report)]
     mod = importlib.import_module(f"{__name__}.{module}")
     return getattr(mod, md), getattr(mod, page)
 
 
+def _typed(report: Any) -> Result:
+    """The typed result of a report: itself, or a report dict read into its kind's result type."""
+    if isinstance(report, Result):
+        return report
+    module, name = _TYPED[_kind(report)]
+    return getattr(importlib.import_module(module), name).from_dict(report)
+
+
 def write_reports(report: Result | dict[str, Any], out_dir: Path, name: str) -> ReportFiles:
-    """`name`.json, `name`.md and `name`.html in `out_dir`, each written atomically. A typed result is
-    written as its `to_dict()` and rendered from itself. Everything is rendered before the first file is
-    written, so a renderer's failure leaves the old files whole."""
-    doc = report.to_dict() if isinstance(report, Result) else report
-    render_md, render_html = renderers(doc)
-    text = json.dumps(doc, indent=2) + "\n"
-    md, page = render_md(report), render_html(report)
+    """`name`.json, `name`.md and `name`.html in `out_dir`, each written atomically. `report` is a typed
+    result (its `to_dict()` is the JSON, and the renderers read it) or its JSON document. Everything is
+    rendered before the first file is written, so a renderer's failure leaves the old files whole."""
+    typed = _typed(report)
+    render_md, render_html = renderers(typed)
+    text = json.dumps(typed.to_dict(), indent=2) + "\n"
+    md, page = render_md(typed), render_html(typed)
     files = ReportFiles(*(Path(out_dir) / f"{name}.{ext}" for ext in ("json", "md", "html")))
     for path, body in zip(files, (text, md, page)):
         atomic_write_text(path, body)

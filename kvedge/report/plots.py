@@ -214,9 +214,9 @@ def agreement(labels: Sequence[str], series: Sequence[tuple[str, Sequence[Interv
 
 
 def layer_damage(panels: Sequence[tuple[str, Sequence[int], Sequence[float | None], Sequence[float | None], int]],
-                 floor: float, name: str, title: str) -> str:
-    """Per-layer damage of K alone and V alone, one panel per (title, layers, damage K, damage V, readout
-    layer), with the noise floor as a band."""
+                 floor: float, name: str, title: str, ylabel: str = DAMAGE) -> str:
+    """Per-layer damage (or another per-layer effect, named by `ylabel`) of K alone and V alone, one panel per
+    (title, layers, damage K, damage V, readout layer), with the noise floor as a band."""
     with _ctx():
         fig, axes = _figure(6.4, 2.4 * len(panels) + 0.6, len(panels), 1, sharex=True, sharey=True)
         for ax, (panel_title, layers, dk, dv, readout) in zip(axes[:, 0], panels):
@@ -228,7 +228,7 @@ def layer_damage(panels: Sequence[tuple[str, Sequence[int], Sequence[float | Non
             ax.axvline(readout, color="#555", ls="--", lw=0.8, label="readout layer")
             ax.axhline(0, color="#888", lw=0.6)
             ax.set_title(panel_title, loc="left")
-            ax.set_ylabel(DAMAGE)
+            ax.set_ylabel(ylabel)
         axes[-1, 0].set_xlabel("layer")
         _legend_below(fig, axes, 4)
         return _svg(fig, name, title)

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from ...errors import SchemeError
 from ...gguf import kvtypes
+from ...gguf.kvmap import KVConfig
 
 QK = 32  # values per block in every ggml type used for the KV cache
 IQ4_NL_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
@@ -328,6 +329,13 @@ def cache_roundtrip_segments(x: Tensor, scheme: Scheme, kind: Kind, head_dim: in
 SCHEME_F16 = Scheme("f16", 16, "none")
 
 
+def cache_scheme(type_name: str, rotation: bool) -> Scheme | None:
+    """The scheme of a llama.cpp cache type (None: f16). An f32 cache is simulated as f16: llama.cpp's
+    flash attention reads K and V as f16 whatever the cache stores (measured: f32 and f16 caches give
+    identical logits, docs/pcr.md)."""
+    return None if type_name in ("f16", "f32") else parse_scheme(type_name, rotation)
+
+
 LayerSchemes = tuple[tuple[int, "Scheme | None"], ...]  # (layer, scheme); None stores f16
 
 
@@ -335,13 +343,33 @@ LayerSchemes = tuple[tuple[int, "Scheme | None"], ...]  # (layer, scheme); None 
 class CachePlan:
     """Which scheme stores K and V on which layers (`layers` None: all). `k_at` / `v_at` give single layers
     a scheme of their own (a per-layer KV map), within `layers` too. Every other layer's cache, and a
-    scheme that is None, is f16: what llama.cpp's unquantized cache stores."""
+    scheme that is None, is f16: what llama.cpp's unquantized cache stores.
+
+    A map of llama.cpp cache types is a `KVConfig` (kvedge.gguf.kvmap); `CachePlan.of` turns one into the
+    simulation's plan. Direct construction is for schemes llama.cpp lacks (intN, intN-channel)."""
 
     k: Scheme | None = None
     v: Scheme | None = None
     layers: frozenset[int] | None = None
     k_at: LayerSchemes = ()
     v_at: LayerSchemes = ()
+
+    @classmethod
+    def of(cls, config: KVConfig, rotation: bool, k: bool = True, v: bool = True,
+           layers: frozenset[int] | None = None) -> "CachePlan":
+        """`config` (uniform or per layer) under a rotation setting: its K and/or V (the other cache f16),
+        on `layers` only if given."""
+        def own(overrides: tuple[tuple[int, str], ...]) -> LayerSchemes:
+            return tuple((l, cache_scheme(t, rotation)) for l, t in overrides)
+
+        return cls(cache_scheme(config.type_k, rotation) if k else None,
+                   cache_scheme(config.type_v, rotation) if v else None, layers,
+                   own(config.layers_k) if k else (), own(config.layers_v) if v else ())
+
+    def stored_at(self, layer: int, kind: str) -> Scheme | None:
+        """The scheme one layer's K or V cache stores, None where that is f16 (the reference's own cache)."""
+        s = self.scheme(layer, kind)
+        return None if s.name == "f16" else s
 
     def scheme(self, layer: int, kind: str) -> Scheme:
         if self.layers is not None and layer not in self.layers:
