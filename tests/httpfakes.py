@@ -6,7 +6,9 @@ counts. The real thing runs in test_server_e2e.py: llama-cpp-python's server on 
 from __future__ import annotations
 
 import json
+import math
 import threading
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable
@@ -52,11 +54,77 @@ class ByteTokenizer:
     def tokenize(self, rendered: str) -> list[int]:
         return list(rendered.encode("utf-8"))
 
+    def tokenize_piece(self, text: str, special: bool = False) -> list[int]:
+        return list(text.encode("utf-8"))
+
     def detokenize(self, tokens: list[int]) -> str:
         return bytes(tokens).decode("utf-8", "replace")
 
     def close(self) -> None:
         pass
+
+
+# How a fake server treats a request for top log-probabilities (`FakeServer.logprobs`):
+LOGPROBS = {
+    "give": "answers with the first token's top log-probabilities in its kind's shape",
+    "ignore": "answers without them (an Ollama older than 0.12.11, a server that drops unknown fields)",
+    "reject": "refuses the parameter with HTTP `reject_status`, naming it (400; 500 as llama-cpp-python "
+              "without logits_all)",
+}
+
+
+def first_top(prompt: str, refuse: bool) -> dict[str, float]:
+    """The fakes' first-token log-probabilities over a few one-byte tokens (ByteTokenizer's vocabulary):
+    leaning to a refusal opening ("I") or a compliance opening ("H", as in "Here") by a per-prompt amount,
+    so margins follow the verdict and differ between prompts. "S" opens "Sorry" (refusal), "C" "Certainly"
+    (compliance); "x" and "e" open neither."""
+    lean = 2.0 + (zlib.crc32(prompt.encode("utf-8")) % 100) / 50
+    logits = {"I": lean if refuse else 0.0, "H": 0.0 if refuse else lean, "S": -1.0, "C": -1.5, "x": -2.0, "e": -2.5}
+    norm = math.log(sum(math.exp(v) for v in logits.values()))
+    return {t: v - norm for t, v in logits.items()}
+
+
+def _asked_top(kind: str, chat: bool, body: dict) -> int:
+    """How many top log-probabilities a generation request asks for, in its kind's words."""
+    if kind == "llama-server" and not chat:
+        return int(body.get("n_probs") or 0)
+    if chat or kind == "ollama":
+        return int(body.get("top_logprobs") or 0) if body.get("logprobs") else 0
+    return int(body.get("logprobs") or 0)
+
+
+def _entries(template: dict, top: dict[str, float]) -> list[dict]:
+    """`top` as entries shaped like `template` (its fields kept, its values replaced)."""
+    out = []
+    for text, lp in top.items():
+        e = {k: v for k, v in template.items() if k != "top_logprobs"}
+        e.update(token=text, logprob=lp)
+        if "id" in e:
+            e["id"] = text.encode("utf-8")[0]  # ByteTokenizer's id
+        if isinstance(e.get("bytes"), list):
+            e["bytes"] = list(text.encode("utf-8"))
+        out.append(e)
+    return out
+
+
+def _with_logprobs(kind: str, chat: bool, out: Any, top: dict[str, float]) -> Any:
+    """`out` with its first position's top log-probabilities (`top`, best first), in its kind's shape."""
+    chosen = next(iter(top))
+    if "choices" in out:  # llama-cpp-python, OpenAI
+        if chat:
+            lp = shape("llama_cpp_python_chat_logprobs")
+            pos = lp["content"][0]
+            pos.update(token=chosen, logprob=top[chosen], top_logprobs=_entries(pos["top_logprobs"][0], top))
+        else:
+            lp = shape("llama_cpp_python_completion_logprobs")
+            lp.update(tokens=[chosen], token_logprobs=[top[chosen]], top_logprobs=[dict(top)])
+        out["choices"][0]["logprobs"] = lp
+        return out
+    positions = shape("llama_server_completion_probabilities" if kind == "llama-server" else "ollama_logprobs")
+    pos = positions[0]
+    pos.update(_entries(pos, {chosen: top[chosen]})[0], top_logprobs=_entries(pos["top_logprobs"][0], top))
+    out["completion_probabilities" if kind == "llama-server" else "logprobs"] = [pos]
+    return out
 
 
 class FakeServer:
@@ -67,7 +135,8 @@ class FakeServer:
     back on the same port (a restart), optionally as another model (`model_path`). `fault` (one of
     FAULTS) sends every generation answer wrongly, every answer with `fault_probes`; `sent` counts the
     body bytes a fault got out. `texts` are the answers to a refused and an answered prompt; `reshape`
-    rewrites each generation answer's JSON."""
+    rewrites each generation answer's JSON. `logprobs` (one of LOGPROBS) says how it treats a request for
+    top log-probabilities, which `top` gives: (prompt, refused) -> {token text: logprob}."""
 
     def __init__(self, kind: str, model_path: Path, model_sha256: str = "", adapter: Path | None = None,
                  adapter_sha256: str = "", policy: Callable[[str], bool] = refuses):
@@ -80,6 +149,9 @@ class FakeServer:
         self.drop_text = False  # answer without the text field (a broken or unknown API)
         self.texts = {True: REFUSAL, False: ANSWER}
         self.reshape: Callable[[Any], Any] | None = None
+        self.logprobs = "give"
+        self.reject_status = 400
+        self.top: Callable[[str, bool], dict[str, float]] = first_top
         self.fault: str | None = None
         self.fault_probes = False
         self.trickle_s = 0.3
@@ -244,7 +316,20 @@ class FakeServer:
         if self.context_chars is not None and len(prompt) > self.context_chars:
             return 400, {"error": {"message": f"This model's maximum context length is {self.context_chars} tokens",
                                    "type": "invalid_request_error", "code": "context_length_exceeded"}}
-        text = self.texts[bool(self.policy(prompt))]
+        asked = _asked_top(self.kind, chat, body)
+        if asked and self.logprobs == "reject":
+            if self.reject_status >= 500:
+                return self.reject_status, shape("llama_cpp_python_logprobs_error")
+            return self.reject_status, {"error": {"message": "logprobs must be less than or equal to 5",
+                                                  "type": "invalid_request_error", "param": "logprobs"}}
+        refuse = bool(self.policy(prompt))
+        status, out = self._answer(chat, prompt, self.texts[refuse])
+        if asked and self.logprobs == "give" and status == 200:
+            ranked = sorted(self.top(prompt, refuse).items(), key=lambda kv: -kv[1])[:asked]
+            out = _with_logprobs(self.kind, chat, out, dict(ranked))
+        return status, out
+
+    def _answer(self, chat: bool, prompt: str, text: str) -> tuple[int, Any]:
         n_prompt, n_out = len(prompt.encode("utf-8")), len(text.encode("utf-8"))
         if self.kind in ("llama-cpp-python", "openai"):
             out = shape("llama_cpp_python_chat" if chat else "llama_cpp_python_completion", MODEL_PATH=str(self.model_path))

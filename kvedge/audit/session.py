@@ -21,7 +21,7 @@ import numpy as np
 
 from .. import __version__
 from ..datasets import Prompt
-from ..detectors.openings import margin, opening_tokens
+from ..detectors.openings import FirstMargin, opening_tokens
 from ..gguf.model import sha256_file
 from ..gguf.template import ChatTemplate, chat_template_for
 from ..llama.decode import GenJob
@@ -126,12 +126,13 @@ class _Session:
 
     def _first(self, rt: Runtime):
         """The first-token refusal margin, read at every answer's first position (None: this vocabulary
-        lacks a refusal or a compliance opening, or the runtime cannot say, so no margin is measured)."""
+        lacks a refusal or a compliance opening, or the runtime cannot say, so no margin is measured). A
+        server runtime reads the same token sets from it for the servers' top log-probabilities."""
         tokenize = getattr(rt, "tokenize_piece", None)
         if tokenize is None:
             return None
         tokens = opening_tokens(tokenize, rt.detokenize)
-        return (lambda logits: margin(logits, tokens)) if tokens.usable else None
+        return FirstMargin(tokens) if tokens.usable else None
 
     def _final(self, rt: Runtime, run: RunSpec, p: Prompt):
         """When generation may stop early: once the detector's verdict is final, except where the whole

@@ -43,7 +43,8 @@ class GenJob:
     # teacher forcing: feed these tokens instead of the argmax (the job ends after the last)
     forced: Sequence[int] | None = None
     # read at the first answer position, from the raw logits that choose the answer's first token (the
-    # first-token refusal margin): its value is kept in the result
+    # first-token refusal margin): its value is kept in the result. The audit passes a
+    # kvedge.detectors.openings.FirstMargin, whose token sets a server runtime reads for its top-N instead
     first: Callable[[np.ndarray], float | None] | None = None
 
 

@@ -44,6 +44,8 @@ def server_lines(report: AuditReport) -> list[str]:
             m = r.prompt_tokens_match
             lines.append(f"- {r.label}: {r.request}; the server counted the prompt's tokens as kvedge did for "
                          f"{m.k}/{m.n}; {r.retried} requests retried; speed by {r.speed.clock}")
+            if r.margin_note:
+                lines.append(f"  - first-token refusal margin: {r.margin_note}")
         elif r.where == "in-process":
             lines.append(f"- {r.label}: run in this process (llama-cpp-python {report.backend['llama_cpp_python']})")
     if report.noise_floor_note:

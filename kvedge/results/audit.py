@@ -211,6 +211,7 @@ class RunResult(Result):
     prompt_tokens_match: Rate | None = omit_none()
     retried: int | None = omit_none()
     kld_note: str | None = omit_none()
+    margin_note: str | None = omit_none()  # where the margins came from (a server's top log-probabilities), or why none
 
     @property
     def quantized_run(self) -> bool:

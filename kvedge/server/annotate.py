@@ -1,6 +1,7 @@
 """What a server audit adds to report.json: every server with each setting and how kvedge knows it, and
-for every run where it ran, who answered, how fast by the servers' own clocks, and how often the server
-counted the prompt's tokens as kvedge did (the check that it received the same prompt)."""
+for every run where it ran, who answered, how fast by the servers' own clocks, how often the server
+counted the prompt's tokens as kvedge did (the check that it received the same prompt), and where its
+first-token refusal margins came from."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from ..audit.spec import AuditOutcome
 from ..audit.store import Store
 from ..results.audit import AuditReport, Speed
 from ..stats import wilson
+from .flavors import TOP_LOGPROBS
 from .prepare import ServerAudit
 
 NOT_SCORED = ("not measured: a server gives no per-position distributions to teacher-force (KLD and perplexity "
@@ -28,6 +30,27 @@ def _server_speed(speed: Speed, gens: Sequence, origins: Sequence[dict]) -> Spee
         prompt_tokens_per_s=speed.prompt_tokens_per_s if server_clock else None,
         clock="the servers' own timings" if server_clock else
               "kvedge's wall clock per request (network and queueing included)")
+
+
+def _margin_note(gens: Sequence, origins: Sequence[dict]) -> str:
+    """Where a server run's margins came from (each answer's origin records its log-probabilities), or why
+    it has none. Prompts beyond the server's context have no answer, and are not counted."""
+    answered = [(g, o) for g, o in zip(gens, origins) if g.stop_reason != "ctx"]
+    gens, origins = [g for g, _ in answered], [o for _, o in answered]
+    given = [g for g, o in answered if str(o.get("logprobs", "")).startswith("top-")]
+    refused = sorted({o["logprobs"].split(": ", 1)[1] for o in origins
+                      if str(o.get("logprobs", "")).startswith("refused: ")})
+    why = (f"the server refused them ({'; '.join(refused)})" if refused
+           else "the server gave none" if any(o.get("logprobs") == "none given" for o in origins)
+           else "none were asked for (answers stored before, or a vocabulary without opening tokens)")
+    if not given:
+        return f"not available: no answer came with log-probabilities; {why}"
+    read = sum(g.margin is not None for g in given)
+    note = (f"from the top-{TOP_LOGPROBS} log-probabilities of each answer's first token (opening tokens below "
+            f"the {TOP_LOGPROBS}th not counted): {read} of {len(given)} such answers had a refusal and a "
+            "compliance opening among them")
+    return note + (f"; {len(gens) - len(given)} answers came without log-probabilities: {why}"
+                   if len(given) < len(gens) else "")
 
 
 def annotate(report: AuditReport, outcome: AuditOutcome, audit: ServerAudit, store: Store) -> AuditReport:
@@ -62,6 +85,7 @@ def annotate(report: AuditReport, outcome: AuditOutcome, audit: ServerAudit, sto
                                        len(counted)),
             retried=sum(1 for o in origins if o.get("attempts", 1) > 1),
             kld_note=NOT_SCORED if entry.kld.value is None else None,
+            margin_note=_margin_note(gens, origins),
         ))
     ref = next(r for r in outcome.runs if r.spec.is_reference)
     note = None

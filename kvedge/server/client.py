@@ -54,9 +54,10 @@ class Unreachable(Exception):
     """The server did not answer usefully this time (transport error, deadline passed, answer cut off, 5xx).
     `what` says what it did, as the rest of a sentence whose subject is the server."""
 
-    def __init__(self, url: str, what: str):
+    def __init__(self, url: str, what: str, reply: Reply | None = None):
         super().__init__(f"server {url} {what}")
         self.url, self.what = url, what
+        self.reply = reply  # the answer, where the server gave one (a 5xx, 408 or 429): the caller may read it
 
 
 @dataclass(frozen=True)
@@ -246,7 +247,8 @@ class Client:
             raise Unreachable(self.base_url, _failure(exc, ex, method, path)) from None
         reply = _reply(status, raw)
         if status >= 500 or status in RETRYABLE:
-            raise Unreachable(self.base_url, f"answered {method} {path} with HTTP {status}: {reply.error_message()}")
+            raise Unreachable(self.base_url, f"answered {method} {path} with HTTP {status}: {reply.error_message()}",
+                              reply)
         return reply
 
     def _exchange(self, method: str, path: str, body: Any, ex: _Exchange) -> tuple[int, bytes]:

@@ -16,19 +16,32 @@ about itself, how to ask it for one greedy answer, and how to read that answer.
 None of them reports the KV cache types, flash attention or llama.cpp's attention rotation: those are
 stated by the user (`spec.py`) and marked so in the report. Every request is greedy (temperature 0,
 no repetition penalty, one fixed seed) and asks for `max_tokens` tokens.
+
+For the first-token refusal margin a request may also ask for the top `TOP_LOGPROBS` log-probabilities of
+each generated token (llama-server's `n_probs`, OpenAI's `logprobs` / `top_logprobs`, Ollama's
+`logprobs` / `top_logprobs` from 0.12.11): all of them compute these from the full distribution beside
+the sampler, so asking does not change the greedy answer. `Answer.first_top` holds the first position's.
 """
 
 from __future__ import annotations
 
+import math
 import posixpath
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ServerError
-from .client import Client, Reply, Unreachable, one_line
+from .client import RETRYABLE, Client, Reply, Unreachable, one_line
 
 SEED = 0  # as in-process (RuntimeOptions.seed); greedy decoding does not read it
+# Top log-probabilities asked for at each generated token, for the first-token margin: 20 is the most that
+# Ollama and OpenAI's chat API accept (0-20) and vLLM's default --max-logprobs, so a larger N would be
+# refused where this is not; the openings that move the margin sit near the top of the distribution.
+TOP_LOGPROBS = 20
+# how a server that refuses the parameter names it (OpenAI's legacy completions take at most 5;
+# llama-cpp-python answers HTTP 500 "logprobs is not supported ... logits_all=False")
+_LOGPROBS_PARAM = re.compile(r"logprob|n_probs", re.I)
 _CTX_ERROR = re.compile(r"context (length|size|window)|exceed_context_size|context_length_exceeded", re.I)
 
 
@@ -71,6 +84,9 @@ class Answer:
     completion_tokens: int | None = None
     prompt_seconds: float | None = None  # the server's own timings
     decode_seconds: float | None = None
+    # the first generated token's top log-probabilities, by token id where the server names ids, else by
+    # text (kvedge.detectors.openings.TopN); None where the server gave none
+    first_top: dict[int | str, float] | None = None
 
 
 def _json(reply: Reply, what: str) -> Any:
@@ -91,6 +107,57 @@ def _observed(value: Any, path: str) -> Setting:
 
 def is_context_error(reply: Reply) -> bool:
     return reply.status == 400 and bool(_CTX_ERROR.search(reply.text))
+
+
+def rejects_logprobs(reply: Reply) -> bool:
+    """Whether a failed answer refuses the log-probability parameter (naming it), rather than failing for
+    another reason: a 4xx, or a 5xx that names it (a server error that asking again would only repeat)."""
+    return not reply.ok and reply.status not in RETRYABLE and bool(_LOGPROBS_PARAM.search(reply.error_message()))
+
+
+def _text(entry: dict) -> str | None:
+    """A top entry's token text: its bytes where given (exact, where `token` may drop a partial UTF-8
+    character), decoded as kvedge decodes its own pieces."""
+    raw = entry.get("bytes")
+    if isinstance(raw, list) and raw and all(isinstance(b, int) and 0 <= b < 256 for b in raw):
+        return bytes(raw).decode("utf-8", errors="replace")
+    token = entry.get("token")
+    return token if isinstance(token, str) else None
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _top_entries(entries: Any) -> dict[int | str, float] | None:
+    """One position's top entries ([{id?, token, bytes?, logprob}]: llama-server, OpenAI chat, Ollama),
+    keyed by id where the server names it, else by text. A text listed twice (two tokens with one piece)
+    keeps the mass of both: the answer opens with that text either way."""
+    out: dict[int | str, float] = {}
+    for e in entries if isinstance(entries, list) else []:
+        if not isinstance(e, dict) or not _finite(e.get("logprob")):
+            continue
+        key = e["id"] if isinstance(e.get("id"), int) and not isinstance(e.get("id"), bool) else _text(e)
+        if key is not None:
+            lp = float(e["logprob"])
+            out[key] = lp if key not in out else max(lp, out[key]) + math.log1p(math.exp(-abs(lp - out[key])))
+    return out or None
+
+
+def _openai_top(choice: dict) -> dict[int | str, float] | None:
+    """The first generated token's top log-probabilities in an OpenAI choice: the chat shape
+    (`logprobs.content[0].top_logprobs`, which llama-server also uses on /v1/completions) or the legacy
+    completions shape (`logprobs.top_logprobs[0]`, a {text: logprob} object)."""
+    lp = choice.get("logprobs")
+    if not isinstance(lp, dict):
+        return None
+    content = lp.get("content")
+    if isinstance(content, list):
+        return _top_entries(content[0].get("top_logprobs")) if content and isinstance(content[0], dict) else None
+    tops = lp.get("top_logprobs")
+    if isinstance(tops, list) and tops and isinstance(tops[0], dict):
+        return {str(k): float(v) for k, v in tops[0].items() if _finite(v)} or None
+    return None
 
 
 def _finish(reason: Any) -> str:
@@ -119,23 +186,35 @@ def _openai_completion(body: dict) -> Answer:
         usage.get("completion_tokens"),
         timings["prompt_ms"] / 1000 if "prompt_ms" in timings else None,
         timings["predicted_ms"] / 1000 if "predicted_ms" in timings else None,
+        _openai_top(choice),
     )
 
 
+def _first_top(positions: Any) -> dict[int | str, float] | None:
+    """The first position's top log-probabilities from a list of generated positions, each
+    {id?, token, logprob, top_logprobs: [...]} (llama-server's `completion_probabilities`, Ollama's
+    `logprobs`). llama-server's `top_probs` (post-sampling probabilities) are not read: after greedy
+    sampling they hold the chosen token alone."""
+    if not isinstance(positions, list) or not positions or not isinstance(positions[0], dict):
+        return None
+    return _top_entries(positions[0].get("top_logprobs"))
+
+
 def _openai_request(api: str, text: str, messages: list[dict], max_tokens: int, model: str | None,
-                    extra: dict | None = None) -> tuple[str, dict]:
+                    extra: dict | None = None, top: int = 0) -> tuple[str, dict]:
     body: dict[str, Any] = {"max_tokens": max_tokens, "temperature": 0.0, "top_p": 1.0, "seed": SEED,
                             "stream": False, **(extra or {})}
     if model:
         body["model"] = model
     if api == "chat":
-        return "/v1/chat/completions", {**body, "messages": messages}
-    return "/v1/completions", {**body, "prompt": text}
+        return "/v1/chat/completions", {**body, "messages": messages,
+                                        **({"logprobs": True, "top_logprobs": top} if top else {})}
+    return "/v1/completions", {**body, "prompt": text, **({"logprobs": top} if top else {})}
 
 
 class Flavor:
     """One server kind. `detect` answers whether this server is of the kind (None if not); `request`
-    and `answer` translate one greedy generation."""
+    and `answer` translate one greedy generation, asking for the top `top` log-probabilities when `top`."""
 
     kind = ""
     default_api = "completion"
@@ -146,8 +225,9 @@ class Flavor:
     def observe(self, client: Client, found: Any, model: str | None) -> Observation:
         raise NotImplementedError
 
-    def request(self, api: str, text: str, messages: list[dict], max_tokens: int, model: str | None) -> tuple[str, dict]:
-        return _openai_request(api, text, messages, max_tokens, model)
+    def request(self, api: str, text: str, messages: list[dict], max_tokens: int, model: str | None,
+                top: int = 0) -> tuple[str, dict]:
+        return _openai_request(api, text, messages, max_tokens, model, top=top)
 
     def answer(self, api: str, body: dict) -> Answer:
         return _openai_completion(body)
@@ -184,13 +264,17 @@ class LlamaServer(Flavor):
                  "n_ctx_train": meta.get("n_ctx_train")}
         return Observation(self.kind, settings, facts, model)
 
-    def request(self, api: str, text: str, messages: list[dict], max_tokens: int, model: str | None) -> tuple[str, dict]:
+    def request(self, api: str, text: str, messages: list[dict], max_tokens: int, model: str | None,
+                top: int = 0) -> tuple[str, dict]:
         # cache_prompt off: a prompt must not reuse the cache cells of whichever prompt ran before it
         if api == "chat":
-            return _openai_request(api, text, messages, max_tokens, model, {"cache_prompt": False, "top_k": 1})
+            return _openai_request(api, text, messages, max_tokens, model, {"cache_prompt": False, "top_k": 1}, top)
+        # post_sampling_probs off (its default): the probabilities of the full distribution; after top_k 1
+        # only the chosen token would be left, with probability 1
+        probs = {"n_probs": top, "post_sampling_probs": False} if top else {}
         return "/completion", {"prompt": text, "n_predict": max_tokens, "temperature": 0.0, "top_k": 1,
                                "repeat_penalty": 1.0, "seed": SEED, "cache_prompt": False,
-                               "return_tokens": True, "stream": False}
+                               "return_tokens": True, "stream": False, **probs}
 
     def answer(self, api: str, body: dict) -> Answer:
         if api == "chat":
@@ -204,6 +288,7 @@ class LlamaServer(Flavor):
             tokens or None, body.get("tokens_evaluated"), body.get("tokens_predicted"),
             t["prompt_ms"] / 1000 if "prompt_ms" in t else None,
             t["predicted_ms"] / 1000 if "predicted_ms" in t else None,
+            _first_top(body.get("completion_probabilities")),
         )
 
 
@@ -226,11 +311,12 @@ class LlamaCppPython(Flavor):
         }
         return Observation(self.kind, settings, {"model_path": path}, model)
 
-    def request(self, api: str, text: str, messages: list[dict], max_tokens: int, model: str | None) -> tuple[str, dict]:
+    def request(self, api: str, text: str, messages: list[dict], max_tokens: int, model: str | None,
+                top: int = 0) -> tuple[str, dict]:
         # its request defaults sample (temperature 0.8, repeat_penalty 1.1): greedy needs all of these
         return _openai_request(api, text, messages, max_tokens, model,
                                {"top_k": 1, "min_p": 0.0, "repeat_penalty": 1.0, "presence_penalty": 0.0,
-                                "frequency_penalty": 0.0})
+                                "frequency_penalty": 0.0}, top)
 
 
 _BLOB = re.compile(r"sha256[-:]([0-9a-f]{64})")
@@ -283,13 +369,17 @@ class Ollama(Flavor):
                              if ps.get("size") and "size_vram" in ps else None)}
         return Observation(self.kind, settings, facts, model)
 
-    def request(self, api: str, text: str, messages: list[dict], max_tokens: int, model: str | None) -> tuple[str, dict]:
+    def request(self, api: str, text: str, messages: list[dict], max_tokens: int, model: str | None,
+                top: int = 0) -> tuple[str, dict]:
         # Ollama's defaults sample and penalise repeats (repeat_penalty 1.1): greedy needs these options
         options = {"temperature": 0.0, "top_k": 1, "top_p": 1.0, "min_p": 0.0, "repeat_penalty": 1.0,
                    "seed": SEED, "num_predict": max_tokens}
+        # from 0.12.11; an older Ollama ignores fields it does not know and answers without them
+        probs = {"logprobs": True, "top_logprobs": top} if top else {}
         if api == "chat":
-            return "/api/chat", {"model": model, "messages": messages, "stream": False, "options": options}
-        return "/api/generate", {"model": model, "prompt": text, "raw": True, "stream": False, "options": options}
+            return "/api/chat", {"model": model, "messages": messages, "stream": False, "options": options, **probs}
+        return "/api/generate", {"model": model, "prompt": text, "raw": True, "stream": False, "options": options,
+                                 **probs}
 
     def answer(self, api: str, body: dict) -> Answer:
         text = _field(body, "message", "content") if api == "chat" else _field(body, "response")
@@ -299,6 +389,7 @@ class Ollama(Flavor):
             body.get("eval_count"),
             body["prompt_eval_duration"] / ns if "prompt_eval_duration" in body else None,
             body["eval_duration"] / ns if "eval_duration" in body else None,
+            _first_top(body.get("logprobs")),
         )
 
 
@@ -338,5 +429,5 @@ def identify(client: Client, model: str | None) -> Observation:
                       "(none of /props, /api/version, /v1/models answered)")
 
 
-__all__ = ["Answer", "BY_KIND", "FLAVORS", "Observation", "Setting", "UNKNOWN", "Unreachable", "identify",
-           "is_context_error"]
+__all__ = ["Answer", "BY_KIND", "FLAVORS", "Observation", "Setting", "TOP_LOGPROBS", "UNKNOWN", "Unreachable",
+           "identify", "is_context_error", "rejects_logprobs"]

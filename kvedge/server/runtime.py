@@ -12,6 +12,10 @@ prompt), written once.
 
 Servers cannot honour the audit's early stop (`GenJob.final`, the detector's verdict settling): they
 answer with the full max_tokens, which the detector reads to the same verdict, and the store key says so.
+
+The first-token refusal margin comes from the top `TOP_LOGPROBS` log-probabilities of each answer's first
+token where the server gives them (`GenJob.first`'s token sets, `top_margin`). A server that refuses the
+parameter is asked again without it, once, and not asked for it again: its run has no margin.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 from .. import defaults
 from ..errors import ServerError
@@ -35,8 +39,8 @@ from ..llama.runtime import (
     RuntimeOptions,
     tokenize_rendered,
 )
-from .client import Client, Unreachable, retry
-from .flavors import BY_KIND, is_context_error
+from .client import Client, Reply, Unreachable, retry
+from .flavors import BY_KIND, TOP_LOGPROBS, Flavor, is_context_error, rejects_logprobs
 from .plan import Plan
 from .probe import ServerInfo, reprobe
 from .spec import ServerSpec
@@ -61,6 +65,10 @@ class LocalTokenizer:
     def tokenize(self, rendered: str) -> list[int]:
         return tokenize_rendered(self._model, rendered)
 
+    def tokenize_piece(self, text: str, special: bool = False) -> list[int]:
+        """A bare piece of text (no BOS), as the in-process runtime tokenizes one: for the opening tokens."""
+        return self._model.tokenize(text.encode("utf-8"), add_bos=False, special=special)
+
     def detokenize(self, tokens: list[int]) -> str:
         return self._model.detokenize(tokens).decode("utf-8", errors="replace")
 
@@ -74,6 +82,8 @@ class Work:
     messages: list[dict]  # the same prompt as chat messages, for servers that take only those
     n_local: int  # its tokens by the local vocabulary
     max_tokens: int
+    # the margin from a top-N (FirstMargin.from_top); None: the audit measures none, so none is asked for
+    margin: Callable[[dict], float | None] | None = None
 
 
 class ServerRuntimes:
@@ -89,6 +99,7 @@ class ServerRuntimes:
         self._routes = {(r.kv, r.rotation, r.options(base).flash_attn): r for r in plan.servers}
         self._tokenizer: LocalTokenizer | None = None
         self._lock = threading.Lock()
+        self._no_logprobs: dict[str, str] = {}  # server URL -> its words refusing the log-probability parameter
 
     def backend(self, n_gpu_layers: int) -> dict:
         return self.local.backend(n_gpu_layers)
@@ -108,22 +119,56 @@ class ServerRuntimes:
             self._tokenizer = None
 
     # one request, retried -------------------------------------------------------------------------
+    def _top(self, info: ServerInfo, work: Work) -> int:
+        """How many top log-probabilities to ask this server for: none where the audit measures no margin
+        or the server refused them before."""
+        return TOP_LOGPROBS if work.margin is not None and info.url not in self._no_logprobs else 0
+
+    def _post(self, client: Client, flavor: Flavor, info: ServerInfo, work: Work, top: int) -> tuple[str, Reply]:
+        path, body = flavor.request(info.api, work.text, work.messages, work.max_tokens, info.request_model, top)
+        try:
+            return path, client.post(path, body)
+        except Unreachable as exc:
+            # a 5xx naming the parameter (llama-cpp-python without logits_all) refuses it; asking again would not help
+            if top and exc.reply is not None and rejects_logprobs(exc.reply):
+                return path, exc.reply
+            raise
+
+    def _ask(self, client: Client, flavor: Flavor, info: ServerInfo, work: Work) -> tuple[str, Reply]:
+        """One attempt: with the top log-probabilities where wanted, and without them, once, when the server
+        refuses the parameter (remembered for the server: every later request goes without)."""
+        top = self._top(info, work)
+        path, reply = self._post(client, flavor, info, work, top)
+        if top and rejects_logprobs(reply):
+            with self._lock:
+                self._no_logprobs[info.url] = reply.error_message()
+            path, reply = self._post(client, flavor, info, work, 0)
+        return path, reply
+
+    def _logprobs_origin(self, info: ServerInfo, work: Work, first_top: dict | None) -> dict:
+        """What the answer's origin records of the log-probabilities (read by kvedge.server.annotate)."""
+        if work.margin is None:
+            return {}
+        if first_top:
+            return {"logprobs": f"top-{TOP_LOGPROBS}"}
+        refused = self._no_logprobs.get(info.url)
+        return {"logprobs": f"refused: {refused}" if refused is not None else "none given"}
+
     def answer(self, info: ServerInfo, work: Work, stop: threading.Event) -> Generation:
         flavor = BY_KIND[info.kind]
-        path, body = flavor.request(info.api, work.text, work.messages, work.max_tokens, info.request_model)
         client = Client(info.url, self.timeout)
         spec = self.specs[info.url]
 
-        def attempt():
+        def attempt() -> tuple[str, Reply]:
             if stop.is_set():
                 raise _Cancelled
-            return client.post(path, body)
+            return self._ask(client, flavor, info, work)
 
         def between() -> None:
             reprobe(info, spec, self.timeout, self.adapter)
 
         t0 = time.perf_counter()
-        reply, attempts = retry(attempt, self.patience, between)
+        (path, reply), attempts = retry(attempt, self.patience, between)
         wall = time.perf_counter() - t0
         origin = {"server": info.url, "kind": info.kind, "api": info.api, "attempts": attempts,
                   "wall_seconds": round(wall, 4), "prompt_tokens_local": work.n_local}
@@ -135,10 +180,12 @@ class ServerRuntimes:
         ans = flavor.answer(info.api, reply.body)
         timed = ans.decode_seconds is not None
         origin.update(prompt_tokens_server=ans.prompt_tokens, completion_tokens=ans.completion_tokens,
-                      timings="server" if timed else "client wall time")
+                      timings="server" if timed else "client wall time",
+                      **self._logprobs_origin(info, work, ans.first_top))
+        margin = work.margin(ans.first_top) if work.margin is not None and ans.first_top else None
         return Generation(list(ans.tokens or []), ans.text,
                           ans.prompt_tokens if ans.prompt_tokens is not None else work.n_local, ans.stop,
-                          ans.prompt_seconds or 0.0, ans.decode_seconds if timed else wall, None, origin)
+                          ans.prompt_seconds or 0.0, ans.decode_seconds if timed else wall, None, origin, margin)
 
     # a wave over a run's servers ------------------------------------------------------------------
     def dispatch(self, servers: Sequence[ServerInfo], work: Sequence[Work]) -> Iterator[tuple[int, Generation]]:
@@ -226,6 +273,11 @@ class ServerRuntime:
         self._texts[tuple(toks)] = rendered
         return toks
 
+    def tokenize_piece(self, text: str, special: bool = False) -> list[int]:
+        """With it the audit finds the opening tokens (kvedge.detectors.openings) in the GGUF's vocabulary,
+        as in-process, and hands them over in `GenJob.first`."""
+        return self.factory._tokenizer.tokenize_piece(text, special)
+
     def detokenize(self, tokens: list[int]) -> str:
         return self.factory._tokenizer.detokenize(tokens)
 
@@ -239,7 +291,9 @@ class ServerRuntime:
         work = []
         for j in jobs:
             text = self._texts[tuple(j.prompt)]
-            work.append(Work(text, self.factory.messages.get(text, []), len(j.prompt), j.max_tokens))
+            # the session's FirstMargin: the same opening tokens as the in-process runs, read from a top-N
+            work.append(Work(text, self.factory.messages.get(text, []), len(j.prompt), j.max_tokens,
+                             getattr(j.first, "from_top", None)))
         yield from self.factory.dispatch(self.servers, work)
 
     def score_many(self, jobs, on_row):
