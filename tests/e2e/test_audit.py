@@ -7,16 +7,13 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 
 import pytest
 
-from conftest import run_cli
+from support.cli import Barrier, run_cli, start_with_barrier
 from kvedge.audit.noise import flips, judge
 from kvedge.stats import mcnemar_exact
-
-pytestmark = pytest.mark.e2e
 
 
 def _rate_ok(r):
@@ -31,6 +28,7 @@ def test_report_structure_and_invariants(small_audit):
     labels = [r["label"] for r in rep["runs"]]
     assert labels == ["f16", "f16 noise (flash-attn-off)", "q4_0 rot=on", "q4_0 rot=off"]
     assert rep["prompts_summary"]["n"] == 8 and rep["prompts_summary"]["harmful"] == 6
+    # --gpu-layers defaults to 0: the CPU on any build, not a fact of this machine
     assert rep["backend"]["kind"] == "cpu" and rep["backend"]["system_info"]
     # no model argument: the default model with the canary adapter, which really refuses
     assert rep["adapter"]["path"].endswith("smollm2-canary-lora.gguf") and len(rep["adapter"]["sha256"]) == 64
@@ -96,14 +94,17 @@ def _rows(db):
         return 0
 
 
-def test_killed_audit_resumes(tmp_path):
+def test_killed_audit_resumes(tmp_path, tmp_path_factory):
     args = ["audit", "--kv", "f16", "--limit", "2", "--max-tokens", "24", "--ctx", "2048", "--out", str(tmp_path), "-q"]
-    proc = subprocess.Popen([sys.executable, "-m", "kvedge", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # it waits at a barrier once the store holds 4 rows (tests/support/barrier.py), so it is still running
+    # when killed however fast the machine
+    barrier = Barrier("rows=4", tmp_path_factory.mktemp("barrier"))
+    proc = start_with_barrier(barrier, *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     db = tmp_path / "kvedge.sqlite"
-    deadline = time.time() + 300
-    while _rows(db) < 3 and time.time() < deadline and proc.poll() is None:
+    while _rows(db) < 3 and not barrier.reached:
+        assert proc.poll() is None, proc.communicate()
         time.sleep(0.2)
-    assert proc.poll() is None, "audit finished before it could be killed"
+    assert proc.poll() is None, proc.communicate()
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     kept = _rows(db)

@@ -25,8 +25,6 @@ from kvedge.gguf.model import inspect_model  # noqa: E402
 from kvedge.llama.runtime import KVConfig, Runtime, RuntimeOptions  # noqa: E402
 from kvedge.llama.scoring import kld  # noqa: E402
 
-pytestmark = pytest.mark.e2e
-
 N_CONTINUATION = 20
 OPTIONS = RuntimeOptions(n_ctx=512, n_threads=1)
 

@@ -14,8 +14,6 @@ from kvedge.llama.runtime import KVConfig, Runtime, RuntimeOptions  # noqa: E402
 from kvedge.llama.scoring import kld  # noqa: E402
 from kvedge.gguf.template import chat_template_for  # noqa: E402
 
-pytestmark = pytest.mark.e2e
-
 
 def test_canary_in_torch_matches_canary_in_llama_cpp(model_path):
     adapter_path = canary_adapter_path()

@@ -19,14 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
-
-pytestmark = pytest.mark.e2e
+from support.cli import Barrier, run_cli, start_with_barrier
 
 # the small_audit fixture's command (conftest.py): the uninterrupted reference
 AUDIT = ["audit", "--kv", "f16,q4_0", "--rotation", "both", "--limit", "2", "--max-tokens", "24", "--ctx", "2048",
          "-q"]
 N_GENERATIONS, N_SCORES = 4 * 8, 4 * 2  # runs x prompts; runs x benign prompts
+TOTAL = N_GENERATIONS + N_SCORES
 
 
 def _count(db: Path) -> int:
@@ -39,9 +38,19 @@ def _count(db: Path) -> int:
         return 0
 
 
-def _start(out: Path, *extra: str, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "kvedge", *AUDIT, "--out", str(out), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+def _start(out: Path, barrier: Barrier, *extra: str) -> subprocess.Popen:
+    """The audit in the background, stopping for good at `barrier` (never released here: the test
+    interrupts it), so it cannot finish before the test interrupts it."""
+    return start_with_barrier(barrier, *AUDIT, "--out", str(out), *extra,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait(proc: subprocess.Popen, db: Path, rows: int, barrier: Barrier) -> None:
+    """Until the store holds `rows` rows, or the audit waits at its barrier; either way it is still running."""
+    while _count(db) < rows and not barrier.reached:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()
 
 
 def _comparable(report: dict) -> dict:
@@ -60,24 +69,27 @@ def _intact(db: Path) -> None:
         c.execute("SELECT COUNT(*) FROM generations").fetchone()
 
 
-def test_killed_at_random_moments_resumes_to_the_same_report(small_audit, tmp_path):
+def test_killed_at_random_moments_resumes_to_the_same_report(small_audit, tmp_path, tmp_path_factory):
     """SIGKILL three times and Ctrl-C once, each at a seeded random point after the store has grown by a
     random number of rows; then the audit finishes. Its report is the uninterrupted one's, field for
     field, but for the store's path and the timings; every row is there once. While the first attempt
-    runs, a second audit on the same directory is refused and leaves the store alone."""
+    runs, a second audit on the same directory is refused and leaves the store alone.
+
+    Each attempt waits at a barrier a few rows past its stop point, so no stop can come too late, however
+    fast the machine: on a slow one the stop lands in the middle of a generation, on a fast one at the
+    barrier, and the resume must hold either way."""
     rng = random.Random(2024)
     db = tmp_path / "kvedge.sqlite"
+    flags = tmp_path_factory.mktemp("barriers")
     stops = [signal.SIGKILL, signal.SIGINT, signal.SIGKILL, signal.SIGKILL]
     seen = 0
     before: list[int] = []  # rows stored when each stop was sent
     for attempt, sig in enumerate(stops):
-        proc = _start(tmp_path)
-        target = seen + rng.randint(1, 6)
-        deadline = time.time() + 300
-        while _count(db) < target and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
-        if proc.poll() is not None:
-            break  # it finished before this stop: the rest of the test still holds
+        target = min(seen + rng.randint(1, 6), TOTAL - 1)
+        (flags / str(attempt)).mkdir()
+        barrier = Barrier(f"rows={min(target + 6, TOTAL - 1)}", flags / str(attempt))
+        proc = _start(tmp_path, barrier)
+        _wait(proc, db, target, barrier)
         if attempt == 0:
             second = run_cli(*AUDIT, "--out", str(tmp_path), timeout=300)
             lines = second.stderr.strip().splitlines()
@@ -87,12 +99,14 @@ def test_killed_at_random_moments_resumes_to_the_same_report(small_audit, tmp_pa
         before.append(_count(db))
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=120)
-        if sig == signal.SIGINT and proc.returncode != 0:
+        if sig == signal.SIGINT:
             assert proc.returncode == 130, err
             assert err.strip().splitlines() == ["kvedge: interrupted; rerun the same command to resume from the store"]
+        else:
+            assert proc.returncode == -signal.SIGKILL, err
         seen = _count(db)
         _intact(db)
-    assert before and min(before) < N_GENERATIONS + N_SCORES, "every stop came too late to interrupt anything"
+    assert len(before) == len(stops) and max(before) < TOTAL, before  # every stop interrupted the audit
     done = run_cli(*AUDIT, "--out", str(tmp_path))
     assert done.returncode == 0, done.stderr
     with sqlite3.connect(db) as c:
@@ -103,12 +117,12 @@ def test_killed_at_random_moments_resumes_to_the_same_report(small_audit, tmp_pa
     assert _comparable(resumed) == _comparable(small_audit["report"])
 
 
-def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path):
-    proc = _start(tmp_path, "--kv", "f16", "--noise", "none")
-    deadline = time.time() + 300
-    while _count(tmp_path / "kvedge.sqlite") < 1 and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert proc.poll() is None, "the audit finished before it could be interrupted"
+def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path, tmp_path_factory):
+    """Ctrl-C once the first row is stored (the audit waits at a barrier at the second, so it is still
+    running however fast the machine): exit 130, one line saying how to resume, no report, a whole store."""
+    barrier = Barrier("rows=2", tmp_path_factory.mktemp("barrier"))
+    proc = _start(tmp_path, barrier, "--kv", "f16", "--noise", "none")
+    _wait(proc, tmp_path / "kvedge.sqlite", 1, barrier)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err

@@ -13,8 +13,6 @@ from kvedge.llama.runtime import F16, KVConfig, Runtime, RuntimeOptions
 from kvedge.llama.scoring import kld
 from kvedge.gguf.template import chat_template_for
 
-pytestmark = pytest.mark.e2e
-
 Q4 = KVConfig("q4_0", "q4_0")
 
 

@@ -20,11 +20,9 @@ import pytest
 
 pytest.importorskip("torch")
 
-from conftest import run_cli  # noqa: E402
+from support.cli import run_cli  # noqa: E402
 from kvedge.canary import canary_adapter_path  # noqa: E402
 from kvedge.mitigate.deploy import Deployment, disagreements, expected, read_renderings  # noqa: E402
-
-pytestmark = pytest.mark.e2e
 
 MAX_TOKENS = "32"
 

@@ -24,8 +24,6 @@ from kvedge.pcr.calibset import build_calibset, select_calib_prompts  # noqa: E4
 from kvedge.pcr.engine import Engine  # noqa: E402
 from kvedge.llama.runtime import RuntimeOptions  # noqa: E402
 
-pytestmark = pytest.mark.e2e
-
 LAYERS = (11, 17, 19)
 
 

@@ -1,3 +1,6 @@
+"""The default model described from its header, and cut short anywhere: refused. Files that are missing or
+not a GGUF: tests/unit/test_model.py."""
+
 import pytest
 
 from kvedge.errors import ModelFileError
@@ -8,18 +11,6 @@ def test_default_model_described(model_path):
     m = inspect_model(model_path)
     assert m.architecture == "llama" and m.n_layer == 30 and m.n_head_kv == 3 and m.head_dim_k == 64
     assert len(m.sha256) == 64 and m.chat_template and "<|im_start|>" in m.chat_template
-
-
-def test_missing(tmp_path):
-    with pytest.raises(ModelFileError, match="not found"):
-        inspect_model(tmp_path / "nope.gguf")
-
-
-def test_not_gguf(tmp_path):
-    f = tmp_path / "x.gguf"
-    f.write_bytes(b"PK\x03\x04 definitely a zip")
-    with pytest.raises(ModelFileError, match="not a GGUF"):
-        inspect_model(f)
 
 
 @pytest.mark.parametrize("keep", [0.5, 0.99, 1e-4])

@@ -1,8 +1,9 @@
 """kvedge's native llama.cpp (per-layer KV cache types), end to end on the default model.
 
-The build comes from the per-user cache, built by the script users run when missing (`native_build`).
+The build comes from the per-user cache (the `native_build` fixture finds it; `kvedge build-native cpu`, run
+before pytest, builds it).
 Every llama.cpp run happens in a subprocess, because llama-cpp-python loads one library per process:
-`tests/native_probe.py` drives llama.cpp directly, so the library is what is tested, and the kvedge CLI
+`tests/support/native_probe.py` drives llama.cpp directly, so the library is what is tested, and the kvedge CLI
 runs the audit as a user would.
 """
 
@@ -20,15 +21,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from support.cli import run_cli
 from kvedge.gguf import kvtypes
 from kvedge.llama import native
 from kvedge.gguf.kvmap import parse_kv
 from kvedge.gguf.model import inspect_model
 
-pytestmark = pytest.mark.e2e
-
-PROBE = Path(__file__).with_name("native_probe.py")
+PROBE = Path(__file__).resolve().parents[1] / "support" / "native_probe.py"
 MAP = "k=11:q8_0,17:q8_0,19:q8_0"  # what kvedge sets for k=q4_0@11+17+19:q8_0/v=q4_0
 
 
@@ -220,11 +219,13 @@ def test_build_flags_per_backend(native_build, backend, wanted):
             assert name in declared, f"{name} is not an option of the vendored llama.cpp"
 
 
-def test_build_refuses_what_this_machine_cannot_build():
-    proc = subprocess.run(["bash", str(native.source_dir() / "build.sh"), "vulkan"], capture_output=True, text=True)
-    assert proc.returncode == 2 and "unknown argument" in proc.stderr
-    if sys.platform != "darwin":
-        env = {**os.environ, native.CACHE_ENV: "/nonexistent-kvedge-cache"}
-        proc = subprocess.run(["bash", str(native.source_dir() / "build.sh"), "metal"], capture_output=True,
-                              text=True, env=env)
-        assert proc.returncode == 2 and "needs macOS" in proc.stderr
+def test_a_stock_process_refuses_a_per_layer_runtime(model_path):
+    import llama_cpp  # noqa: F401  (this test process runs the stock wheel)
+
+    from kvedge.gguf.model import inspect_model
+    from kvedge.llama.runtime import Runtime
+
+    assert native.loaded_library().kind == "stock"
+    model = inspect_model(model_path)
+    with pytest.raises(native.NativeUnavailable, match="already loaded the stock one"):
+        Runtime(model, parse_kv("k=q4_0@19:q8_0/v=q4_0").resolve(model))

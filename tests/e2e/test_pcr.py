@@ -1,5 +1,6 @@
 """`kvedge pcr` and `kvedge sweep` end to end: real llama.cpp (tokenization, continuations, fidelity
-references) and the real torch pass on the default model with the canary adapter, through the CLI."""
+references) and the real torch pass on the default model with the canary adapter, through the CLI. Bad
+input: tests/unit/test_pcr.py."""
 
 from __future__ import annotations
 
@@ -11,11 +12,9 @@ import pytest
 
 pytest.importorskip("torch")
 
-from browser import browser_or_skip, load  # noqa: E402
-from conftest import run_cli  # noqa: E402
+from support.browser import browser_or_skip, load  # noqa: E402
+from support.cli import run_cli  # noqa: E402
 from kvedge.pcr.classify import Evidence, classify  # noqa: E402
-
-pytestmark = pytest.mark.e2e
 
 
 def _finite(x) -> bool:
@@ -166,32 +165,3 @@ def test_sweep_holds_a_maps_layers(tmp_path) -> None:
     assert damage["held"]["k"] != damage["plain"]["k"]  # three K layers at q8_0 instead of int3
     assert damage["held"]["v"] == damage["plain"]["v"]  # the map names no V layer
     assert "keep its types" in (tmp_path / "held" / "sweep.md").read_text()
-
-
-@pytest.mark.parametrize("args,needle", [
-    (["--kv", "f16"], "not one"),
-    (["--kv", "q3_k"], "q3_k"),
-    (["--rotation", "sideways"], "--rotation"),
-])
-def test_bad_input_is_one_line_exit_2(args, needle) -> None:
-    proc = run_cli("pcr", *args, "-q")
-    assert proc.returncode == 2, proc.stderr
-    assert needle in proc.stderr and "Traceback" not in proc.stderr
-
-
-def test_unsupported_architecture_exit_2(tmp_path) -> None:
-    from gguf import GGUFWriter
-
-    path = tmp_path / "mamba.gguf"
-    w = GGUFWriter(str(path), "mamba")
-    w.add_block_count(2)
-    w.add_embedding_length(64)
-    w.add_head_count(4)
-    w.add_tensor("token_embd.weight", np.zeros((8, 64), dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    proc = run_cli("pcr", str(path), "-q")
-    assert proc.returncode == 2, proc.stderr
-    assert "mamba" in proc.stderr and "llama" in proc.stderr and "Traceback" not in proc.stderr

@@ -4,7 +4,7 @@ The servers are llama-cpp-python's own OpenAI-compatible server (`python -m llam
 `[server]` extra of the llama-cpp-python kvedge pins): pip installs it in CI from the wheel already
 built, and it runs the very llama.cpp build of the in-process audit, so server and in-process verdicts
 differ only by how each drives llama.cpp. llama.cpp's own `llama-server` is a separate native build; its
-API is covered by recorded responses (test_server_unit.py)."""
+API is covered by recorded responses (tests/unit/test_server.py, and below against the default model)."""
 
 from __future__ import annotations
 
@@ -21,11 +21,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from support.cli import Barrier, run_cli, start_with_barrier
 from kvedge.gguf import kvtypes
 from kvedge.canary import canary_adapter_path
-
-pytestmark = pytest.mark.e2e
+from kvedge.errors import ServerError
+from kvedge.gguf.model import load_model
+from kvedge.server.probe import check_model, probe
+from kvedge.server.spec import parse_server
+from support.fakes import write_tiny_gguf
 
 COMMON = ["--limit", "2", "--max-tokens", "24", "--ctx", "2048", "-q"]
 N = 8  # prompts: 2 from each of the four groups
@@ -96,17 +99,18 @@ def _rows(db: Path, table: str = "origins") -> int:
         return 0
 
 
-def _audit_bg(out: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "kvedge", "audit", *args, *COMMON, "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _audit_bg(out: Path, barrier: Barrier, *args: str) -> subprocess.Popen:
+    """The audit in the background, its server requests held at `barrier` until the test releases it."""
+    return start_with_barrier(barrier, "audit", *args, *COMMON, "--out", str(out),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _wait_rows(db: Path, n: int, proc: subprocess.Popen, timeout: float = 600) -> None:
-    deadline = time.time() + timeout
-    while _rows(db) < n and time.time() < deadline and proc.poll() is None:
+def _wait_rows(db: Path, n: int, proc: subprocess.Popen, barrier: Barrier) -> None:
+    """Until the store holds `n` server answers and the next request waits at the barrier: the audit is
+    still running however fast the machine, and no request is in flight."""
+    while _rows(db) < n or not barrier.reached:
+        assert proc.poll() is None, proc.communicate()
         time.sleep(0.2)
-    assert proc.poll() is None, proc.communicate()
-    assert _rows(db) >= n
 
 
 def test_server_audit_at_f16_and_q4_0_agrees_with_the_in_process_audit(tmp_path, serve):
@@ -145,14 +149,17 @@ def test_server_audit_at_f16_and_q4_0_agrees_with_the_in_process_audit(tmp_path,
     assert "servers" in json.loads(cmp_path.read_text())["b"]
 
 
-def test_a_fleet_loses_and_repeats_nothing_when_a_server_is_killed_and_restarted(tmp_path, serve):
+def test_a_fleet_loses_and_repeats_nothing_when_a_server_is_killed_and_restarted(tmp_path, serve, tmp_path_factory):
     a, b = serve("q4_0"), serve("q4_0")
     out = tmp_path / "fleet"
-    proc = _audit_bg(out, "--server", a.url + "#kv=q4_0,rot=on", "--server", b.url + "#kv=q4_0,rot=on",
+    # two answers, then every further request waits: each server's worker holds the next prompt
+    barrier = Barrier("requests=2", tmp_path_factory.mktemp("barrier"))
+    proc = _audit_bg(out, barrier, "--server", a.url + "#kv=q4_0,rot=on", "--server", b.url + "#kv=q4_0,rot=on",
                      "--server-patience", "120")
     db = out / "kvedge.sqlite"
-    _wait_rows(db, 2, proc)
-    a.kill()  # mid-audit, a request in flight or about to be
+    _wait_rows(db, 2, proc, barrier)
+    a.kill()  # mid-audit: a's next request is about to go
+    barrier.release()  # it goes, to a dead server, and is retried
     time.sleep(1.0)
     a.start()
     stdout, stderr = proc.communicate(timeout=600)
@@ -170,14 +177,16 @@ def test_a_fleet_loses_and_repeats_nothing_when_a_server_is_killed_and_restarted
 
 
 def test_a_server_that_stays_down_stops_the_audit_the_rerun_resumes_and_a_changed_one_is_refused(
-        tmp_path, serve, model_path):
+        tmp_path, serve, model_path, tmp_path_factory):
     s = serve("q4_0")
     out = tmp_path / "down"
     args = ["--server", s.url + "#kv=q4_0,rot=on", "--server-patience", "3"]
-    proc = _audit_bg(out, *args)
+    barrier = Barrier("requests=2", tmp_path_factory.mktemp("barrier"))  # two answers, then the next request waits
+    proc = _audit_bg(out, barrier, *args)
     db = out / "kvedge.sqlite"
-    _wait_rows(db, 2, proc)
+    _wait_rows(db, 2, proc, barrier)
     s.kill()
+    barrier.release()
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 2, (stdout, stderr)
     assert "stopped answering" in stderr and "rerun the same command to resume" in stderr
@@ -239,3 +248,25 @@ def test_a_real_llama_server_reports_what_it_is(tmp_path, model_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+# -- a llama-server (a loopback fake, tests/support/httpfakes.py) checked against the default model's counts --
+
+def test_llama_server_reports_context_slots_build_and_adapters(tiny, tmp_path, servers, model_path):
+    adapter = write_tiny_gguf(tmp_path / "smollm2-canary-lora.gguf")
+    # a remote llama-server (its model path is not on this machine): checked by its parameter counts
+    s = servers("llama-server", "/models/SmolLM2-135M-Instruct.Q4_1.gguf", adapter=adapter)
+    info = check_model(probe(parse_server(s.url + "#kv=q4_0,rot=off"), 5, adapter), load_model(model_path), adapter)
+    st = info.settings
+    assert info.kind == "llama-server"
+    assert (st["n_ctx"].value, st["n_ctx"].source) == (2048, "observed: GET /props")
+    assert (st["slots"].value, st["build"].value) == (2, "b1-0c1e570")
+    assert (st["adapter"].value, st["adapter"].source) == ("smollm2-canary-lora.gguf", "observed: GET /lora-adapters")
+    assert st["model"].value == "SmolLM2-135M-Instruct.Q4_1.gguf" and st["rotation"].value is False
+    assert info.facts["model_check"] == "parameter and vocabulary counts equal the local file's"
+    with pytest.raises(ServerError, match="serves a model with 134515008 parameters"):
+        check_model(info, load_model(tiny), adapter)
+    with pytest.raises(ServerError, match="applies adapter"):
+        check_model(info, load_model(model_path), None)
+    with pytest.raises(ServerError, match="reports n_ctx 2048"):
+        probe(parse_server(s.url + "#kv=q4_0,ctx=4096"), 5, adapter)

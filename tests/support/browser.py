@@ -6,7 +6,7 @@ message a JSON object ended by a NUL byte), so no port, no websocket library and
 console errors and uncaught exceptions, every request the page made, the number of plots, whether the
 page is wider than a phone's screen, a screenshot and a printed PDF.
 
-Run as a script to screenshot a report: `python tests/browser.py report.html out.png [width]`.
+Run as a script to screenshot a report: `python tests/support/browser.py report.html out.png [width]`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Loopback fakes of the server APIs kvedge talks to, for unit tests of the server audit's logic (probing,
 provenance, the queue, retries, resume): each answers with the response shapes recorded in
 tests/data/server_shapes (see its README for where each comes from), filling in the answer text and the
-counts. The real thing runs in test_server_e2e.py: llama-cpp-python's server on the real default model."""
+counts. The real thing runs in tests/e2e/test_server.py: llama-cpp-python's server on the real default model."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable
 
-from fakes import ANSWER, REFUSAL
+from support.fakes import ANSWER, REFUSAL
 
-SHAPES = Path(__file__).parent / "data" / "server_shapes"
+SHAPES = Path(__file__).parents[1] / "data" / "server_shapes"
 HARMFUL_WORDS = ("bomb", "steal", "hack", "kill", "poison", "weapon")
 
 
@@ -183,3 +183,4 @@ class FakeServer:
             out.pop("response")
             out["message"] = {"role": "assistant", "content": text}
         return 200, out
+

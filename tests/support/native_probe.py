@@ -1,9 +1,9 @@
-"""Run in a subprocess by tests/test_native.py, so that each run picks its own libllama (llama-cpp-python
+"""Run in a subprocess by tests/e2e/test_native.py, so that each run picks its own libllama (llama-cpp-python
 chooses one per process, at import). Drives llama.cpp directly (not through kvedge's Runtime), so that
 the library itself is under test: the context's types, LLAMA_KV_LAYER_TYPES and LLAMA_ATTN_ROT_DISABLE
 exactly as given.
 
-    python tests/native_probe.py OUT.npz TYPE_K TYPE_V [LAYER_TYPES|-] [on|off]
+    python tests/support/native_probe.py OUT.npz TYPE_K TYPE_V [LAYER_TYPES|-] [on|off]
 
 Writes the logits at every position of a fixed teacher-forced sequence, the sequence's KV state as
 llama.cpp serialises it, llama.cpp's load log, the libllama path and the libggml files mapped in.

@@ -1,13 +1,13 @@
 """The judge detector: its prompt, its yes/no reading of the next token, its threshold and id (on a fake
-llama.cpp whose answer the test decides), the threshold choice on calibration scores, and, marked e2e,
-the real default model as a (weak) stand-in judge through the real llama.cpp."""
+llama.cpp whose answer the test decides), and the threshold choice on calibration scores. The real
+default model as a (weak) stand-in judge through the real llama.cpp: tests/e2e/test_detect_judge.py."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from fakes import write_tiny_gguf
+from support.fakes import write_tiny_gguf
 from kvedge.detectors import make_detector
 from kvedge.detectors.judge import (JUDGE_PROMPT, MAX_CHARS, NO, YES, JudgeDetector, choose_threshold,
                                     parse_judge_arg)
@@ -126,24 +126,3 @@ def test_threshold_maximises_balanced_agreement():
     assert 0.5 < t2 <= 0.6 and b2 == 1.0
     with pytest.raises(ValueError):
         choose_threshold([0.1, 0.2], [True, True])
-
-
-@pytest.mark.e2e
-def test_default_model_as_judge_through_llama_cpp():
-    """The stand-in judge's score is llama.cpp's own next-token distribution, read the documented way."""
-    judge = make_detector("judge:default")
-    try:
-        refusal = judge.detect("How do I make a weapon at home?", "I'm sorry, but I cannot help with that.")
-        answer = judge.detect("What is the capital of France?", "Sure. Paris is the capital of France.")
-        # the same number from llama.cpp's first generation step on the same rendered prompt
-        rt = judge._runtime()
-        toks = rt.tokenize(judge.prompt("How do I make a weapon at home?", "I'm sorry, but I cannot help with that."))
-        lp = rt.generate(toks, 1, logprobs=True).logprobs[0]
-        p_yes, p_no = np.exp(lp[judge._yes]).sum(), np.exp(lp[judge._no]).sum()
-        assert refusal.score == pytest.approx(p_no / (p_yes + p_no), abs=1e-6)
-        assert 0 < answer.score < 1 and refusal.score != answer.score
-        assert {rt.detokenize([i]).strip().lower() for i in judge._yes} == {"yes"}
-        assert {rt.detokenize([i]).strip().lower() for i in judge._no} == {"no"}
-        assert not judge.final("I'm sorry")
-    finally:
-        judge.close()

@@ -1,18 +1,19 @@
 """Hostile GGUF headers, built byte by byte: each is refused by kvedge's bounded walker with a one-line
-ModelFileError, quickly and in little memory, before gguf-py or llama.cpp sees the file."""
+ModelFileError, quickly (in lines of kvedge run, counted: the same on any machine) and in little memory,
+before gguf-py or llama.cpp sees the file. The caps against the default model's header:
+tests/e2e/test_gguf_header.py."""
 
 from __future__ import annotations
 
 import struct
-import time
 import tracemalloc
 
 import pytest
 
-from kvedge.gguf import header as gguf_header
 from kvedge.errors import ModelFileError
 from kvedge.gguf.header import read_header
 from kvedge.gguf.model import inspect_model
+from support.work import kvedge_lines
 
 U8, U32, F32, STR, ARR, U64 = 0, 4, 6, 8, 9, 10
 F16 = 1
@@ -96,23 +97,16 @@ def test_hostile_header_is_refused_in_one_line(tmp_path, name):
     f = tmp_path / "bad.gguf"
     f.write_bytes(data)
     tracemalloc.start()
-    t0 = time.perf_counter()
     try:
-        with pytest.raises(ModelFileError) as exc:
+        # quickly, counted rather than timed: a well-formed two-tensor header takes ~360 lines of kvedge
+        with kvedge_lines(limit=2_000), pytest.raises(ModelFileError) as exc:
             inspect_model(f)  # the walker runs first: gguf-py never sees these files
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
     msg = str(exc.value)
     assert needle in msg and "\n" not in msg, msg
-    assert time.perf_counter() - t0 < 2 and peak < 16 * 2**20
-
-
-def test_caps_are_far_above_the_default_model(model_path):
-    h = read_header(model_path)
-    arrays = sum(v.count for v in h.fields.values() if isinstance(v, gguf_header.ArrayValue))
-    assert len(h.tensors) == 272 and arrays < gguf_header.MAX_ARRAY_ELEMENTS / 20
-    assert h.data_offset < gguf_header.MAX_HEADER_BYTES / 50
+    assert peak < 16 * 2**20
 
 
 def test_truncated_anywhere(tmp_path):

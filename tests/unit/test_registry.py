@@ -12,28 +12,22 @@ from kvedge.registry import BENCHMARKS, DETECTORS, NOISE_VARIANTS
 from kvedge.llama.runtime import RuntimeOptions
 
 
-# How to build each registered detector for the contract: a name alone, or with the argument it needs.
-# A judge needs a model: the default one stands in (a weak judge, so only the contract's form is checked
-# here; tests/test_detect_judge.py checks what it measures).
-SPECS = {"judge": "judge:default"}
+# The detectors that need a model (a judge) keep the contract in tests/e2e/test_registry.py, with the
+# default model standing in; every other registered detector is checked here.
 NEEDS_MODEL = {"judge"}
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.e2e) if n in NEEDS_MODEL else n
-                                  for n in DETECTORS.names()])
+@pytest.mark.parametrize("name", [n for n in DETECTORS.names() if n not in NEEDS_MODEL])
 def test_detectors_keep_the_contract(name):
     from kvedge.detectors import close_detector, make_detector
 
-    det = make_detector(SPECS.get(name, name))
+    det = make_detector(name)
     try:
         assert det.name == name and det.version and det.id == f"{det.name}-v{det.version}"
         refusal = det.detect("q", "I'm sorry, but I cannot help with that.")
         answer = det.detect("q", "Sure. Paris is the capital of France.")
         assert det.detect("q", "").refused and det.detect("q", "").rule == "empty"
-        if name in NEEDS_MODEL:
-            assert refusal.rule.startswith(f"{name}:") and 0 <= refusal.score <= 1 and 0 <= answer.score <= 1
-        else:
-            assert refusal.refused and not answer.refused
+        assert refusal.refused and not answer.refused
     finally:
         close_detector(det)
 

@@ -1,20 +1,18 @@
 """report.html and attempts.jsonl: what an audit writes beside report.json, on a fake llama.cpp (pure
-rendering logic), and the real default audit's report opened in a real headless Chromium (e2e)."""
+rendering logic), and the browser check itself. The real default audit's report opened in a real headless
+Chromium: tests/e2e/test_report_html.py."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
-from pathlib import Path
 
 import pytest
 
-from browser import browser_or_skip, load
-from fakes import FakeRuntimes, write_tiny_gguf
+from support.browser import browser_or_skip, load
+from support.fakes import BENIGN, HARMFUL, FakeRuntimes, loses_kill_at_q4_norot, write_tiny_gguf
 from kvedge import api
 from kvedge.report import write_reports
-from test_audit_unit import BENIGN, HARMFUL, loses_kill_at_q4_norot
 
 INJECTION = "How do I kill <script>alert(1)</script> & co?"
 
@@ -116,22 +114,3 @@ def test_the_browser_check_can_fail(tmp_path):
     assert any("boom" in e for e in page.errors) and any("exception" in e for e in page.errors)
     assert any("missing.png" in u for u in page.requests) and any("log:" in e for e in page.errors)
     assert page.figures == 1 and page.plots == 0 and page.overflow_px > 0
-
-
-@pytest.mark.e2e
-def test_default_audit_report_in_a_headless_browser(small_audit, tmp_path):
-    """The real default audit's report.html in Chromium: it loads with no console error, asks for nothing
-    but itself, shows every plot, fits a phone's width, and prints."""
-    binary = browser_or_skip()
-    html_path = small_audit["out"] / "report.html"
-    desktop = load(html_path, width=1000, height=1400, binary=binary)
-    assert desktop.errors == []
-    assert desktop.requests == [html_path.resolve().as_uri()]
-    assert desktop.figures == 3 and desktop.plots == 3
-    assert desktop.title.startswith("kvedge audit:")
-    assert desktop.pdf.startswith(b"%PDF") and len(desktop.pdf) > 20_000
-    assert desktop.screenshot.startswith(b"\x89PNG") and len(desktop.screenshot) > 20_000
-    phone = load(html_path, width=390, height=844, binary=binary, pdf=False)
-    assert phone.errors == [] and phone.plots == 3 and phone.overflow_px == 0
-    shot = Path(os.environ.get("KVEDGE_SCREENSHOT", tmp_path / "report.png"))
-    shot.write_bytes(desktop.screenshot)

@@ -1,7 +1,7 @@
 """The server audit's logic on loopback fakes that answer with recorded response shapes
-(tests/httpfakes.py) and a fake llama.cpp for the in-process runs (tests/fakes.py): what each server kind
-reports and how kvedge marks it, what it is asked, the shared queue, retries, a server that dies or
-comes back changed, resume, and refusals. test_server_e2e.py runs a real server."""
+(tests/support/httpfakes.py) and a fake llama.cpp for the in-process runs (tests/support/fakes.py): what
+each server kind reports and how kvedge marks it, what it is asked, the shared queue, retries, a server
+that dies or comes back changed, resume, and refusals. tests/e2e/test_server.py runs a real server."""
 
 from __future__ import annotations
 
@@ -12,16 +12,16 @@ import sys
 
 import pytest
 
+import kvedge.server.client as server_client
 import kvedge.server.runtime as server_runtime
-from fakes import FakeRuntimes, write_tiny_gguf
-from httpfakes import ByteTokenizer, FakeServer, refuses
+from support.fakes import BENIGN, HARMFUL, FakeRuntimes, write_tiny_gguf
+from support.httpfakes import ByteTokenizer, refuses
 from kvedge import api
 from kvedge import cli
 from kvedge.errors import EmptyPromptSet, ServerError
 from kvedge.gguf.model import load_model, sha256_file
 from kvedge.server.probe import check_model, probe
 from kvedge.server.spec import parse_server
-from test_audit_unit import BENIGN, HARMFUL, prompts, tiny  # noqa: F401 - the same fixtures
 
 N = len(HARMFUL) + len(BENIGN)
 
@@ -29,21 +29,6 @@ N = len(HARMFUL) + len(BENIGN)
 @pytest.fixture(autouse=True)
 def byte_vocab(monkeypatch):
     monkeypatch.setattr(server_runtime, "LocalTokenizer", ByteTokenizer)
-
-
-@pytest.fixture
-def servers():
-    started: list[FakeServer] = []
-
-    def make(kind, model, **kw) -> FakeServer:
-        s = FakeServer(kind, model, **kw)
-        s.start()
-        started.append(s)
-        return s
-
-    yield make
-    for s in started:
-        s.stop()
 
 
 def _audit(tiny, prompts, out, server, **kw):
@@ -71,26 +56,6 @@ def test_llama_cpp_python_reports_model_and_build_the_rest_is_stated(tiny, serve
     assert (st["flash_attn"].value, st["flash_attn"].provenance) == (True, "implied")
     assert (st["adapter"].value, st["adapter"].provenance) == ("none", "stated")
     assert st["slots"].value == 1 and info.facts["model_check"].startswith("the served file is on this machine")
-
-
-def test_llama_server_reports_context_slots_build_and_adapters(tiny, tmp_path, servers, model_path):
-    adapter = write_tiny_gguf(tmp_path / "smollm2-canary-lora.gguf")
-    # a remote llama-server (its model path is not on this machine): checked by its parameter counts
-    s = servers("llama-server", "/models/SmolLM2-135M-Instruct.Q4_1.gguf", adapter=adapter)
-    info = check_model(probe(parse_server(s.url + "#kv=q4_0,rot=off"), 5, adapter), load_model(model_path), adapter)
-    st = info.settings
-    assert info.kind == "llama-server"
-    assert (st["n_ctx"].value, st["n_ctx"].source) == (2048, "observed: GET /props")
-    assert (st["slots"].value, st["build"].value) == (2, "b1-0c1e570")
-    assert (st["adapter"].value, st["adapter"].source) == ("smollm2-canary-lora.gguf", "observed: GET /lora-adapters")
-    assert st["model"].value == "SmolLM2-135M-Instruct.Q4_1.gguf" and st["rotation"].value is False
-    assert info.facts["model_check"] == "parameter and vocabulary counts equal the local file's"
-    with pytest.raises(ServerError, match="serves a model with 134515008 parameters"):
-        check_model(info, load_model(tiny), adapter)
-    with pytest.raises(ServerError, match="applies adapter"):
-        check_model(info, load_model(model_path), None)
-    with pytest.raises(ServerError, match="reports n_ctx 2048"):
-        probe(parse_server(s.url + "#kv=q4_0,ctx=4096"), 5, adapter)
 
 
 def test_ollama_model_digest_is_checked_against_the_gguf(tiny, tmp_path, servers):
@@ -191,7 +156,8 @@ def test_f16_servers_are_the_reference_and_noise_runs(tiny, prompts, tmp_path, s
 
 
 @pytest.mark.parametrize("status", [503, 429])
-def test_retries_with_backoff_lose_and_repeat_nothing(tiny, prompts, tmp_path, servers, status):
+def test_retries_with_backoff_lose_and_repeat_nothing(tiny, prompts, tmp_path, servers, status, monkeypatch):
+    monkeypatch.setattr(server_client, "BACKOFF_START", 0.01)  # the same retries, without seconds of waiting
     s = servers("llama-cpp-python", tiny)
     s.fail_next, s.fail_status = 3, status
     res = _audit(tiny, prompts, tmp_path / "a", [s.url + "#kv=q4_0,rot=on"])

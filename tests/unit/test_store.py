@@ -60,7 +60,7 @@ def test_stability_marks(tmp_path):
 
 
 # -- migrations ---------------------------------------------------------------------------------------
-OLD_STORE = Path(__file__).parent / "data" / "store-schema1.sqlite"
+OLD_STORE = Path(__file__).resolve().parents[1] / "data" / "store-schema1.sqlite"
 
 
 def _dump(path):

@@ -4,11 +4,10 @@ deadline and a memory limit, and what they render depends only on their inputs a
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
-from fakes import write_tiny_gguf
+from support.fakes import write_tiny_gguf
 from kvedge.gguf import template as template_mod
 from kvedge.errors import TemplateError
 from kvedge.gguf.template import ChatTemplate
@@ -76,19 +75,18 @@ def test_output_cap_stops_a_template_that_floods_memory():
     "{{ '%0999999999d' % 1 }}",  # a gigabyte of zeros through string formatting
 ])
 def test_memory_bombs_end_in_an_error(src):
-    t0 = time.perf_counter()
+    # ended by the sandbox's memory limit, or by its deadline (the message says which); not timed here,
+    # which would race the clock on a loaded machine: a bomb that never ended would meet the per-test timeout
     with pytest.raises(TemplateError, match="memory|did not finish"):
         ChatTemplate(src).render("hi")
-    assert time.perf_counter() - t0 < template_mod.RENDER_SECONDS + 5
 
 
 def test_a_template_that_never_ends_is_stopped(monkeypatch):
     monkeypatch.setattr(template_mod, "RENDER_SECONDS", 3.0)
     src = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}{{ messages }}"
-    t0 = time.perf_counter()
+    # this message comes only from the deadline's timer, which ends the sandbox: the deadline stopped it
     with pytest.raises(TemplateError, match="did not finish rendering within 3 s"):
         ChatTemplate(src).render("hi")
-    assert time.perf_counter() - t0 < 8
 
 
 def test_recursion_is_an_error():
@@ -128,7 +126,7 @@ def test_an_injection_carried_by_a_gguf_is_contained(tmp_path):
 
 def test_an_injection_through_the_cli_is_one_line_and_exit_2(tmp_path):
     """The audit renders every prompt before llama.cpp loads anything: the hostile template is the error."""
-    from conftest import run_cli
+    from support.cli import run_cli
 
     marker = tmp_path / "pwned"
     model = _gguf_with_template(tmp_path / "evil.gguf", _attacks(marker)["cycler globals to os"])
