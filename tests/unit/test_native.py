@@ -11,15 +11,15 @@ import sys
 
 import pytest
 
-from support.cli import run_cli_here as run_cli  # in this process: bad input never reaches a model
+from support.cli import run_cli
 from kvedge.llama import native
 from kvedge.llama.runtime import ROTATION_ENV, _rotation_env
 
 
 @pytest.mark.parametrize("command", [["audit", "--kv", "q4_0,k=q4_0@19:q8_0/v=q4_0"], ["pcr", "--kv", "q4_0@19:q8_0"]])
-def test_per_layer_without_the_native_build_exits_2_saying_how_to_build(tmp_path, command, monkeypatch):
-    monkeypatch.setenv(native.CACHE_ENV, str(tmp_path / "empty"))
-    proc = run_cli(*command, "--out", str(tmp_path / "o"))
+def test_per_layer_without_the_native_build_exits_2_saying_how_to_build(tmp_path, command):
+    # in a fresh process, as a user runs it: which llama.cpp library a process loads is the question here
+    proc = run_cli(*command, "--out", str(tmp_path / "o"), env={native.CACHE_ENV: str(tmp_path / "empty")}, timeout=300)
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("kvedge: error: per-layer KV configs need")
@@ -28,7 +28,7 @@ def test_per_layer_without_the_native_build_exits_2_saying_how_to_build(tmp_path
 
 
 def test_a_malformed_map_exits_2(tmp_path):
-    proc = run_cli("audit", "--kv", "q4_0@19", "--out", str(tmp_path / "o"))
+    proc = run_cli("audit", "--kv", "q4_0@19", "--out", str(tmp_path / "o"), timeout=300)
     assert proc.returncode == 2 and "malformed layer override" in proc.stderr
 
 
