@@ -148,7 +148,7 @@ def test_one_ggml_serves_the_process(native_build, tmp_path):
     _, meta = _probe(tmp_path, "ggml", "q4_0", "q4_0", MAP, lib=native_build.lib_dir)
     assert meta["ggml"] and all(Path(p).parent == native_build.lib_dir.resolve() for p in meta["ggml"]), meta["ggml"]
     # kvedge refuses a process where a second ggml came in (llama-cpp-python's _ggml loads the wheel's)
-    code = ("from kvedge import native; native.require_native(); import llama_cpp._ggml\n"
+    code = ("from kvedge.llama import native; native.require_native(); import llama_cpp._ggml\n"
             "try:\n    native.check_one_ggml()\nexcept native.NativeUnavailable as e:\n    print('refused:', e)")
     env = {k: v for k, v in os.environ.items() if k != native.LIB_PATH_ENV}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
