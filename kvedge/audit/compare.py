@@ -20,25 +20,10 @@ from ..results.compare import (
 )
 from ..stats import bootstrap, difference_of_means, wilson
 from .noise import flips, judge
+from .rejudge import load_audit, load_report
 from .verdict import Population, equivalence, judge_config
 
 GROUPS = (("harmful", True), ("benign", False), ("all", None))
-
-
-def load_report(path: str | Path) -> AuditReport:
-    """The audit report in a directory (or the report.json named)."""
-    from ..report import read_document
-
-    p = Path(path)
-    if not p.exists():
-        raise RunDirError(f"no audit report at {p}: run `kvedge audit --out DIR` first")
-    if p.is_dir():
-        p = p / "report.json"
-    doc = read_document(p, "kvedge.audit/", RunDirError, "run `kvedge audit --out DIR` first")
-    try:
-        return AuditReport.from_dict(doc)
-    except (TypeError, KeyError, ValueError) as exc:
-        raise RunDirError(f"{p} is not an audit report this kvedge can read ({exc})") from None
 
 
 def _side(path: str | Path, report: AuditReport) -> Side:
@@ -136,7 +121,6 @@ def compare_detectors(run_dir: str | Path, detectors: Sequence[Detector], owned:
     """Two detectors' verdicts on one audit's stored answers (nothing generated). The disagreements list
     each distinct answer the two judge differently once, with the configurations that gave it. Detectors
     marked `owned` are closed afterwards."""
-    from .rejudge import load_audit
     from .summary import summarize
 
     outcome, rows_ = load_audit(run_dir)

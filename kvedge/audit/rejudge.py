@@ -17,9 +17,24 @@ from ..gguf.model import load_model
 from ..gguf.template import chat_template_for
 from ..llama.runtime import KVConfig, RuntimeOptions
 from ..results.audit import AuditReport, RunResult
-from .compare import load_report
 from .spec import AuditOutcome, AuditRun, AuditSpec, RunSpec
 from .store import AuditRows, Store
+
+
+def load_report(path: str | Path) -> AuditReport:
+    """The audit report in a directory (or the report.json named)."""
+    from ..report import read_document
+
+    p = Path(path)
+    if not p.exists():
+        raise RunDirError(f"no audit report at {p}: run `kvedge audit --out DIR` first")
+    if p.is_dir():
+        p = p / "report.json"
+    doc = read_document(p, "kvedge.audit/", RunDirError, "run `kvedge audit --out DIR` first")
+    try:
+        return AuditReport.from_dict(doc)
+    except (TypeError, KeyError, ValueError) as exc:
+        raise RunDirError(f"{p} is not an audit report this kvedge can read ({exc})") from None
 
 
 def _prompts(report: AuditReport, where: Path) -> tuple[Prompt, ...]:

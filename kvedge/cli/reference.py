@@ -3,7 +3,7 @@
 It walks the Click command Typer builds (`typer.main.get_command(app)`) and writes, for each command in
 the order the app registers them, its help, its usage, and a table of its arguments and options with
 their defaults. The output depends on nothing but the app (no terminal width, no environment), so
-tests/test_cli_reference.py can regenerate it and fail when the checked-in page is stale.
+tests/unit/test_cli_reference.py can regenerate it and fail when the checked-in page is stale.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ Why it is shaped so:
   the argmax: one token per sequence per decode, like generation. Feeding a whole continuation in one
   decode would be faster still, but it changed the per-position distributions by as much as the f16
   noise floor, and at q4_0 without rotation by a quarter of the quantization's own effect (measured,
-  tests/test_decode.py), so it is not used.
+  tests/e2e/test_decode.py), so it is not used.
 
 The one-sequence path (`n_seq=1`, no shared prefix) makes exactly the calls kvedge's earlier one-prompt-at-
 a-time loop made: the whole prompt in one decode (chunked by n_batch), then one token per decode.

@@ -39,7 +39,7 @@ def _interrupts_deferred() -> Iterator[None]:
     """Ctrl-C waits while llama.cpp objects are made or freed, then lands. A KeyboardInterrupt in between
     left a context and its model to the garbage collector, which may free the model first; glibc then
     aborted the process ("double free or corruption") instead of kvedge exiting 130 with its resume
-    message (tests/test_crash_e2e.py)."""
+    message (tests/e2e/test_crash.py)."""
     if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
         yield
         return

@@ -2,7 +2,7 @@
 
 Weights are read with gguf-py and dequantized to float32 once (`TorchModel.from_gguf`); the forward
 follows llama.cpp's graph for the supported architectures closely enough that its next-token
-distributions match llama.cpp's at f16 KV (measured in tests/test_calib_forward.py and reported in
+distributions match llama.cpp's at f16 KV (measured in tests/e2e/test_calib_forward.py and reported in
 docs/pcr.md). The hook `kv_transform(layer, kind, x)` sees each layer's K (post-RoPE) and V exactly
 as the cache stores them, one row of `n_head_kv * head_dim` values per token in the GGUF's channel
 order, and returns what attention reads back (e.g. `kvquant.CacheSim`).
