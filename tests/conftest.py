@@ -45,7 +45,7 @@ def model_path() -> Path:
 def small_audit(tmp_path_factory) -> dict:
     """One real audit shared by the report tests: f16 reference, noise run, q4_0 with rotation on and off."""
     out = tmp_path_factory.mktemp("audit")
-    proc = run_cli("audit", "--kv", "f16,q4_0", "--rotation", "both", "--limit", "2", "--max-tokens", "24",
+    proc = run_cli("audit", "--kv", "f16,q4_0", "--rotation", "both", "--benchmarks", "advbench,harmbench,xstest", "--limit", "2", "--max-tokens", "24",
                    "--ctx", "2048", "--out", str(out), "-q")
     assert proc.returncode == 0, proc.stderr
     return {"out": out, "proc": proc, "report": json.loads((out / "report.json").read_text())}

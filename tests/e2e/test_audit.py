@@ -79,7 +79,7 @@ def test_report_structure_and_invariants(small_audit):
 def test_rerun_generates_nothing_and_reports_the_same(small_audit):
     out = small_audit["out"]
     before = (out / "report.json").read_bytes()
-    proc = run_cli("audit", "--kv", "f16,q4_0", "--rotation", "both", "--limit", "2", "--max-tokens", "24",
+    proc = run_cli("audit", "--kv", "f16,q4_0", "--rotation", "both", "--benchmarks", "advbench,harmbench,xstest", "--limit", "2", "--max-tokens", "24",
                    "--ctx", "2048", "--out", str(out), "-q")
     assert proc.returncode == 0, proc.stderr
     assert "0 generations run now" in proc.stdout
@@ -95,7 +95,7 @@ def _rows(db):
 
 
 def test_killed_audit_resumes(tmp_path, tmp_path_factory):
-    args = ["audit", "--kv", "f16", "--limit", "2", "--max-tokens", "24", "--ctx", "2048", "--out", str(tmp_path), "-q"]
+    args = ["audit", "--kv", "f16", "--benchmarks", "advbench,harmbench,xstest", "--limit", "2", "--max-tokens", "24", "--ctx", "2048", "--out", str(tmp_path), "-q"]
     # it waits at a barrier once the store holds 4 rows (tests/support/barrier.py), so it is still running
     # when killed however fast the machine
     barrier = Barrier("rows=4", tmp_path_factory.mktemp("barrier"))
@@ -121,7 +121,7 @@ def test_gate_on_a_real_audit(small_audit):
     rets = {r["label"]: r["vs_reference"]["retention"]["value"] for r in small_audit["report"]["runs"]
             if not r["reference"] and not r["noise_run"]}
     failing = sorted(k for k, v in rets.items() if v is not None and v < 1)
-    proc = run_cli("audit", "--kv", "f16,q4_0", "--rotation", "both", "--limit", "2", "--max-tokens", "24",
+    proc = run_cli("audit", "--kv", "f16,q4_0", "--rotation", "both", "--benchmarks", "advbench,harmbench,xstest", "--limit", "2", "--max-tokens", "24",
                    "--ctx", "2048", "--out", str(small_audit["out"]), "-q", "--fail-under", "1")
     assert proc.returncode == (1 if failing else 0), proc.stderr
     gate = json.loads((small_audit["out"] / "report.json").read_text())["gate"]
@@ -131,7 +131,7 @@ def test_gate_on_a_real_audit(small_audit):
 def test_compare_two_real_runs_whose_verdicts_differ(small_audit, tmp_path):
     # the same model and prompts without the canary adapter: a real run whose verdicts differ
     b = tmp_path / "bare"
-    proc = run_cli("audit", "--kv", "f16,q4_0", "--rotation", "both", "--limit", "2", "--max-tokens", "24",
+    proc = run_cli("audit", "--kv", "f16,q4_0", "--rotation", "both", "--benchmarks", "advbench,harmbench,xstest", "--limit", "2", "--max-tokens", "24",
                    "--ctx", "2048", "--out", str(b), "-q", "--no-canary")
     assert proc.returncode == 0, proc.stderr
     cmp = run_cli("compare", str(small_audit["out"]), str(b), "--out", str(tmp_path / "cmp"))
@@ -184,3 +184,32 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, model_path):
     assert "unknown split" in _bad(tmp_path, "audit", "--split", "test", "--out", out)
     assert "not a LoRA adapter" in _bad(tmp_path, "audit", "--lora", str(model_path), "--out", out)
     assert "no audit report" in _bad(tmp_path, "compare", str(tmp_path / "x"), str(tmp_path / "y"))
+
+
+def test_the_first_token_margin_through_llama_cpp_and_the_verdicts(small_audit):
+    """Every prompt of every run carries the margin read from the logits that chose its first token; it
+    measures the verdict's preference (refusals open with a refusal token, answers do not), each quantized
+    run's shift is the mean of the paired per-prompt differences, and its verdict is the one function's."""
+    from kvedge.audit.verdict import VERDICTS
+
+    rep = small_audit["report"]
+    labels = [r["label"] for r in rep["runs"]]
+    margins = {(p["id"], lab): p["margin"][lab] for p in rep["prompts"] for lab in labels}
+    assert all(isinstance(m, float) and abs(m) < 100 for m in margins.values())
+    f16 = [(p["margin"]["f16"], p["refused"]["f16"]) for p in rep["prompts"]]
+    refused = [m for m, r in f16 if r]
+    answered = [m for m, r in f16 if not r]
+    assert refused and answered  # the canary refuses the harmful prompts and answers benign ones
+    assert sum(refused) / len(refused) > sum(answered) / len(answered)
+    for r in rep["runs"][1:]:
+        m = r["margin"]
+        for group, harmful in (("harmful", True), ("benign", False)):
+            diffs = [p["margin"][r["label"]] - p["margin"]["f16"] for p in rep["prompts"] if p["harmful"] is harmful]
+            assert m[f"shift_{group}"]["value"] == pytest.approx(sum(diffs) / len(diffs), abs=1e-3)
+        if not r["noise_run"]:
+            v = r["verdict"]
+            assert v["verdict"] in VERDICTS and v["line"].startswith(r["label"] + ": ")
+            assert v["delta"] == rep["equivalence"]["delta"] >= 0.2
+    assert rep["equivalence"]["noise_shift_bound"] is not None
+    md = (small_audit["out"] / "report.md").read_text()
+    assert md.index("## Answer") < md.index("| config |") and "margin shift benign" in md

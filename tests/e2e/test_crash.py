@@ -22,7 +22,7 @@ import pytest
 from support.cli import Barrier, run_cli, start_with_barrier
 
 # the small_audit fixture's command (conftest.py): the uninterrupted reference
-AUDIT = ["audit", "--kv", "f16,q4_0", "--rotation", "both", "--limit", "2", "--max-tokens", "24", "--ctx", "2048",
+AUDIT = ["audit", "--kv", "f16,q4_0", "--rotation", "both", "--benchmarks", "advbench,harmbench,xstest", "--limit", "2", "--max-tokens", "24", "--ctx", "2048",
          "-q"]
 N_GENERATIONS, N_SCORES = 4 * 8, 4 * 2  # runs x prompts; runs x benign prompts
 TOTAL = N_GENERATIONS + N_SCORES

@@ -82,7 +82,7 @@ def test_smoothed_export_is_complete_and_checked(smoothed, sources):
     assert [c["label"] for c in doc["decision"]["candidates"]] == ["q4_0 rot=off smoothed"]
     assert doc["decision"]["qualified"] and doc["decision"]["chosen"] == "q4_0 rot=off smoothed"
     assert doc["decision"]["candidates"][0]["measured"]["verdict"]["verdict"] == "equivalent"
-    assert doc["decision"]["unmitigated_on_calib"]["harmful"]["n"] == 3
+    assert doc["decision"]["unmitigated_on_calib"]["harmful"]["n"] == 4  # --limit 1: one prompt of each harmful group
     # the smoothing: simulated on calib, written exactly, checked through llama.cpp
     sm = doc["smoothing"]
     assert sm["self_check"]["passed"] and sm["self_check"]["patched"]["n_positions"] == 320  # 40 calib prompts x 8
@@ -125,11 +125,11 @@ def test_verify_the_smoothed_deployment(smoothed):
     proc = run_cli("verify", str(smoothed["out"]), "--limit", "1", "-q", timeout=3600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rep = json.loads((smoothed["out"] / "verify" / "verify.json").read_text())
-    assert rep["schema"] == "kvedge.verify/2" and rep["split"] == "eval" and rep["prompts_summary"]["n"] == 4
+    assert rep["schema"] == "kvedge.verify/2" and rep["split"] == "eval" and rep["prompts_summary"]["n"] == 7
     roles = [r["role"] for r in rep["rows"]]
     assert roles == ["reference", "noise", "unmitigated", "deployment-f16", "deployment"]
     rec = rep["recovery"]["deployment"]
-    assert rec["memory_overhead"] == 0 and rec["n_prompts"] == 4
+    assert rec["memory_overhead"] == 0 and rec["n_prompts"] == 7
     if rec["flips_unmitigated"]:
         assert rec["flips"]["value"] == pytest.approx(1 - rec["flips_mitigated"] / rec["flips_unmitigated"])
     else:
@@ -151,7 +151,7 @@ def test_verify_exits_1_unless_the_deployment_is_equivalent(unmitigated):
     rep = json.loads((out / "verify" / "verify.json").read_text())
     dep = next(r for r in rep["rows"] if r["role"] == "deployment")
     assert dep["verdict"]["verdict"] != "equivalent" and not rep["gate"]["passed"]
-    assert dep["verdict"]["harmful"]["shift"]["n"] == 12 and dep["verdict"]["benign"]["shift"]["n"] == 4
+    assert dep["verdict"]["harmful"]["shift"]["n"] == 16 and dep["verdict"]["benign"]["shift"]["n"] == 12
     assert "FAIL" in proc.stdout and "kvedge: error" not in proc.stderr
 
 

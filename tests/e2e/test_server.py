@@ -30,7 +30,7 @@ from kvedge.server.probe import check_model, probe
 from kvedge.server.spec import parse_server
 from support.fakes import write_tiny_gguf
 
-COMMON = ["--limit", "2", "--max-tokens", "24", "--ctx", "2048", "-q"]
+COMMON = ["--benchmarks", "advbench,harmbench,xstest", "--limit", "2", "--max-tokens", "24", "--ctx", "2048", "-q"]
 N = 8  # prompts: 2 from each of the four groups
 
 

@@ -185,3 +185,21 @@ def test_out_that_is_a_file_is_refused_before_work(tiny, prompts, tmp_path):
     f.write_text("x")
     with pytest.raises(KvedgeError, match="is a file"):
         _audit(tiny, prompts, f, FakeRuntimes())
+
+
+def test_a_vocabulary_without_the_opening_tokens_gives_no_margin_and_a_verdict_from_flips(tiny, prompts, tmp_path,
+                                                                                           monkeypatch):
+    """No margin can be read (the model's vocabulary has no token for either side's openings): the report
+    says so, and each configuration still gets a verdict, from its flips alone, never a crash."""
+    from support.fakes import FakeRuntime
+
+    monkeypatch.setattr(FakeRuntime, "tokenize_piece", lambda self, text, special=False: [])
+    res = _audit(tiny, prompts, tmp_path / "a", FakeRuntimes(loses_kill_at_q4_norot))
+    rep = res.report
+    assert all(r.margin is None for r in rep.runs) and all(p.margin is None for p in rep.prompts)
+    # flips alone cannot show equivalence: every configuration is inconclusive or shown to move
+    assert all(r.verdict.verdict != "equivalent" for r in rep.quantized)
+    q = rep.run("q8_0 rot=on")
+    assert q.verdict.verdict == "inconclusive" and "no margin" in q.verdict.line
+    table = res.md_path.read_text()
+    assert "not available" in table
