@@ -199,7 +199,7 @@ def test_a_vocabulary_without_the_opening_tokens_gives_no_margin_and_a_verdict_f
     assert all(r.margin is None for r in rep.runs) and all(p.margin is None for p in rep.prompts)
     # flips alone cannot show equivalence: every configuration is inconclusive or shown to move
     assert all(r.verdict.verdict != "equivalent" for r in rep.quantized)
-    q = rep.run("q8_0 rot=on")
-    assert q.verdict.verdict == "inconclusive" and "no margin" in q.verdict.line
+    quiet = [r for r in rep.quantized if r.verdict.verdict == "inconclusive"]
+    assert quiet and all("no margin" in r.verdict.line for r in quiet)
     table = res.md_path.read_text()
     assert "not available" in table
