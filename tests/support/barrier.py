@@ -8,8 +8,10 @@ SPEC says where the barrier stands:
 
 - `rows=N` (or `rows=N:TABLE,TABLE`): once the results store holds N rows (generations and scores unless
   tables are named), counted after each write, the audit waits in the main thread, where it writes its rows;
-- `requests=N`: once N generation requests have gone to the servers, every further request waits (the
-  server runs' worker threads), while the audit stores the answers it has.
+- `requests=N`: once N generation requests have been answered by the servers, every further request waits
+  (the server runs' worker threads), while the audit stores the answers it has. A request that fails, or
+  that a server refuses for its log-probability parameter (llama-cpp-python without logits_all: kvedge
+  asks again without it), does not count.
 
 At the barrier it creates the file FLAG and waits until the file FLAG.go exists (support.cli.Barrier:
 `reached`, `release()`), or for a signal: SIGKILL ends it; SIGINT ends it as a Ctrl-C anywhere else does
@@ -42,8 +44,6 @@ def main() -> None:
     tables = tuple(names.split(",")) if names else ("generations", "scores")
     go = Path(str(flag) + ".go")
     tripped = threading.Event()
-    lock = threading.Lock()
-    sent = [0]
 
     def trip() -> None:
         if not tripped.is_set():
@@ -69,18 +69,41 @@ def main() -> None:
             setattr(Store, name, barrier(getattr(Store, name)))
     elif kind == "requests":
         from kvedge.server.client import Client
+        from kvedge.server.flavors import rejects_logprobs
 
         call = Client.call
+        cond = threading.Condition()
+        answered, in_flight = [0], [0]
+
+        def admit() -> bool:
+            """True to send now; False once N answers are in (the barrier). A request whose fate is open
+            (in flight, possibly refused) holds the decision, so the barrier stands at exactly N answers."""
+            with cond:
+                while True:
+                    if answered[0] >= limit:
+                        return False
+                    if answered[0] + in_flight[0] < limit:
+                        in_flight[0] += 1
+                        return True
+                    cond.wait(0.05)
 
         def call_or_wait(self, method, path, *a, **kw):
-            if method == "POST" and path in GENERATE:
-                with lock:
-                    if sent[0] >= limit:
-                        trip()
-                    sent[0] += 1
-                if tripped.is_set():
-                    wait()
-            return call(self, method, path, *a, **kw)
+            if method != "POST" or path not in GENERATE:
+                return call(self, method, path, *a, **kw)
+            if not admit():
+                trip()
+                wait()
+                return call(self, method, path, *a, **kw)
+            ok = False
+            try:
+                reply = call(self, method, path, *a, **kw)
+                ok = reply.ok and not rejects_logprobs(reply)
+                return reply
+            finally:
+                with cond:
+                    in_flight[0] -= 1
+                    answered[0] += ok
+                    cond.notify_all()
 
         Client.call = call_or_wait
     else:

@@ -46,7 +46,7 @@ def run_cli_here(*args: str) -> subprocess.CompletedProcess:
 
 class Barrier:
     """Where an audit started by `start_with_barrier` stops (tests/support/barrier.py): `rows=N` once its
-    store holds N rows, `requests=N` once N generation requests went to its servers. `reached` once it
+    store holds N rows, `requests=N` once its servers answered N generation requests. `reached` once it
     waits there; `release()` lets it go on (a test that interrupts it instead never releases it)."""
 
     def __init__(self, spec: str, folder: Path):
