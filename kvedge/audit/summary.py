@@ -354,7 +354,7 @@ def summarize(outcome: AuditOutcome, rows: AuditRows, detector: Detector, fail_u
                 config=r.spec.label, run_key=r.key, response=g.response, stop_reason=g.stop_reason,
                 n_tokens=len(g.tokens), refused=d.refused, rule=d.rule, score=d.score,
                 flipped_vs_reference=None if r.spec.is_reference else d.refused != ref_v[p.id],
-                unstable=p.id in unstable, detector=detector_doc,
+                unstable=p.id in unstable, detector=detector_doc, margin=_round(g.margin),
             ))
     stability = None
     if noise_run:

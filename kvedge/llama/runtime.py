@@ -16,7 +16,7 @@ import signal
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -117,14 +117,26 @@ class Generation:
     margin: float | None = None
 
 
-def tokenize_rendered(model, rendered: str) -> list[int]:
-    """A rendered chat prompt's tokens through a llama-cpp-python `LlamaModel`: BOS as the vocabulary
-    wants it, special tokens parsed."""
-    toks = model.tokenize(rendered.encode("utf-8"), add_bos=True, special=True)
-    bos = model.token_bos()
-    if len(toks) >= 2 and toks[0] == bos and toks[1] == bos:
-        toks = toks[1:]  # the template wrote BOS itself and the tokenizer added another
-    return toks
+class Vocabulary:
+    """Tokens through a llama-cpp-python `LlamaModel` held as `self._model`: one tokenizer for in-process
+    runs and for the server audit's local count, so both see the very same tokens."""
+
+    _model: Any
+
+    def tokenize(self, rendered: str) -> list[int]:
+        """A rendered chat prompt's tokens: BOS as the vocabulary wants it, special tokens parsed."""
+        toks = self._model.tokenize(rendered.encode("utf-8"), add_bos=True, special=True)
+        bos = self._model.token_bos()
+        if len(toks) >= 2 and toks[0] == bos and toks[1] == bos:
+            toks = toks[1:]  # the template wrote BOS itself and the tokenizer added another
+        return toks
+
+    def tokenize_piece(self, text: str, special: bool = False) -> list[int]:
+        """Tokens of a bare piece of text: no BOS; `special` parses special tokens such as <|im_end|>."""
+        return self._model.tokenize(text.encode("utf-8"), add_bos=False, special=special)
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return self._model.detokenize(tokens).decode("utf-8", errors="replace")
 
 
 _env_lock = threading.Lock()
@@ -173,7 +185,7 @@ def backend_info(n_gpu_layers: int = 0) -> dict:
     }
 
 
-class Runtime:
+class Runtime(Vocabulary):
     """A llama.cpp context for one configuration, on llama.cpp's C API (through llama-cpp-python's
     bindings), decoding with kvedge's own greedy loop (`decode.Decoder`). Use as a context manager.
 
@@ -273,17 +285,7 @@ class Runtime:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # tokens -----------------------------------------------------------------------------------
-    def tokenize(self, rendered: str) -> list[int]:
-        return tokenize_rendered(self._model, rendered)
-
-    def tokenize_piece(self, text: str, special: bool = False) -> list[int]:
-        """Tokens of a bare piece of text: no BOS; `special` parses special tokens such as <|im_end|>."""
-        return self._model.tokenize(text.encode("utf-8"), add_bos=False, special=special)
-
-    def detokenize(self, tokens: list[int]) -> str:
-        return self._model.detokenize(tokens).decode("utf-8", errors="replace")
-
+    # tokens (tokenize, tokenize_piece, detokenize: Vocabulary) ----------------------------------
     def is_eog(self, token: int) -> bool:
         return bool(self._lib.llama_vocab_is_eog(self._vocab, token))
 

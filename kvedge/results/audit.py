@@ -330,3 +330,5 @@ class Attempt(Result):
     flipped_vs_reference: bool | None
     unstable: bool
     detector: DetectorDoc
+    # the first-token refusal margin of this answer (nats, + toward refusal); None where none was read
+    margin: float | None = None

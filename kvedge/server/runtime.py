@@ -37,7 +37,7 @@ from ..llama.runtime import (
     KVConfig,
     RuntimeFactory,
     RuntimeOptions,
-    tokenize_rendered,
+    Vocabulary,
 )
 from .client import Client, Reply, Unreachable, retry
 from .flavors import BY_KIND, TOP_LOGPROBS, Flavor, is_context_error, rejects_logprobs
@@ -48,7 +48,7 @@ from .spec import ServerSpec
 DEFAULT_TIMEOUT, DEFAULT_PATIENCE = defaults.SERVER_TIMEOUT, defaults.SERVER_PATIENCE
 
 
-class LocalTokenizer:
+class LocalTokenizer(Vocabulary):
     """The GGUF's vocabulary only (no weights): the same tokens in-process runs see, for counting a
     prompt and comparing with the server's own count."""
 
@@ -61,16 +61,6 @@ class LocalTokenizer:
         params = llama_cpp.llama_model_default_params()
         params.vocab_only = True
         self._model = LlamaModel(path_model=str(path), params=params, verbose=False)
-
-    def tokenize(self, rendered: str) -> list[int]:
-        return tokenize_rendered(self._model, rendered)
-
-    def tokenize_piece(self, text: str, special: bool = False) -> list[int]:
-        """A bare piece of text (no BOS), as the in-process runtime tokenizes one: for the opening tokens."""
-        return self._model.tokenize(text.encode("utf-8"), add_bos=False, special=special)
-
-    def detokenize(self, tokens: list[int]) -> str:
-        return self._model.detokenize(tokens).decode("utf-8", errors="replace")
 
     def close(self) -> None:
         self._model.close()

@@ -71,6 +71,10 @@ def test_report_structure_and_invariants(small_audit):
     assert sorted(k for k, v in marks.items() if not v) == nf["unstable_prompts"] and len(marks) == 8
     attempts = (small_audit["out"] / "attempts.jsonl").read_text().splitlines()
     assert len(attempts) == 4 * 8 and (small_audit["out"] / "report.html").is_file()
+    # every answer read through llama.cpp carries its first-token margin, as report.json's prompts do
+    margins = {(a["config"], a["prompt_id"]): a["margin"] for a in map(json.loads, attempts)}
+    assert all(isinstance(m, float) for m in margins.values())
+    assert margins == {(c, p["id"]): m for p in rep["prompts"] for c, m in p["margin"].items()}
     md = (small_audit["out"] / "report.md").read_text()
     assert "## Noise floor" in md and "| q4_0 rot=off |" in md
     assert "refusal (harmful)" in small_audit["proc"].stdout

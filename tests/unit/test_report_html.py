@@ -53,6 +53,7 @@ def test_attempts_hold_one_line_per_prompt_and_configuration(fake_audit):
             assert a["label"] == ("harmful" if p["harmful"] else "benign") and a["benchmark"] == p["benchmark"]
             assert a["flipped_vs_reference"] == (None if label == "f16" else refused != p["refused"]["f16"])
             assert a["detector"] == rep["detector"] and a["response"]
+            assert a["margin"] == (p["margin"] or {}).get(label)  # the margin report.json holds, per answer
     flipped = {a["prompt_id"] for a in lines if a["config"] == "q4_0 rot=off" and a["flipped_vs_reference"]}
     assert flipped == set(next(r for r in rep["runs"] if r["label"] == "q4_0 rot=off")["vs_reference"]["flipped"])
 
