@@ -88,10 +88,12 @@ def _population(p: Population, delta: float) -> PopulationCall:
     has_shift = s is not None and s.lo is not None and s.hi is not None
     if has_shift:
         up, down = s.lo > delta, s.hi < -delta
-        if up or down:
+        if toward and away and (up or down):
             # flips beyond noise both ways are churn around the threshold; a margin shown beyond delta says
             # which way the population as a whole moved
             toward, away = up, down
+        else:
+            toward, away = toward or up, away or down
     inside = has_shift and -delta < s.lo and s.hi < delta
     if toward and not away:
         direction = TOWARD

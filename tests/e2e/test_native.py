@@ -158,8 +158,8 @@ def test_one_ggml_serves_the_process(native_build, tmp_path):
 
 def test_audit_with_a_layer_map_end_to_end(native_build, tmp_path, model_path):
     out = tmp_path / "audit"
-    proc = run_cli("audit", "--kv", "q4_0,k=q4_0@19+17+11:q8_0/v=q4_0", "--rotation", "off", "--benchmarks", "advbench,harmbench,xstest", "--limit", "1",
-                   "--max-tokens", "12", "--ctx", "512", "--out", str(out), "-q")
+    proc = run_cli("audit", "--kv", "q4_0,k=q4_0@19+17+11:q8_0/v=q4_0", "--rotation", "off",
+                   "--benchmarks", "advbench,harmbench,xstest", "--limit", "1", "--max-tokens", "12", "--ctx", "512", "--out", str(out), "-q")
     assert proc.returncode == 0, proc.stderr
     rep = json.loads((out / "report.json").read_text())
     labels = [r["label"] for r in rep["runs"]]
