@@ -153,8 +153,10 @@ class _Session:
         scored = self.store.scores(key, ref_key)
         to_score = ({(p.id, p.text_sha256) for p in self.benign} - set(scored)) if self._scorable(run) else set()
         if not waves and not to_score:
+            self._record_applied(run, key)
             return result
         rt = self._open(run)
+        self._note_applied(key, rt)
         try:
             todo = sum((p.id, p.text_sha256) not in done for w in waves for p in w)
             first = self._first(rt) if waves else None
@@ -185,6 +187,19 @@ class _Session:
         finally:
             rt.close()
         return result
+
+    def _note_applied(self, key: str, rt: Runtime) -> None:
+        applied = getattr(rt, "applied", None)  # a server or a test's fake cannot say
+        if applied is not None:
+            self.store.put_applied(key, applied.to_dict())
+
+    def _record_applied(self, run: RunSpec, key: str) -> None:
+        """A run stored whole by a kvedge that did not record the applied rotation: make its context once
+        to read it (a model load; nothing is generated)."""
+        if run.server or self.runtimes is not LLAMA_CPP or self.store.applied(key) is not None:
+            return
+        with self._open(run) as rt:
+            self._note_applied(key, rt)
 
     def _score(self, rt: Runtime, key: str | None, ref_key: str, ref_gens: dict, todo: set) -> int:
         """Teacher-force the reference's answers to the benign prompts through `rt`, in the same fixed waves

@@ -87,6 +87,14 @@ def m005_first_token_margin(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE generations ADD COLUMN margin REAL")
 
 
+@migration
+def m006_applied_rotation(db: sqlite3.Connection) -> None:
+    # the rotation llama.cpp says it applied per cache side when it made a run's context
+    # (kvedge.llama.applied); a run is recorded the first time this kvedge opens it
+    db.execute("CREATE TABLE IF NOT EXISTS applied (run_key TEXT PRIMARY KEY, rotation_json TEXT NOT NULL, "
+               "recorded REAL NOT NULL)")
+
+
 @dataclass(frozen=True)
 class GenerationRow:
     run_key: str
@@ -124,6 +132,7 @@ class AuditRows:
 
     generations: dict[str, dict[tuple[str, str], GenerationRow]]
     scores: dict[str, dict[tuple[str, str], ScoreRow]]
+    applied: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # run key -> rotation applied
 
 
 def run_key(spec: dict[str, Any]) -> str:
@@ -278,7 +287,20 @@ class Store:
         return {(r["prompt_id"], r["prompt_sha"]): ScoreRow(**{k: r[k] for k in names}) for r in cur}
 
     def audit_rows(self, run_keys: list[str], ref_key: str) -> AuditRows:
-        return AuditRows({k: self.generations(k) for k in run_keys}, {k: self.scores(k, ref_key) for k in run_keys})
+        applied = {k: a for k in run_keys if (a := self.applied(k)) is not None}
+        return AuditRows({k: self.generations(k) for k in run_keys}, {k: self.scores(k, ref_key) for k in run_keys},
+                         applied)
+
+    # what llama.cpp applied -------------------------------------------------------------------
+    def put_applied(self, run_key_: str, rotation: dict[str, Any]) -> None:
+        """The rotation llama.cpp applied for a run (the latest context made for it says)."""
+        with self._write() as c:
+            c.execute("INSERT OR REPLACE INTO applied VALUES (?, ?, ?)",
+                      (run_key_, json.dumps(rotation, sort_keys=True), time.time()))
+
+    def applied(self, run_key_: str) -> dict[str, Any] | None:
+        row = self._conn.execute("SELECT rotation_json FROM applied WHERE run_key = ?", (run_key_,)).fetchone()
+        return json.loads(row[0]) if row else None
 
     # stability ----------------------------------------------------------------------------------
     def put_stability(self, ref_key: str, noise_key: str, detector: str, rows: list[tuple[str, str, bool]]) -> None:

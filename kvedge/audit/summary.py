@@ -17,6 +17,7 @@ from .. import __version__
 from ..datasets import Prompt
 from ..detectors import Detection, Detector
 from ..errors import EmptyPromptSet
+from ..llama.applied import AppliedRotation, mismatch
 from ..results.audit import (
     SCHEMA,
     AdapterDoc,
@@ -246,6 +247,7 @@ def summarize(outcome: AuditOutcome, rows: AuditRows, detector: Detector, fail_u
                            sum(v[p.id] for p in benign), sum(ref_v[p.id] for p in benign), len(benign)),
                 eq.delta)
         kv_key = r.spec.kv.key()
+        applied = AppliedRotation.from_dict(rows.applied.get(r.key))
         runs_out.append(RunResult(
             label=r.spec.label,
             key=r.key,
@@ -275,6 +277,8 @@ def summarize(outcome: AuditOutcome, rows: AuditRows, detector: Detector, fail_u
             vs_noise=vs_noise,
             margin=margin_stats,
             verdict=config_verdict,
+            applied_rotation=applied.to_dict() if applied else None,
+            rotation_note=mismatch(applied, bool(r.spec.rotation), r.spec.kv.k_quantized, r.spec.kv.v_quantized),
         ))
 
     noise_floor = None

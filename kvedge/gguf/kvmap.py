@@ -86,6 +86,10 @@ class KVConfig:
         return any(kvtypes.is_quantized(t) for t in self._all_types("k") | self._all_types("v"))
 
     @property
+    def k_quantized(self) -> bool:
+        return any(kvtypes.is_quantized(t) for t in self._all_types("k"))
+
+    @property
     def v_quantized(self) -> bool:
         return any(kvtypes.is_quantized(t) for t in self._all_types("v"))
 

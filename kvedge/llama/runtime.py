@@ -25,6 +25,8 @@ from ..gguf import kvtypes
 from ..gguf.kvmap import F16, KVConfig, parse_kv, parse_kv_list  # noqa: F401  (where callers have always found them)
 from ..gguf.model import ModelInfo
 from . import native
+from .applied import AppliedRotation, listening
+from .applied import parse as parse_applied
 from .decode import Decoder, GenJob
 from .scoring import log_softmax
 
@@ -217,6 +219,7 @@ class Runtime(Vocabulary):
         self.model, self.kv, self.rotation, self.options = model, kv, rotation, options
         self._lib = llama_cpp
         self._model = self._ctx = self._adapter = self.decoder = None
+        self.applied: AppliedRotation | None = None  # what llama.cpp's log says it applied
         n_ctx = min(options.n_ctx, model.n_ctx_train) if model.n_ctx_train else options.n_ctx
         threads = options.resolved_threads()
         mp = llama_cpp.llama_model_default_params()
@@ -242,8 +245,10 @@ class Runtime(Vocabulary):
                         raise ValueError(f"llama.cpp rejected the LoRA adapter {lora_path}")
                     self._adapter = adapter
                 # the load log silenced; the rotation and per-layer types are read when the context is made
-                with _rotation_env(rotation, kv.layer_types_env()), suppress_stdout_stderr(disable=False):
+                with _rotation_env(rotation, kv.layer_types_env()), suppress_stdout_stderr(disable=False), \
+                        listening(llama_cpp) as log:
                     self._ctx = LlamaContext(model=self._model, params=cp, verbose=False)
+                self.applied = parse_applied("".join(log))
                 if self._adapter is not None:
                     adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self._adapter)
                     scales = (ctypes.c_float * 1)(1.0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..llama.applied import AppliedRotation
 from ..results.audit import AuditReport, RunResult
 from ..stats import wilson
 from . import fmt, html, plots
@@ -34,8 +35,20 @@ def _shift(r: RunResult, population: str) -> str:
 
 
 def answer_lines(report: AuditReport) -> list[str]:
-    """The answer, one line a configuration: its verdict in words with the evidence that decided it."""
-    return [r.verdict.line for r in report.runs if r.verdict]
+    """The answer, one line a configuration: its verdict in words with the evidence that decided it, and
+    a warning where llama.cpp applied another rotation than the one asked for."""
+    return [r.verdict.line for r in report.runs if r.verdict] + [
+        f"{r.label}: {r.rotation_note}" for r in report.runs if r.rotation_note]
+
+
+def rotation_applied(r: RunResult) -> str:
+    """The attention rotation asked for and the one llama.cpp says it applied, per cache side."""
+    asked = "not applicable (f16 cache)" if r.rotation is None else "on" if r.rotation else "off"
+    if r.applied_rotation is None:
+        told = "not observable (a server)" if r.where == "server" else "not recorded"
+    else:
+        told = AppliedRotation.from_dict(r.applied_rotation).words()
+    return f"asked {asked}; applied by llama.cpp: {told}"
 
 
 def table_rows(report: AuditReport) -> tuple[list[str], list[list[str]]]:
@@ -147,6 +160,7 @@ def render_markdown(report: AuditReport) -> str:
             if vs.flipped:
                 lines.append("- flipped prompts: " + ", ".join(f"`{p}`" for p in vs.flipped))
         lines += _margin_lines(r)
+        lines.append(f"- attention rotation: {rotation_applied(r)}")
         lines.append(f"- next-token KLD vs f16: {fmt.est(r.kld, 4)}; perplexity ratio: {fmt.est(r.ppl_ratio, 4)}; "
                      f"top-1 agreement: {fmt.rate(r.top1_agreement)}")
         mem, sp = r.memory, r.speed
@@ -295,6 +309,12 @@ def render_html(report: AuditReport) -> str:
             f"benign: {nf.benign.lost} lost, {nf.benign.gained} gained of {nf.benign.n}",
             "unstable prompts: " + (", ".join(f"<code>{html.esc(p)}</code>" for p in nf.unstable_prompts) or "none"),
         ])))
+
+    sections.append(html.section("Attention rotation", html.table(
+        ["config", "rotation"], [[r.label, rotation_applied(r)] for r in runs]),
+        html.para("What kvedge asked llama.cpp for, and what llama.cpp's log says it applied to each cache side "
+                  "when it made the run's context (it rotates only a quantized side whose head size is a multiple "
+                  "of 64; builds before the rotation never rotate).", "note")))
 
     subsets = list(dict.fromkeys([*runs[0].refusal_by_subset, *runs[0].over_refusal_by_subset]))
     sub_rows = [[r.label, *[fmt.rate({**r.refusal_by_subset, **r.over_refusal_by_subset}[s]) for s in subsets]]

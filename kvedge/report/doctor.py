@@ -54,18 +54,65 @@ def _devices(r: dict[str, Any]) -> str:
                      + ")" for d in r["devices"])
 
 
+def _compact_pairs(pairs: list[str], names: list[str]) -> list[str]:
+    """Unsupported K/V pairs, short: `t/*` for every pair with K t, `*/t` for every pair with V t, and the
+    pairs left over one by one."""
+    missing, left = set(pairs), set(pairs)
+    out = []
+    for side, fmt in ((0, "{}/*"), (1, "*/{}")):
+        for t in names:
+            row = {p for p in missing if p.split("/")[side] == t}
+            if len(row) == len(names):  # a row and a column may share a pair: fullness is judged on all
+                out.append(fmt.format(t))
+                left -= row
+    return out + [p for p in pairs if p in left]
+
+
+def _kernel_device(d: dict[str, Any], names: list[str]) -> str:
+    measured = [p for p, ok in d["pairs"].items() if ok is not None]
+    na = len(d["pairs"]) - len(measured)
+    head = f"{d['device']} ({d['type']}): "
+    tail = f" ({na} n/a: the head size)" if na else ""
+    if not d["unsupported"]:
+        return head + f"all {len(measured)} pairs" + tail
+    line = (head + f"no kernel for {len(d['unsupported'])} of {len(measured)} pairs: "
+            + ", ".join(_compact_pairs(d["unsupported"], names)) + tail)
+    if d["type"] in ("GPU", "IGPU"):
+        line += "  << their attention runs on the CPU"
+        if d.get("unsupported_mixed"):
+            line += " (older CUDA builds: -DGGML_CUDA_FA_ALL_QUANTS=ON)"
+    return line
+
+
+def _kernels(rep: dict[str, Any]) -> list[str]:
+    fa = rep.get("flash_attn_kernels")
+    if fa is None:
+        return ["(not probed)"]
+    if fa["status"] != "measured":
+        return [f"unknown: {fa['reason']}"]
+    s = fa["shape"]
+    out = [(f"flash attention per K/V cache type pair (ggml's supports_op), head size K {s['head_dim_k']} / "
+            f"V {s['head_dim_v']}, {s['n_head']}/{s['n_head_kv']} heads ({s['source']})")]
+    names = list(dict.fromkeys(p.split("/")[0] for d in fa["backends"] for p in d["pairs"]))
+    return out + [f"  {_kernel_device(d, names)}" for d in fa["backends"]]
+
+
+def _rotation_cell(r: dict[str, Any]) -> str:
+    if r["active"] is None:
+        return f"n/a: {r['note']}"
+    said = r.get("llama_cpp_says")
+    log = "" if said is None else ", log agrees" if said == r["active"] else f", log says {'on' if said else 'off'}"
+    return f"{'active' if r['active'] else 'NOT active'} ({r['max_abs_logprob_diff']:.3g}{log})"
+
+
 def _rotation(rep: dict[str, Any]) -> list[str]:
     m = rep["model"]
     if not m:
         return ["(no model: pass MODEL.gguf, or install the default model)"]
-    out = [f"on {m['name']} ({m['n_layer']} layers, head size K {m['head_dim_k']} / V {m['head_dim_v']}), measured: "
-           "logits with and without LLAMA_ATTN_ROT_DISABLE=1"]
+    out = [(f"on {m['name']} ({m['n_layer']} layers, head size K {m['head_dim_k']} / V {m['head_dim_v']}), measured: "
+            "logits with and without LLAMA_ATTN_ROT_DISABLE=1, each side with the other f16 (max |d logprob|)")]
     for r in rep["rotation"]:
-        if r["active"] is None:
-            out.append(f"  {r['type']:7s} n/a: {r['note']}")
-        else:
-            out.append(f"  {r['type']:7s} {'active' if r['active'] else 'NOT active'} "
-                       f"(max |d logprob| {r['max_abs_logprob_diff']:.3g})")
+        out.append(f"  {r['type']:7s} K {_rotation_cell(r['k']):28s} V {_rotation_cell(r['v'])}")
     return out
 
 
@@ -80,6 +127,7 @@ def render_doctor(rep: dict[str, Any]) -> str:
         ("llama.cpp", _library(rep)),
         ("build", [rep["system_info"]]),
         ("backends", _backends(rep)),
+        ("FA kernels", _kernels(rep)),
         ("GPU offload", [("supported" if gpu else "not supported by this build")
                          + f"; --gpu-layers {rep['gpu_layers']} runs on {rep['kind']}"]),
         ("rotation", _rotation(rep)),

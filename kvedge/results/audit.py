@@ -212,6 +212,9 @@ class RunResult(Result):
     retried: int | None = omit_none()
     kld_note: str | None = omit_none()
     margin_note: str | None = omit_none()  # where the margins came from (a server's top log-probabilities), or why none
+    # the rotation llama.cpp says it applied per cache side ({"k", "v", "source"}; None: not recorded, or a server)
+    applied_rotation: dict[str, Any] | None = omit_none()
+    rotation_note: str | None = omit_none()  # llama.cpp applied another rotation than the one asked for
 
     @property
     def quantized_run(self) -> bool:

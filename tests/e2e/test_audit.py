@@ -217,3 +217,32 @@ def test_the_first_token_margin_through_llama_cpp_and_the_verdicts(small_audit):
     assert rep["equivalence"]["noise_shift_bound"] is not None
     md = (small_audit["out"] / "report.md").read_text()
     assert md.index("## Answer") < md.index("| config |") and "margin shift benign" in md
+
+
+def test_every_run_reports_the_rotation_llama_cpp_applied(small_audit, tmp_path):
+    """Read from llama.cpp's own log when it made each run's context: q4_0 rotates both sides when asked
+    (the default model's head size, 64, qualifies), not when turned off; f16 never. A store whose runs were
+    recorded before kvedge kept this gets it on the next audit without generating anything."""
+    runs = {r["label"]: r for r in small_audit["report"]["runs"]}
+    for label, r in runs.items():
+        a = r["applied_rotation"]
+        assert a["source"] == "llama.cpp log"
+        want = r["rotation"] is True
+        assert (a["k"], a["v"]) == (want, want), label
+        assert "rotation_note" not in r
+    md = (small_audit["out"] / "report.md").read_text()
+    assert "asked on; applied by llama.cpp: K on, V on" in md and "asked off; applied by llama.cpp: K off, V off" in md
+    assert "Attention rotation" in (small_audit["out"] / "report.html").read_text()
+
+    copy = tmp_path / "old"
+    copy.mkdir()
+    with sqlite3.connect(small_audit["out"] / "kvedge.sqlite") as src, sqlite3.connect(copy / "kvedge.sqlite") as dst:
+        src.backup(dst)
+    with sqlite3.connect(copy / "kvedge.sqlite") as c:
+        c.execute("DELETE FROM applied")
+    proc = run_cli("audit", "--kv", "f16,q4_0", "--rotation", "both", "--benchmarks", "advbench,harmbench,xstest",
+                   "--limit", "2", "--max-tokens", "24", "--ctx", "2048", "--out", str(copy), "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert "0 generations run now" in proc.stdout
+    again = {r["label"]: r["applied_rotation"] for r in json.loads((copy / "report.json").read_text())["runs"]}
+    assert again == {label: r["applied_rotation"] for label, r in runs.items()}

@@ -35,7 +35,7 @@ def test_doctor_on_the_stock_wheel():
     assert rep["gpu_layers"] == 0 and rep["kind"] == "cpu" and rep["system_info"]
     # SmolLM2's head size is 64: llama.cpp rotates every quantized type, and the probe measures it
     assert [r["type"] for r in rep["rotation"]] == list(kvtypes.QUANTIZED)
-    assert all(r["active"] and r["max_abs_logprob_diff"] > 0 for r in rep["rotation"])
+    assert all(r[s]["active"] and r[s]["max_abs_logprob_diff"] > 0 for r in rep["rotation"] for s in ("k", "v"))
     assert rep["torch"]["installed"] and rep["torch"]["device"] in ("cpu", "cuda", "mps")
     assert rep["torch"]["device"] == "cpu" or rep["torch"]["cuda"] or rep["torch"]["mps"]
     assert rep["memory"]["available"] > 0 and all(d["free"] > 0 for d in rep["disk"])
