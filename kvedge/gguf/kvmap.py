@@ -111,6 +111,9 @@ class KVConfig:
                 block = kvtypes.block_size(t)
                 if width % block:
                     raise KVTypeError(f"{which} cache type {t} needs a head size divisible by {block}, model has {width}")
+        if model.mla and (self._all_types("k") != self._all_types("v") or self.layers_k != self.layers_v):
+            raise KVTypeError(f"{model.name} ({model.architecture}) uses MLA attention: llama.cpp takes one cache "
+                              f"type for K and V, not {self.name}")
         beyond = sorted({l for l, _ in self.layers_k + self.layers_v if l >= model.n_layer})
         if beyond:
             raise KVTypeError(f"KV config {self.name} names layer {beyond[0]}, but {model.name} has layers "

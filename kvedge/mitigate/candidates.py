@@ -88,10 +88,15 @@ def _rank(t: str) -> int:
 
 def sequence(model: ModelInfo, base: KVConfig, rotation: bool, carrier: str, smoothed: bool,
              verdict: dict) -> list[Candidate]:
-    """Every candidate, in the order export tests them: most KV bytes first. The unmitigated config is last."""
+    """Every candidate, in the order export tests them: most KV bytes first. The unmitigated config is last.
+    A model with MLA attention takes one type for K and V, so its ladder widens both together."""
+    if model.mla:
+        carrier = "both"
     out = [Candidate("kv", kv, rotation) for kv in kv_ladder(base, carrier) if kv != base]
     for source in PER_LAYER_SOURCES:
         out.extend(source(model, base, rotation, verdict))
+    if model.mla:
+        out = [c for c in out if c.kv.type_k == c.kv.type_v and c.kv.layers_k == c.kv.layers_v]
     if smoothed:
         out.append(Candidate("smoothed", base, rotation))
     unmitigated = Candidate("kv", base, rotation)

@@ -21,13 +21,14 @@ import json
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 from .. import __version__
 from ..gguf import kvtypes
 from ..llama.runtime import ROTATION_ENV
 from ..results.deploy import Deployment, FileRef, Launch
+from .preconditions import OLLAMA, Precondition, for_runtime, ollama_refusal, rotation_requirement
 
-OLLAMA_KV_TYPES = ("f16", "q8_0", "q4_0")
 LLAMA_SCRIPTS = {"llama-server.sh": "llama-server", "llama-cli.sh": "llama-cli"}
 PYTHON_FILE = "llama-cpp-python.json"
 MODELFILE, OLLAMA_ENV = "Modelfile", "ollama.env"
@@ -53,24 +54,10 @@ def expected(dep: Deployment, root: Path) -> Parsed:
                   L.n_ctx, L.flash_attn, L.rotation)
 
 
-def rotation_requirement(rotation: bool) -> str:
-    if rotation:
-        return ("measured with llama.cpp's attention rotation of quantized caches (PR #21038 and later, as in the "
-                "llama.cpp llama-cpp-python 0.3.36 vendors): run a build that has it, with LLAMA_ATTN_ROT_DISABLE "
-                "unset; older builds and runtimes that bundle them do not rotate, so re-verify there with "
-                "--rotation off")
-    return ("measured without llama.cpp's attention rotation: on builds that have it (PR #21038 and later) set "
-            "LLAMA_ATTN_ROT_DISABLE=1 before the context is created; builds before it never rotate")
-
-
 def ollama_support(launch: Launch) -> tuple[bool, str]:
-    if launch.layer_types is not None:
-        return False, "Ollama has one cache type for every layer; this deployment sets types per layer"
-    if launch.type_k != launch.type_v:
-        return False, (f"Ollama has one cache type for K and V (OLLAMA_KV_CACHE_TYPE); this deployment needs "
-                       f"K {launch.type_k} and V {launch.type_v}: use llama-server or llama-cpp-python")
-    if launch.type_k not in OLLAMA_KV_TYPES:
-        return False, f"Ollama's OLLAMA_KV_CACHE_TYPE takes {', '.join(OLLAMA_KV_TYPES)}, not {launch.type_k}"
+    why = ollama_refusal(launch)
+    if why:
+        return False, why
     note = ("rotation: whether Ollama's engine rotates depends on the llama.cpp it bundles; kvedge verified "
             f"rotation {'on' if launch.rotation else 'off'}: audit on the device to be sure")
     return True, note
@@ -89,13 +76,14 @@ def _llama_args(dep: Deployment) -> list[str]:
     return args + ["-c", str(L.n_ctx), "-fa", "on" if L.flash_attn else "off", "-ctk", L.type_k, "-ctv", L.type_v]
 
 
-def render_script(dep: Deployment, binary: str, title: str) -> str:
+def render_script(dep: Deployment, binary: str, title: str, pre: Sequence[Precondition] = ()) -> str:
     env = dep.launch.env[ROTATION_ENV]
     lines = [
         "#!/bin/sh",
         f"# {title}",
         f"# Written by kvedge {__version__} from deploy.json; check it with `kvedge verify <this folder>`.",
         f"# {rotation_requirement(dep.launch.rotation)}",
+        *(f"# {p.comment()}" for p in for_runtime(list(pre), binary)),
         "# Extra arguments are passed on to the runtime.",
         'here=$(cd "$(dirname "$0")" && pwd)',
         f"export {ROTATION_ENV}={env}" if env else f"unset {ROTATION_ENV}",
@@ -105,7 +93,7 @@ def render_script(dep: Deployment, binary: str, title: str) -> str:
     return "\n".join(lines)
 
 
-def render_llama_cpp_python(dep: Deployment) -> str:
+def render_llama_cpp_python(dep: Deployment, pre: Sequence[Precondition] = ()) -> str:
     L = dep.launch
     kwargs = {"model_path": dep.model.path, "lora_path": dep.adapter.path if dep.adapter else None, "n_ctx": L.n_ctx,
               "flash_attn": L.flash_attn, "type_k": int(kvtypes.ggml_type(L.type_k)),
@@ -118,34 +106,41 @@ def render_llama_cpp_python(dep: Deployment) -> str:
                  "llama_cpp.Llama(**kw); type_k and type_v are ggml type ids (llama_cpp.GGML_TYPE_*)",
         "types": {"type_k": L.type_k, "type_v": L.type_v},
         "llama_cpp_python": "0.3.36",
+        "preconditions": [p.to_dict() for p in for_runtime(list(pre), "llama-cpp-python")],
     }
     return json.dumps(doc, indent=2) + "\n"
 
 
-def render_ollama(dep: Deployment, title: str) -> tuple[str, str]:
+def render_ollama(dep: Deployment, title: str, pre: Sequence[Precondition] = ()) -> tuple[str, str]:
     L = dep.launch
+    why = ollama_refusal(L)
+    if why:
+        raise RenderingError(f"no Ollama rendering: {why}")
+    required = [f"# {p.comment()}" for p in for_runtime(list(pre), OLLAMA)]
 
     def ref(r: FileRef) -> str:
         return f"./{r.path}" if r.inside else r.path
 
     modelfile = [f"# {title}", f"# Written by kvedge {__version__}; set the server settings in {OLLAMA_ENV} first.",
-                 f"FROM {ref(dep.model)}"]
+                 *required, f"FROM {ref(dep.model)}"]
     if dep.adapter:
         modelfile.append(f"ADAPTER {ref(dep.adapter)}")
     modelfile += [f"PARAMETER num_ctx {L.n_ctx}", ""]
     env = ["# Ollama server settings for this deployment: set them where `ollama serve` runs, then restart it.",
+           *required,
            f"OLLAMA_FLASH_ATTENTION={1 if L.flash_attn else 0}", f"OLLAMA_KV_CACHE_TYPE={L.type_k}"]
     if not L.rotation:
         env += ["# turns llama.cpp's attention rotation off where the bundled build has it", f"{ROTATION_ENV}=1"]
     return "\n".join(modelfile), "\n".join(env) + "\n"
 
 
-def render_all(dep: Deployment, title: str) -> dict[str, str]:
-    """File name -> text of every rendering this deployment can have."""
-    out = {name: render_script(dep, binary, title) for name, binary in LLAMA_SCRIPTS.items()}
-    out[PYTHON_FILE] = render_llama_cpp_python(dep)
-    if ollama_support(dep.launch)[0]:
-        out[MODELFILE], out[OLLAMA_ENV] = render_ollama(dep, title)
+def render_all(dep: Deployment, title: str, pre: Sequence[Precondition] = ()) -> dict[str, str]:
+    """File name -> text of every rendering this deployment can have, each stating the preconditions
+    (kvedge.mitigate.preconditions) of its runtime."""
+    out = {name: render_script(dep, binary, title, pre) for name, binary in LLAMA_SCRIPTS.items()}
+    out[PYTHON_FILE] = render_llama_cpp_python(dep, pre)
+    if ollama_refusal(dep.launch) is None:
+        out[MODELFILE], out[OLLAMA_ENV] = render_ollama(dep, title, pre)
     return out
 
 

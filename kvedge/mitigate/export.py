@@ -38,7 +38,8 @@ from ..results.deploy import (
 from ..results.pcr import Fidelity, RotationResult
 from . import candidates as cands
 from .bench import CalibBench, calib_equivalence
-from .deploy import ollama_support, render_all, rotation_requirement
+from .deploy import ollama_support, render_all
+from .preconditions import preconditions, refusal, rotation_requirement
 from .diagnose import TorchSide, diagnose, smoothing_choice
 from .smoothing import Patched, build_patched
 
@@ -198,8 +199,12 @@ def _document(spec: ExportSpec, rot_entry: RotationResult, fidelity: Fidelity, e
     m = spec.model
     final = run.final
     launch, model_ref, adapter_ref, files = _deployment(spec, final, patched)
+    why = refusal(launch, m)
+    if why:  # the candidates never break these rules; a guard, so no folder ever states one that does
+        raise ExportError(f"refusing to write a deployment no runtime can run as verified: {why}")
+    pre = preconditions(launch, m)
     for name, text in render_all(Deployment(model_ref, adapter_ref, launch),
-                                 f"kvedge deployment of {m.path.name}: KV {final.label}").items():
+                                 f"kvedge deployment of {m.path.name}: KV {final.label}", pre).items():
         files[name] = text.encode("utf-8")
     ollama_ok, ollama_note = ollama_support(launch)
     ctx = spec.options.n_ctx
@@ -226,7 +231,7 @@ def _document(spec: ExportSpec, rot_entry: RotationResult, fidelity: Fidelity, e
         deployment=DeploymentDoc(model=model_ref, adapter=adapter_ref, launch=launch, label=final.label, kind=final.kind,
                                  smoothed=final.smoothed, kv_bytes_per_token=bpt, kv_bytes_at_ctx=at_ctx,
                                  kv_mib_at_ctx=mib, rotation_requirement=rotation_requirement(final.rotation),
-                                 env=launch.env),
+                                 env=launch.env, preconditions=[p.to_dict() for p in pre]),
         source={"model": _file_ref(m.path, m.sha256, m.size_bytes),
                 "adapter": _file_ref(spec.adapter, spec.adapter_sha, spec.adapter.stat().st_size) if spec.adapter else None},
         unmitigated=Unmitigated(spec.kv.type_k, spec.kv.type_v, spec.rotation, run.unmitigated.label, ubpt, uat_ctx, umib),

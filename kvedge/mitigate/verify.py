@@ -4,7 +4,9 @@ judge it by the rule export chose it by: the one verdict function (kvedge.audit.
 export used. Only `equivalent` passes.
 
 Before any model runs, the folder is checked: every file export wrote must still have its sha256, the
-models it points at too, and every rendering must read back as deploy.json says; otherwise it refuses.
+models it points at too, every rendering must read back as deploy.json says, and the configuration must be
+one a runtime can run (kvedge.mitigate.preconditions: one cache type for an MLA model, flash attention
+for a quantized V, no Ollama file for what Ollama cannot express); otherwise it refuses.
 
 Recovery, on the same prompts, with paired bootstrap intervals over prompts: of the flips
 (1 - flips(mitigated) / flips(unmitigated), both ways, both populations) and of each population's mean
@@ -28,11 +30,12 @@ from ..gguf.model import inspect_model, sha256_file
 from ..llama.runtime import F16, KVConfig, RuntimeOptions
 from ..results.audit import AuditReport, FlipCounts, RunResult
 from ..results.deploy import SCHEMA as DEPLOY_SCHEMA
-from ..results.deploy import DeployDocument, FileRef
+from ..results.deploy import DeployDocument, Deployment, FileRef
 from ..results.verify import SCHEMA, Gate, Recovery, VerifyReport, VerifyRow
 from ..stats import Estimate, bootstrap, ratio_of_means
 from .choose import NOISE, run_entry
-from .deploy import disagreements
+from .deploy import MODELFILE, disagreements
+from .preconditions import ollama_refusal, refusal
 from .measure import audit_configs
 
 Log = Callable[[str], None]
@@ -66,10 +69,20 @@ def load_deployment(folder: str | Path) -> DeployDocument:
     for what, ref in doc.source.items():
         if ref:
             _check_file(ref, root, f"source {what} (the unmitigated config runs on it)")
+    check_runnable(dep, root)
+    return doc
+
+
+def check_runnable(dep: Deployment, root: Path) -> None:
+    """A deployment a runtime can run as verified, stated alike in every rendering (else DeploymentError)."""
+    why = refusal(dep.launch, inspect_model(dep.model.resolve(root)))
+    if why:
+        raise DeploymentError(f"no runtime can run this deployment as verified: {why}")
+    if (root / MODELFILE).exists() and ollama_refusal(dep.launch):
+        raise DeploymentError(f"{root / MODELFILE} cannot hold this deployment: {ollama_refusal(dep.launch)}")
     problems = disagreements(dep, root)
     if problems:
         raise DeploymentError("; ".join(problems))
-    return doc
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..results.deploy import CandidateDoc, DeployDocument
+from ..results.deploy import PRECONDITION_CHECKS, CandidateDoc, DeployDocument
 from ..results.verify import Recovery, VerifyReport, VerifyRow
 from . import fmt, html, plots
 
@@ -120,8 +120,20 @@ def render_export_markdown(doc: DeployDocument) -> str:
                    f"`ollama create NAME -f Modelfile` ({o['note']})")
     else:
         out.append(f"- Ollama: not written: {o['note']}")
+    out += _precondition_lines(dep.preconditions)
     out += ["", "Check this folder and measure the deployment on held-out prompts with `kvedge verify <this folder>`.", ""]
     return "\n".join(out)
+
+
+def _precondition_lines(pre: list[dict] | None) -> list[str]:
+    """What must hold in the runtime for it to run what was verified (kvedge.mitigate.preconditions)."""
+    if not pre:
+        return []
+    out = ["", "## Preconditions", "",
+           "The runtime runs the configuration verified here only when these hold, and most of them fail silently."]
+    for p in pre:
+        out.append(f"- **{p['requirement']}** ({', '.join(p['runtimes'])}): {p['why']}. Checked: {PRECONDITION_CHECKS[p['check']]}.")
+    return out
 
 
 VERIFY_HEADER = ["config", "verdict", "refusal (harmful)", "over-refusal (benign)", "margin shift harmful",

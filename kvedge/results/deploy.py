@@ -15,6 +15,14 @@ from .audit import Equivalence, FlipCounts, Verdict
 
 SCHEMA = "kvedge.deploy/2"
 
+# how a deployment's precondition is checked (kvedge.mitigate.preconditions), in words
+PRECONDITION_CHECKS = {
+    "rendered": "written into each launch file; `kvedge verify` reads it back",
+    "doctor": "run `kvedge doctor MODEL` on the device: it lists each backend's flash-attention kernels per K/V "
+              "pair and the rotation llama.cpp applies per side",
+    "unobservable": "kvedge cannot see it from outside the runtime: check it yourself",
+}
+
 
 @dataclass(frozen=True)
 class FileRef:
@@ -136,6 +144,8 @@ class DeploymentDoc(Result):
     kv_mib_at_ctx: float
     rotation_requirement: str
     env: dict[str, str | None]
+    # what must hold in the runtime (kvedge.mitigate.preconditions); absent from deploy.json before kvedge 0.2
+    preconditions: list[dict[str, Any]] | None = omit_none()
 
     @property
     def deployment(self) -> Deployment:
