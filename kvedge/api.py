@@ -32,7 +32,7 @@ from .registry import NOISE_VARIANTS
 from .report import ReportFiles, write_reports
 from .results.compare import CompareResult
 from .results.pcr import PcrResult, SweepResult
-from .results.verify import VerifyReport
+from .results.verify import ServerCheck, VerifyReport
 from .server import parse_servers
 
 Log = Callable[[str], None]
@@ -454,3 +454,26 @@ def verify(
                       RuntimeOptions(n_threads=threads), delta)
     rep = run_verify(spec, log or (lambda m: None), progress)
     return rep, write_reports(rep, out_dir, "verify")
+
+
+def verify_server(
+    deployment: str | Path,
+    server: str,
+    timeout: float = defaults.SERVER_TIMEOUT,
+    patience: float = defaults.SERVER_PATIENCE,
+    out: str | Path | None = None,
+) -> tuple[ServerCheck, ReportFiles]:
+    """kvedge verify DEPLOY_DIR --server URL: what the running server shows of itself (model, adapter,
+    context, cache settings) against deploy.json, and each precondition it cannot show. `verified` only
+    when every item is observed as deploy.json says; an unknown is not a pass. Nothing is audited."""
+    from .mitigate.server_check import check_server
+    from .mitigate.verify import load_deployment
+
+    if timeout <= 0 or patience < 0:
+        raise KvedgeError("--server-timeout must be positive and --server-patience not negative")
+    folder = Path(deployment)
+    doc = load_deployment(folder)
+    check = check_server(doc.deployment, folder, server, timeout, patience)
+    out_dir = Path(out) if out else folder / "verify"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return check, write_reports(check, out_dir, "server-check")

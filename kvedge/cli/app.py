@@ -67,6 +67,7 @@ from .options import (
     TorchModel,
     UseNative,
     VerifyOut,
+    VerifyServer,
     Work,
 )
 
@@ -331,13 +332,26 @@ def verify(
     threads: Threads = None,
     out: VerifyOut = None,
     delta: Delta = None,
+    server: VerifyServer = None,
+    server_timeout: ServerTimeout = defaults.SERVER_TIMEOUT,
+    server_patience: ServerPatience = defaults.SERVER_PATIENCE,
     quiet: Quiet = False,
 ) -> None:
     """Audit exactly what deploy.json says on held-out prompts and judge it by export's rule: recovery, noise
-    floor, memory. Exit 1 unless the deployment is equivalent to f16."""
+    floor, memory. Exit 1 unless the deployment is equivalent to f16. With --server, check a running server
+    against deploy.json instead."""
     from ..api import verify as run
-    from ..report.mitigate import verify_lines
+    from ..api import verify_server
+    from ..report.mitigate import server_check_lines, verify_lines
 
+    if server is not None:
+        check, files = verify_server(deployment, server, timeout=server_timeout, patience=server_patience, out=out)
+        for line in server_check_lines(check):
+            typer.echo(line)
+        typer.echo(f"reports: {' '.join(map(str, files))}")
+        if not check.verified:
+            raise typer.Exit(1)
+        return
     rep, files = run(deployment, limit=limit, max_tokens=max_tokens, threads=threads, out=out, progress=not quiet,
                      log=_log(quiet), delta=delta)
     for line in verify_lines(rep):

@@ -120,6 +120,10 @@ Server = Annotated[Optional[list[str]], typer.Option(
 ServerKv = Annotated[Optional[str], typer.Option(
     "--server-kv", metavar="TYPE", help="KV cache type of the --server endpoints that state none (servers "
                                         "do not report it), e.g. q4_0.")]
+VerifyServer = Annotated[Optional[str], typer.Option(
+    "--server", metavar="URL", help="Instead of auditing: check what the running server at URL shows of itself "
+                                    "against deploy.json (model, context, cache settings, preconditions). Exit 1 "
+                                    "unless it shows every one as deploy.json says: an unknown is not a pass.")]
 ServerTimeout = Annotated[float, typer.Option(
     "--server-timeout", help="Seconds one server request may take.")]
 ServerPatience = Annotated[float, typer.Option(

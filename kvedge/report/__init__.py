@@ -25,6 +25,7 @@ _KINDS = {
     "kvedge.sweep": ("sweep", "render_sweep_markdown", "render_html"),
     "kvedge.compare": ("compare", "render_markdown", "render_html"),
     "kvedge.verify": ("mitigate", "render_verify_markdown", "render_html"),
+    "kvedge.server-check": ("mitigate", "render_server_check_markdown", "render_server_check_html"),
 }
 # schema name -> the typed result (kvedge.results) its renderers take: a dict of that kind is read into it
 _TYPED = {
@@ -33,6 +34,7 @@ _TYPED = {
     "kvedge.sweep": ("kvedge.results.pcr", "SweepResult"),
     "kvedge.compare": ("kvedge.results.compare", "CompareResult"),
     "kvedge.verify": ("kvedge.results.verify", "VerifyReport"),
+    "kvedge.server-check": ("kvedge.results.verify", "ServerCheck"),
 }
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..results.deploy import PRECONDITION_CHECKS, CandidateDoc, DeployDocument
-from ..results.verify import Recovery, VerifyReport, VerifyRow
+from ..results.verify import Recovery, ServerCheck, VerifyReport, VerifyRow
 from . import fmt, html, plots
 
 
@@ -234,3 +234,34 @@ def render_html(rep: VerifyReport) -> str:
             f"({'the choice' if c['prescription_was_chosen'] else 'not the choice'})"])),
     ]
     return html.page(f"kvedge verify: {rep.deployment['label']}", meta, sections, "figures drawn with matplotlib")
+
+
+SERVER_CHECK_HEADER = ["item", "deploy.json", "server", "how kvedge knows", "finding"]
+
+
+def _server_rows(rep: ServerCheck) -> list[list[str]]:
+    return [[r.item, r.deployed, r.server, r.source, r.status] for r in rep.rows]
+
+
+def server_check_lines(rep: ServerCheck) -> list[str]:
+    """The terminal's lines: one per row that is not ok, then the finding."""
+    out = [f"{r.item}: {r.status} (deploy.json {r.deployed}; server {r.server}; {r.source})"
+           for r in rep.rows if r.status != "ok"]
+    return out + [rep.line]
+
+
+def render_server_check_markdown(rep: ServerCheck) -> str:
+    return "\n".join([f"# kvedge verify --server: {rep.deployment}", "", f"- server: {rep.url} ({rep.kind})",
+                      f"- kvedge {rep.kvedge_version}", "", f"**{rep.line}**", "",
+                      *fmt.md_table(SERVER_CHECK_HEADER, _server_rows(rep)), "",
+                      "An unknown is not a pass: the server does not show it, so kvedge cannot tell it runs what "
+                      "deploy.json says. Behaviour is measured by an audit, not by this check.", ""])
+
+
+def render_server_check_html(rep: ServerCheck) -> str:
+    return html.page(f"kvedge verify --server: {rep.deployment}",
+                     [f"server <code>{html.esc(rep.url)}</code> ({html.esc(rep.kind)})",
+                      f"kvedge {html.esc(rep.kvedge_version)}"],
+                     [html.section("Finding", html.para(f"<strong>{html.esc(rep.line)}</strong>")),
+                      html.section("What the server shows", html.table(SERVER_CHECK_HEADER, _server_rows(rep)),
+                                   html.para("An unknown is not a pass: the server does not show it.", "note"))])

@@ -93,3 +93,32 @@ class VerifyReport(Result):
     choice: dict[str, Any]  # chosen_on_calib, qualified_on_calib, stopped_at, prescription, prescription_was_chosen
     gate: Gate
     audits: dict[str, dict[str, Any]]  # per audit: store, runs [{label, key}]
+
+
+SERVER_CHECK_SCHEMA = "kvedge.server-check/1"
+
+
+@dataclass(frozen=True)
+class ServerCheckRow(Result):
+    """One thing a deployment needs, what the running server shows of it, and the finding."""
+
+    item: str  # model, adapter, n_ctx, type_k, type_v, flash_attn, rotation, or a precondition id
+    deployed: str  # what deploy.json says
+    server: str  # what the server shows ("unknown" where it shows nothing)
+    source: str  # how kvedge knows (observed: ..., unknown, ...)
+    status: str  # ok | violated | unknown
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerCheck(Result):
+    """`kvedge verify DIR --server URL`: a running server against deploy.json. `verified` only when every
+    row is ok: an unknown is not a pass."""
+
+    schema: str
+    kvedge_version: str
+    url: str
+    kind: str
+    deployment: str  # the deployment's label
+    rows: list[ServerCheckRow]
+    verified: bool
+    line: str

@@ -231,3 +231,26 @@ def test_a_write_that_fails_keeps_nothing(sources, smoothed, tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"kvedge: error: cannot write {out}") and last.endswith("nothing was kept")
     assert not out.exists()
+
+
+def test_the_deployment_states_its_preconditions_and_a_server_is_checked_against_them(unmitigated, sources, servers):
+    """Every launch file says what must hold (flash attention for the quantized V, the rotation switched off);
+    `verify --server` against a llama-server serving these very files finds the model and context as deployed
+    and the cache settings unknown (no server reports them), so it refuses to call the deployment verified."""
+    out = unmitigated["out"]
+    pre = {p["id"]: p for p in unmitigated["doc"]["deployment"]["preconditions"]}
+    assert {"flash-attention", "flash-attention-kernel", "rotation", "ollama-global"} <= set(pre)
+    for name in ("llama-server.sh", "llama-cli.sh", "llama-cpp-python.json", "Modelfile", "ollama.env"):
+        assert "quantizes the V cache only with flash attention" in (out / name).read_text(), name
+    assert "## Preconditions" in (out / "DEPLOY.md").read_text()
+
+    srv = servers("llama-server", sources["model"], adapter=sources["adapter"])
+    proc = run_cli("verify", str(out), "--server", srv.url, "--server-timeout", "10", "--server-patience", "0",
+                   "--out", str(out / "server-check"))
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "NOT VERIFIED" in proc.stdout and "type_k: unknown" in proc.stdout
+    check = json.loads((out / "server-check" / "server-check.json").read_text())
+    rows = {r["item"]: r["status"] for r in check["rows"]}
+    assert rows["model"] == "ok" and rows["adapter"] == "ok" and rows["type_k"] == "unknown"
+    assert check["verified"] is False and (out / "server-check" / "server-check.html").is_file()
+    assert not srv.generations()  # a check, not an audit
