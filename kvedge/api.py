@@ -227,7 +227,7 @@ def _pcr_spec(model, lora, kv: str, rotation: str, ctx: int, threads: int | None
                           "(CPU torch==2.13.0)") from None
     from .pcr.calibset import N_BENIGN
     from .pcr.run import PcrSpec
-    from .pcr.torch.gguf_torch import check_architecture
+    from .gguf.archs import check_architecture
 
     if n_benign is not None:
         _check_counts(n_benign=n_benign)
@@ -390,7 +390,7 @@ def export(
     from the calib noise run). Returns `mitigate.export.ExportResult`."""
     from .io import check_space
     from .mitigate.export import ExportSpec, check_out_dir, run_export
-    from .pcr.torch.gguf_torch import check_architecture
+    from .gguf.archs import check_architecture
 
     config = parse_kv(kv)
     if not config.quantized:
@@ -417,6 +417,10 @@ def export(
     if config.per_layer:
         native.require_native()
     adapter = _adapter_for(info, model, lora, canary)
+    from .mitigate.smooth import UNSMOOTHABLE
+
+    if smooth in ("force", "only") and info.architecture in UNSMOOTHABLE:
+        raise ExportError(f"--smooth {smooth}: {info.architecture} cannot be smoothed: {UNSMOOTHABLE[info.architecture]}")
     if smooth != "off":
         # the smoothed copies may land in the deployment folder: room for them before any work
         check_space(out, info.size_bytes + (adapter.stat().st_size if adapter else 0), "the smoothed model", ExportError)

@@ -22,6 +22,7 @@ import numpy as np
 
 from ..errors import KVTypeError
 from ..gguf import kvtypes
+from ..gguf.archs import ARCHS
 from ..gguf.kvmap import KVConfig
 from ..gguf.model import ModelInfo
 from ..gguf.template import chat_template_for
@@ -265,6 +266,14 @@ def rotation_probe(model: ModelInfo, lora: Path | None, options: RuntimeOptions)
              "v": _rotation_side(model, KVConfig("f16", t), options, lora)} for t in kvtypes.QUANTIZED]
 
 
+def pcr_support(architecture: str) -> dict[str, Any]:
+    """Whether kvedge's torch pass (pcr, sweep, export) reproduces this architecture (kvedge.gguf.archs)."""
+    ok = architecture in ARCHS
+    return {"architecture": architecture, "supported": ok,
+            "note": "supported: kvedge's torch forward for this layout is verified against llama.cpp" if ok else
+            f"not supported: kvedge pcr, sweep and export refuse it (they support {', '.join(ARCHS)}); audits run"}
+
+
 def _torch() -> dict[str, Any]:
     if importlib.util.find_spec("torch") is None:
         return {"installed": False}
@@ -321,9 +330,11 @@ def diagnose(model: ModelInfo | None, lora: Path | None, options: RuntimeOptions
         "disk": [_free(runs_dir), _free(native.cache_root())],
         "memory": _memory(),
         "model": None,
+        "pcr": None,
         "rotation": None,
     }
     if model is not None:
+        report["pcr"] = pcr_support(model.architecture)
         report["model"] = {"path": str(model.path), "name": model.name, "architecture": model.architecture,
                            "n_layer": model.n_layer, "head_dim_k": model.head_dim_k, "head_dim_v": model.head_dim_v,
                            "adapter": str(lora) if lora else None}

@@ -41,6 +41,7 @@ from .bench import CalibBench, calib_equivalence
 from .deploy import ollama_support, render_all
 from .preconditions import preconditions, refusal, rotation_requirement
 from .diagnose import TorchSide, diagnose, smoothing_choice
+from .smooth import UNSMOOTHABLE
 from .smoothing import Patched, build_patched
 
 Log = Callable[[str], None]
@@ -107,7 +108,10 @@ def run_export(spec: ExportSpec, log: Log, progress: bool = True) -> ExportResul
 
     torch_ = TorchSide(spec, log)
     choice = None
-    if spec.smooth in ("force", "only") or (spec.smooth == "auto" and verdict.mode == "outlier-crushes-safety"):
+    unsmoothable = UNSMOOTHABLE.get(spec.model.architecture)  # --smooth force/only was refused before any work
+    if unsmoothable and spec.smooth == "auto" and verdict.mode == "outlier-crushes-safety":
+        log(f"smoothing: not available for {spec.model.architecture}: {unsmoothable}")
+    elif spec.smooth in ("force", "only") or (spec.smooth == "auto" and verdict.mode == "outlier-crushes-safety"):
         choice = smoothing_choice(spec, torch_, verdict, evidence_layers, log, rot_entry.evidence.population)
         log(f"smoothing: {choice.reason}")
     smoothed = choice is not None and choice.chosen is not None

@@ -25,6 +25,8 @@ from typing import Literal, Mapping
 
 import numpy as np
 
+# architectures whose layout channel smoothing cannot rescale exactly yet, and why
+UNSMOOTHABLE = {"phi3": "its Q, K and V share one fused matrix (attn_qkv), which channel smoothing does not rescale"}
 MAX_EXPONENT = 8  # |e| <= 8: a 256x shrink already flattens any outlier a calibration set shows
 
 Kind = Literal["k", "v"]
@@ -150,6 +152,8 @@ def tensor_scales(sm: Smoothing, g: Geometry, present: set[str] | frozenset[str]
     for (layer, kind), e in sm.exps.items():
         e = np.asarray(e, dtype=np.int64)
         blk = f"blk.{layer}"
+        if f"{blk}.attn_qkv.weight" in present:  # scaling half a fused matrix's rows would not be exact
+            raise ValueError(f"{blk}.attn_qkv is fused: channel smoothing rescales separate Q, K and V matrices")
         hd = g.head_dim(kind)
         if kind == "k" and g.kq_norm:
             # the norm weights follow RoPE's channel layout within a head, shared by all heads

@@ -132,6 +132,7 @@ def render_doctor(rep: dict[str, Any]) -> str:
                          + f"; --gpu-layers {rep['gpu_layers']} runs on {rep['kind']}"]),
         ("rotation", _rotation(rep)),
         ("torch", [torch_line]),
+        *([("PCR", [f"{rep['pcr']['architecture']}: {rep['pcr']['note']}"])] if rep.get("pcr") else []),
         ("disk", [f"{size(d['free'])} free at {d['path']}" for d in rep["disk"]]),
         ("memory", [f"{size(mem['available'])} available of {size(mem['total'])}"]),
     ]

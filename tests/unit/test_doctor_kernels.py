@@ -146,3 +146,11 @@ def test_the_init_params_struct_is_ggmls_layout():
     # struct ggml_init_params { size_t mem_size; void * mem_buffer; bool no_alloc; }, passed by value
     fields = [(name, t) for name, t in doctor._InitParams._fields_]
     assert fields == [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p), ("no_alloc", ctypes.c_bool)]
+
+
+def test_doctor_says_whether_pcr_supports_the_architecture():
+    from kvedge.llama.doctor import pcr_support
+
+    assert pcr_support("qwen3")["supported"] and "verified" in pcr_support("qwen3")["note"]
+    gemma = pcr_support("gemma3")
+    assert not gemma["supported"] and "refuse" in gemma["note"] and "phi3" in gemma["note"]

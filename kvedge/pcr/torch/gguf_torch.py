@@ -7,9 +7,12 @@ docs/pcr.md). The hook `kv_transform(layer, kind, x)` sees each layer's K (post-
 as the cache stores them, one row of `n_head_kv * head_dim` values per token in the GGUF's channel
 order, and returns what attention reads back (e.g. `kvquant.CacheSim`).
 
-Architectures: `llama` (verified against llama.cpp); `qwen2` (Q/K/V biases, NEOX RoPE) and `qwen3`
-(per-head Q/K RMSNorm, NEOX RoPE) share the same code path, selected by the tensors present, and
-are marked unverified until a test model is measured. Anything else raises UnsupportedArchitecture.
+Architectures: `llama` (verified on the default model), and on synthetic models of each layout
+(tests/e2e/test_architectures.py, docs/measurements/pcr.md): `mistral3` (llama's graph), `qwen2` (Q/K/V
+biases, NEOX RoPE), `qwen3` (per-head Q/K RMSNorm before RoPE, NEOX RoPE) and `phi3` (fused QKV and
+gate/up matrices, NEOX RoPE). They share one code path, selected by the tensors present. A sliding window
+is honoured by refusing sequences longer than it (kvedge's calibration prompts are far shorter); LongRoPE
+factors are refused. Anything else raises UnsupportedArchitecture.
 """
 
 from __future__ import annotations
@@ -25,24 +28,10 @@ import torch
 from torch import Tensor
 
 from ...errors import ModelFileError, UnsupportedArchitecture
+from ...gguf.archs import ARCHS, ArchSpec, check_architecture  # noqa: F401  (where callers have found them)
 from ...gguf.lora import LoraAdapter
 from ...gguf.model import Geometry, read_geometry, read_metadata
 from .kvquant import CachePlan, CacheSim, KVTransform, Scheme
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    name: str
-    rope_neox: bool  # RoPE pairs (i, i + n_rot/2) instead of adjacent channels (2i, 2i+1)
-    verified: bool  # fidelity to llama.cpp measured by kvedge's tests on a real model
-
-
-ARCHS: dict[str, ArchSpec] = {
-    # llama's converter permutes Q/K rows so that llama.cpp's "normal" RoPE pairs adjacent channels
-    "llama": ArchSpec("llama", rope_neox=False, verified=True),
-    "qwen2": ArchSpec("qwen2", rope_neox=True, verified=False),
-    "qwen3": ArchSpec("qwen3", rope_neox=True, verified=False),
-}
 
 
 @dataclass(frozen=True)
@@ -55,6 +44,7 @@ class Hparams:
     rope_freq_scale: float
     norm_eps: float
     n_vocab: int
+    n_swa: int = 0  # sliding-window attention: tokens a key stays visible (0: none)
 
     @property
     def n_layer(self) -> int:
@@ -133,15 +123,6 @@ class Output:
 
 
 # --- loading -----------------------------------------------------------------------------------------
-def check_architecture(arch_name: Any) -> ArchSpec:
-    arch = ARCHS.get(str(arch_name))
-    if arch is None:
-        raise UnsupportedArchitecture(
-            f"no torch forward for architecture {arch_name!r}: kvedge's PCR supports {', '.join(ARCHS)}"
-        )
-    return arch
-
-
 def _hparams(md: dict[str, Any], n_vocab: int, where: Path | str = "") -> Hparams:
     from gguf import Keys
 
@@ -168,6 +149,7 @@ def _hparams(md: dict[str, Any], n_vocab: int, where: Path | str = "") -> Hparam
         rope_freq_scale=1.0 / factor if scaling == "linear" and factor > 0 else 1.0,
         norm_eps=float(get(Keys.Attention.LAYERNORM_RMS_EPS)),
         n_vocab=n_vocab,
+        n_swa=int(md.get(Keys.Attention.SLIDING_WINDOW.format(arch=arch.name), 0) or 0),
     )
 
 
@@ -205,7 +187,14 @@ def _linear_from(w: dict[str, Tensor], name: str) -> Linear:
     return Linear(w[name + ".weight"], w.get(name + ".bias"))
 
 
-def _layer(w: dict[str, Tensor], i: int) -> Layer:
+def _split(lin: Linear, sizes: list[int]) -> list[Linear]:
+    """A fused matrix (rows stacked in `sizes` order, as llama.cpp views them) as separate Linears."""
+    ws = torch.split(lin.weight, sizes, dim=0)
+    bs = torch.split(lin.bias, sizes) if lin.bias is not None else [None] * len(sizes)
+    return [Linear(a.contiguous(), b.contiguous() if b is not None else None) for a, b in zip(ws, bs)]
+
+
+def _layer(w: dict[str, Tensor], i: int, hp: Hparams) -> Layer:
     def lin(name: str) -> Linear:
         return _linear_from(w, f"blk.{i}.{name}")
 
@@ -215,9 +204,19 @@ def _layer(w: dict[str, Tensor], i: int) -> Layer:
             raise UnsupportedArchitecture(f"GGUF lacks {key}: not a layout the torch forward knows")
         return w[key]
 
+    if f"blk.{i}.attn_qkv.weight" in w:  # phi3: one matrix, Q then K then V rows
+        q, k, v = _split(lin("attn_qkv"), [hp.n_head * hp.head_dim_k, hp.n_head_kv * hp.head_dim_k,
+                                           hp.n_head_kv * hp.head_dim_v])
+    else:
+        q, k, v = lin("attn_q"), lin("attn_k"), lin("attn_v")
+    if f"blk.{i}.ffn_gate.weight" in w:
+        gate, up = lin("ffn_gate"), lin("ffn_up")
+    else:  # phi3: ffn_up holds gate then up rows; llama.cpp's swiglu takes silu(first half) * second half
+        fused = lin("ffn_up")
+        gate, up = _split(fused, [fused.weight.shape[0] // 2] * 2)
     return Layer(
-        attn_norm=norm("attn_norm"), q=lin("attn_q"), k=lin("attn_k"), v=lin("attn_v"), o=lin("attn_output"),
-        ffn_norm=norm("ffn_norm"), gate=lin("ffn_gate"), up=lin("ffn_up"), down=lin("ffn_down"),
+        attn_norm=norm("attn_norm"), q=q, k=k, v=v, o=lin("attn_output"),
+        ffn_norm=norm("ffn_norm"), gate=gate, up=up, down=lin("ffn_down"),
         q_norm=w.get(f"blk.{i}.attn_q_norm.weight"), k_norm=w.get(f"blk.{i}.attn_k_norm.weight"),
     )
 
@@ -389,7 +388,10 @@ class TorchModel:
         if "token_embd.weight" not in w or "output_norm.weight" not in w:
             raise UnsupportedArchitecture(f"GGUF lacks token_embd.weight or output_norm.weight: {p}")
         hp = _hparams(md, n_vocab=w["token_embd.weight"].shape[0], where=p)
-        layers = [_layer(w, i) for i in range(hp.n_layer)]
+        if any(k.endswith(("rope_factors_long.weight", "rope_factors_short.weight")) for k in w):
+            raise UnsupportedArchitecture("LongRoPE factors (rope_factors_long/short) are not supported by the torch "
+                                          "forward")
+        layers = [_layer(w, i, hp) for i in range(hp.n_layer)]
         # tied embeddings when the file has no output matrix (llama.cpp does the same)
         output = _linear_from(w, "output" if "output.weight" in w else "token_embd")
         return cls(hp, w["token_embd.weight"], layers, w["output_norm.weight"], output, w.get("rope_freqs.weight"), p)
@@ -460,6 +462,9 @@ class TorchModel:
         packed = tokens if isinstance(tokens, Packed) else None
         ids = packed.tokens if packed else torch.as_tensor(tokens, dtype=torch.long)
         pos = packed.pos if packed else torch.arange(len(ids))
+        if hp.n_swa and int(pos.max()) + 1 > hp.n_swa:
+            raise UnsupportedArchitecture(f"a sequence of {int(pos.max()) + 1} tokens is longer than the model's "
+                                          f"sliding window ({hp.n_swa}), which the torch forward does not model")
         cos, sin = rope_angles(int(pos.max()) + 1, hp, self.freq_factors)
         cos, sin = cos[pos], sin[pos]
         if start_layer and start_hidden is None:
