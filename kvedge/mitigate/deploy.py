@@ -27,7 +27,7 @@ from .. import __version__
 from ..gguf import kvtypes
 from ..llama.runtime import ROTATION_ENV
 from ..results.deploy import Deployment, FileRef, Launch
-from .preconditions import OLLAMA, Precondition, for_runtime, ollama_refusal, rotation_requirement
+from .preconditions import OLLAMA, Precondition, for_runtime, ollama_refusal, quantized, rotation_requirement
 
 LLAMA_SCRIPTS = {"llama-server.sh": "llama-server", "llama-cli.sh": "llama-cli"}
 PYTHON_FILE = "llama-cpp-python.json"
@@ -82,7 +82,7 @@ def render_script(dep: Deployment, binary: str, title: str, pre: Sequence[Precon
         "#!/bin/sh",
         f"# {title}",
         f"# Written by kvedge {__version__} from deploy.json; check it with `kvedge verify <this folder>`.",
-        f"# {rotation_requirement(dep.launch.rotation)}",
+        f"# {rotation_requirement(dep.launch.rotation, quantized(dep.launch))}",
         *(f"# {p.comment()}" for p in for_runtime(list(pre), binary)),
         "# Extra arguments are passed on to the runtime.",
         'here=$(cd "$(dirname "$0")" && pwd)',

@@ -39,7 +39,7 @@ from ..results.pcr import Fidelity, RotationResult
 from . import candidates as cands
 from .bench import CalibBench, calib_equivalence
 from .deploy import ollama_support, render_all
-from .preconditions import preconditions, refusal, rotation_requirement
+from .preconditions import preconditions, quantized, refusal, rotation_requirement
 from .diagnose import TorchSide, diagnose, smoothing_choice
 from .smooth import UNSMOOTHABLE
 from .smoothing import Patched, build_patched
@@ -234,7 +234,7 @@ def _document(spec: ExportSpec, rot_entry: RotationResult, fidelity: Fidelity, e
         kvedge_version=__version__,
         deployment=DeploymentDoc(model=model_ref, adapter=adapter_ref, launch=launch, label=final.label, kind=final.kind,
                                  smoothed=final.smoothed, kv_bytes_per_token=bpt, kv_bytes_at_ctx=at_ctx,
-                                 kv_mib_at_ctx=mib, rotation_requirement=rotation_requirement(final.rotation),
+                                 kv_mib_at_ctx=mib, rotation_requirement=rotation_requirement(final.rotation, quantized(launch)),
                                  env=launch.env, preconditions=[p.to_dict() for p in pre]),
         source={"model": _file_ref(m.path, m.sha256, m.size_bytes),
                 "adapter": _file_ref(spec.adapter, spec.adapter_sha, spec.adapter.stat().st_size) if spec.adapter else None},

@@ -48,7 +48,13 @@ def _types(launch: Launch, side: int) -> set[str]:
     return {base, *(pair[side] for pair in launch.layer_types or ())}
 
 
-def rotation_requirement(rotation: bool) -> str:
+def quantized(launch: Launch) -> bool:
+    return any(kvtypes.is_quantized(t) for t in _types(launch, 0) | _types(launch, 1))
+
+
+def rotation_requirement(rotation: bool, is_quantized: bool = True) -> str:
+    if not is_quantized:
+        return "an f16 cache: llama.cpp's attention rotation applies only to quantized caches, so none is needed"
     if rotation:
         return ("measured with llama.cpp's attention rotation of quantized caches (PR #21038 and later, as in the "
                 "llama.cpp llama-cpp-python 0.3.36 vendors): run a build that has it, with LLAMA_ATTN_ROT_DISABLE "
@@ -61,7 +67,6 @@ def rotation_requirement(rotation: bool) -> str:
 def preconditions(launch: Launch, model: ModelInfo | None) -> list[Precondition]:
     """Every precondition of this launch, in the order DEPLOY.md lists them."""
     k_types, v_types = _types(launch, 0), _types(launch, 1)
-    quantized = any(kvtypes.is_quantized(t) for t in k_types | v_types)
     v_quantized = any(kvtypes.is_quantized(t) for t in v_types)
     out = [Precondition(
         "flash-attention", "flash attention on (llama.cpp -fa on, llama-cpp-python flash_attn=True, Ollama "
@@ -70,7 +75,7 @@ def preconditions(launch: Launch, model: ModelInfo | None) -> list[Precondition]
         "Ollama silently keeps an f16 cache" if v_quantized else
         "the configuration was measured with flash attention; without it the arithmetic, and verdicts, change",
         ALL_RUNTIMES, "rendered")]
-    if quantized:
+    if quantized(launch):
         mixed = len(k_types | v_types) > 1
         out.append(Precondition(
             "flash-attention-kernel",

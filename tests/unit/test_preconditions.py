@@ -119,6 +119,8 @@ def test_flash_attention_is_stated_in_every_runtime_file(tmp_path, plain, tk, tv
         assert "flash attention on" in text, name
         if tv != "f16":
             assert "quantizes the V cache only with flash attention" in text, name
+    script = (tmp_path / "llama-server.sh").read_text()
+    assert ("applies only to quantized caches" in script) == (tk == "f16")  # no rotation talk for an f16 cache
     kw = json.loads((tmp_path / PYTHON_FILE).read_text())
     assert {p["id"] for p in kw["preconditions"]} >= {"flash-attention"}
     assert kw["kwargs"]["flash_attn"] is True
