@@ -75,14 +75,14 @@ def load_deployment(folder: str | Path) -> DeployDocument:
 
 def check_runnable(dep: Deployment, root: Path) -> None:
     """A deployment a runtime can run as verified, stated alike in every rendering (else DeploymentError)."""
+    problems = disagreements(dep, root)  # first: an edited file is the likeliest cause of anything below
+    if problems:
+        raise DeploymentError("; ".join(problems))
     why = refusal(dep.launch, inspect_model(dep.model.resolve(root)))
     if why:
         raise DeploymentError(f"no runtime can run this deployment as verified: {why}")
     if (root / MODELFILE).exists() and ollama_refusal(dep.launch):
         raise DeploymentError(f"{root / MODELFILE} cannot hold this deployment: {ollama_refusal(dep.launch)}")
-    problems = disagreements(dep, root)
-    if problems:
-        raise DeploymentError("; ".join(problems))
 
 
 @dataclass(frozen=True)

@@ -96,15 +96,21 @@ def test_a_quantized_v_without_flash_attention_is_refused(plain):
     assert refusal(Launch("q4_0", "f16", True, 4096, flash_attn=False), plain) is None
 
 
-def test_an_ollama_rendering_with_k_not_v_is_refused(tmp_path, plain):
+def test_an_ollama_rendering_with_k_not_v_is_refused(tmp_path, plain, monkeypatch):
     launch = Launch("q8_0", "q4_0", True, 4096)
     dep = _folder(tmp_path, plain, launch)
     assert not (tmp_path / MODELFILE).exists()  # never written
     with pytest.raises(RenderingError, match="one cache type for K and V"):
         render_ollama(dep, "test")
-    # one written by hand (or left from another deployment) is refused by verify's folder check
+    # one written by hand (or left from another deployment) is refused by verify's folder check: it cannot
+    # say what deploy.json says, and were it read as agreeing, Ollama still could not hold it
     (tmp_path / MODELFILE).write_text(f"FROM {plain.path}\nPARAMETER num_ctx 4096\n")
     (tmp_path / OLLAMA_ENV).write_text("OLLAMA_FLASH_ATTENTION=1\nOLLAMA_KV_CACHE_TYPE=q8_0\n")
+    with pytest.raises(DeploymentError, match="Modelfile differs from deploy.json in type_v"):
+        check_runnable(dep, tmp_path)
+    from kvedge.mitigate import verify
+
+    monkeypatch.setattr(verify, "disagreements", lambda *a: [])
     with pytest.raises(DeploymentError, match="Modelfile cannot hold this deployment: Ollama has one cache type"):
         check_runnable(dep, tmp_path)
 
