@@ -22,7 +22,7 @@ _DEFAULT_MODEL = "the embedded SmolLM2-135M-Instruct Q4_1 with the canary safety
 Model = Annotated[Optional[Path], typer.Argument(
     help=f"GGUF model; default: {_DEFAULT_MODEL}.")]
 TorchModel = Annotated[Optional[Path], typer.Argument(
-    help=f"GGUF model of a llama, mistral3, qwen2, qwen3 or phi3 architecture (simulated in torch); default: "
+    help=f"GGUF model of a llama, mistral3, qwen2, qwen3, phi3 or gemma3 architecture (simulated in torch); default: "
          f"{_DEFAULT_MODEL}.")]
 Lora = Annotated[Optional[Path], typer.Option(
     "--lora", help="LoRA adapter GGUF applied on top of the model.")]

@@ -28,6 +28,7 @@ ARCHS: dict[str, ArchSpec] = {
     "qwen2": ArchSpec("qwen2", rope_neox=True, verified=True),
     "qwen3": ArchSpec("qwen3", rope_neox=True, verified=True),
     "phi3": ArchSpec("phi3", rope_neox=True, verified=True),
+    "gemma3": ArchSpec("gemma3", rope_neox=True, verified=True),
 }
 
 

@@ -80,7 +80,7 @@ class Engine:
         """For every layer up to the readout and K/V: (cache rows, d gap / d rows) under the f16 plan,
         where gap = mean harmful <h, r> - mean harmless <h, r> at the readout layer."""
         keep: dict[tuple[int, str], Tensor] = {}
-        x0 = self.tm.tok_embd[self.packed.tokens].clone().requires_grad_(True)
+        x0 = self.tm.embed(self.packed.tokens).clone().requires_grad_(True)
         out = self.tm.forward(self.packed, self._transform(CachePlan(), keep), start_hidden=x0, stop_layer=readout)
         s = out.hidden_per_layer[readout][self.last] @ direction
         gap = s[harmful].mean() - s[~harmful].mean()

@@ -16,7 +16,7 @@ N_LAYER, N_HEAD, N_HEAD_KV, HEAD_DIM, N_FF = 2, 2, 1, 64, 256
 N_EMBD = N_HEAD * HEAD_DIM
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-ARCHS = ("llama", "mistral3", "qwen2", "qwen3", "phi3")
+ARCHS = ("llama", "mistral3", "qwen2", "qwen3", "phi3", "gemma3")
 
 
 @lru_cache(maxsize=1)
@@ -73,7 +73,10 @@ def write_synthetic(path: Path, arch: str, seed: int = 0) -> Path:
     w.add_head_count(N_HEAD)
     w.add_head_count_kv(N_HEAD_KV)
     w.add_layer_norm_rms_eps(1e-6)
-    w.add_rope_freq_base(10000.0)
+    w.add_rope_freq_base(1_000_000.0 if arch == "gemma3" else 10000.0)
+    if arch == "gemma3":  # layer 0 slides (RoPE base 10,000, llama.cpp's default), layer 1 is global
+        w.add_sliding_window(512)
+        w.add_uint32("gemma3.attention.sliding_window_pattern", 2)
     w.add_rope_dimension_count(HEAD_DIM)
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
     w.add_tokenizer_model(tok["model"])
@@ -84,9 +87,12 @@ def write_synthetic(path: Path, arch: str, seed: int = 0) -> Path:
     w.add_chat_template(CHATML)  # so that `kvedge pcr` can render its calibration prompts
     w.add_bos_token_id(tok["bos"])
     w.add_eos_token_id(tok["eos"])
-    w.add_tensor("token_embd.weight", (rng.standard_normal((v, N_EMBD)) * 1.0).astype(np.float16))
+    # gemma3's tied output reads the embeddings: a smaller scale keeps its next-token distributions spread
+    w.add_tensor("token_embd.weight", (rng.standard_normal((v, N_EMBD)) * (0.25 if arch == "gemma3" else 1.0))
+                 .astype(np.float16))
     w.add_tensor("output_norm.weight", norm(N_EMBD))
-    w.add_tensor("output.weight", mat(v, N_EMBD, 4.0).astype(np.float16))
+    if arch != "gemma3":  # gemma3 ties its output to the embeddings
+        w.add_tensor("output.weight", mat(v, N_EMBD, 4.0).astype(np.float16))
     kv = N_HEAD_KV * HEAD_DIM
     for i in range(N_LAYER):
         b = f"blk.{i}."
@@ -101,9 +107,13 @@ def write_synthetic(path: Path, arch: str, seed: int = 0) -> Path:
         if arch == "qwen2":
             for name, n in (("attn_q", N_EMBD), ("attn_k", kv), ("attn_v", kv)):
                 w.add_tensor(b + name + ".bias", (0.5 * rng.standard_normal(n)).astype(np.float32))
-        if arch == "qwen3":
+        if arch in ("qwen3", "gemma3"):
             w.add_tensor(b + "attn_q_norm.weight", norm(HEAD_DIM))
             w.add_tensor(b + "attn_k_norm.weight", norm(HEAD_DIM))
+        if arch == "gemma3":
+            # post-norms larger than the embeddings, so the layers (not the tied identity) decide the next token
+            w.add_tensor(b + "post_attention_norm.weight", 4 * norm(N_EMBD))
+            w.add_tensor(b + "post_ffw_norm.weight", 4 * norm(N_EMBD))
         w.add_tensor(b + "attn_output.weight", mat(N_EMBD, N_EMBD))
         w.add_tensor(b + "ffn_norm.weight", norm(N_EMBD))
         gate, up = mat(N_FF, N_EMBD), mat(N_FF, N_EMBD)

@@ -152,5 +152,5 @@ def test_doctor_says_whether_pcr_supports_the_architecture():
     from kvedge.llama.doctor import pcr_support
 
     assert pcr_support("qwen3")["supported"] and "verified" in pcr_support("qwen3")["note"]
-    gemma = pcr_support("gemma3")
-    assert not gemma["supported"] and "refuse" in gemma["note"] and "phi3" in gemma["note"]
+    falcon = pcr_support("falcon")
+    assert not falcon["supported"] and "refuse" in falcon["note"] and "gemma3" in falcon["note"]

@@ -10,9 +10,11 @@ order, and returns what attention reads back (e.g. `kvquant.CacheSim`).
 Architectures: `llama` (verified on the default model), and on synthetic models of each layout
 (tests/e2e/test_architectures.py, docs/measurements/pcr.md): `mistral3` (llama's graph), `qwen2` (Q/K/V
 biases, NEOX RoPE), `qwen3` (per-head Q/K RMSNorm before RoPE, NEOX RoPE) and `phi3` (fused QKV and
-gate/up matrices, NEOX RoPE). They share one code path, selected by the tensors present. A sliding window
-is honoured by refusing sequences longer than it (kvedge's calibration prompts are far shorter); LongRoPE
-factors are refused. Anything else raises UnsupportedArchitecture.
+gate/up matrices, NEOX RoPE) and `gemma3` (embeddings scaled by sqrt(n_embd), per-head Q/K RMSNorm,
+post-attention and post-FFN norms, GeGLU with tanh GELU, sliding-window layers with their own RoPE base,
+tied output, optional final logit soft-capping). They share one code path, selected by the tensors
+present. A sliding window is honoured by refusing sequences longer than it (kvedge's calibration prompts
+are far shorter); LongRoPE factors are refused. Anything else raises UnsupportedArchitecture.
 """
 
 from __future__ import annotations
@@ -45,6 +47,12 @@ class Hparams:
     norm_eps: float
     n_vocab: int
     n_swa: int = 0  # sliding-window attention: tokens a key stays visible (0: none)
+    swa_layers: tuple[bool, ...] = ()  # per layer: a sliding-window layer (its own RoPE base)
+    rope_base_swa: float = 10000.0  # llama.cpp's default where the file states none
+    embd_scale: float = 1.0  # gemma3 scales the token embeddings by sqrt(n_embd)
+    attn_scale: float | None = None  # the attention's score scale; None: 1/sqrt(head_dim)
+    softcap: float = 0.0  # final logit soft-capping (0: none)
+    ffn_act: str = "silu"  # silu (SwiGLU) | gelu (GeGLU, tanh approximation)
 
     @property
     def n_layer(self) -> int:
@@ -114,6 +122,8 @@ class Layer:
     down: Linear
     q_norm: Tensor | None = None
     k_norm: Tensor | None = None
+    attn_post_norm: Tensor | None = None  # gemma3: on the attention's output, before the residual
+    ffn_post_norm: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -138,6 +148,20 @@ def _hparams(md: dict[str, Any], n_vocab: int, where: Path | str = "") -> Hparam
             raise UnsupportedArchitecture(f"GGUF lacks {name}")
         return v
 
+    def key(k: str, default: Any = None) -> Any:
+        return md.get(k.format(arch=arch.name), default)
+
+    n_swa = int(key(Keys.Attention.SLIDING_WINDOW, 0) or 0)
+    gemma = arch.name == "gemma3"
+    swa_layers: tuple[bool, ...] = ()
+    if gemma and n_swa > 0:
+        # llama.cpp's load_swa_pattern: a per-layer array, else every n-th layer global (6 by default)
+        pattern = key(Keys.Attention.SLIDING_WINDOW_PATTERN, 6)
+        if isinstance(pattern, (list, tuple)):
+            swa_layers = tuple(bool(x) for x in pattern)
+        else:
+            n = int(pattern)
+            swa_layers = tuple(n == 0 or i % n < n - 1 for i in range(g.n_layer))
     scaling = str(md.get(Keys.Rope.SCALING_TYPE.format(arch=arch.name), "none"))
     if scaling not in ("none", "linear"):
         raise UnsupportedArchitecture(f"RoPE scaling {scaling!r} is not supported by the torch forward")
@@ -149,7 +173,14 @@ def _hparams(md: dict[str, Any], n_vocab: int, where: Path | str = "") -> Hparam
         rope_freq_scale=1.0 / factor if scaling == "linear" and factor > 0 else 1.0,
         norm_eps=float(get(Keys.Attention.LAYERNORM_RMS_EPS)),
         n_vocab=n_vocab,
-        n_swa=int(md.get(Keys.Attention.SLIDING_WINDOW.format(arch=arch.name), 0) or 0),
+        n_swa=n_swa,
+        swa_layers=swa_layers,
+        rope_base_swa=float(key(Keys.Rope.FREQ_BASE_SWA, 10000.0)),
+        embd_scale=math.sqrt(g.n_embd) if gemma else 1.0,
+        # llama.cpp: 1/sqrt(n_embd / n_head) for Gemma 3 27B (62 layers), else 1/sqrt(head_dim)
+        attn_scale=(1.0 / math.sqrt(g.n_embd / g.n_head) if g.n_layer == 62 else None) if gemma else None,
+        softcap=float(key(Keys.LLM.FINAL_LOGIT_SOFTCAPPING, 0.0) or 0.0),
+        ffn_act="gelu" if gemma else "silu",
     )
 
 
@@ -218,6 +249,7 @@ def _layer(w: dict[str, Tensor], i: int, hp: Hparams) -> Layer:
         attn_norm=norm("attn_norm"), q=q, k=k, v=v, o=lin("attn_output"),
         ffn_norm=norm("ffn_norm"), gate=gate, up=up, down=lin("ffn_down"),
         q_norm=w.get(f"blk.{i}.attn_q_norm.weight"), k_norm=w.get(f"blk.{i}.attn_k_norm.weight"),
+        attn_post_norm=w.get(f"blk.{i}.post_attention_norm.weight"), ffn_post_norm=w.get(f"blk.{i}.post_ffw_norm.weight"),
     )
 
 
@@ -226,15 +258,19 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps) * weight
 
 
-def rope_angles(n_tokens: int, hp: Hparams, freq_factors: Tensor | None) -> tuple[Tensor, Tensor]:
+def rope_angles(n_tokens: int, hp: Hparams, freq_factors: Tensor | None, base: float | None = None,
+                freq_scale: float | None = None) -> tuple[Tensor, Tensor]:
     """cos/sin [tokens, n_rot/2] as ggml_rope_cache_init builds them: theta starts at the position
-    and is multiplied by powf(base, -2/n_rot) once per pair, in float32."""
-    scale = torch.tensor(math.pow(hp.rope_base, -2.0 / hp.n_rot), dtype=torch.float32)
+    and is multiplied by powf(base, -2/n_rot) once per pair, in float32. `base` and `freq_scale` override
+    the model's (a sliding-window layer's own)."""
+    base = hp.rope_base if base is None else base
+    freq_scale = hp.rope_freq_scale if freq_scale is None else freq_scale
+    scale = torch.tensor(math.pow(base, -2.0 / hp.n_rot), dtype=torch.float32)
     theta = torch.arange(n_tokens, dtype=torch.float32)
     cols = []
     for i in range(hp.n_rot // 2):
         t = theta / freq_factors[i] if freq_factors is not None else theta
-        cols.append(t * hp.rope_freq_scale)
+        cols.append(t * freq_scale)
         theta = theta * scale
     ang = torch.stack(cols, dim=-1)
     return torch.cos(ang), torch.sin(ang)
@@ -422,6 +458,8 @@ class TorchModel:
             k = rms_norm(k, ly.k_norm, hp.norm_eps)
         q = apply_rope(q, cos, sin, hp.n_rot, hp.arch.rope_neox)
         k = apply_rope(k, cos, sin, hp.n_rot, hp.arch.rope_neox).reshape(n, -1)
+        if hp.attn_scale is not None:  # the attention below scales by 1/sqrt(head_dim): carry the difference in Q
+            q = q * (hp.attn_scale * math.sqrt(hp.head_dim_k))
         if kv_transform is not None:
             k, v = kv_transform(i, "k", k), kv_transform(i, "v", v)
         k, v = k.view(n, hp.n_head_kv, hp.head_dim_k), v.view(n, hp.n_head_kv, hp.head_dim_v)
@@ -429,15 +467,35 @@ class TorchModel:
             att = packed_attention(q, k, v, hp.n_head_kv, packed.layout)
         else:
             att = causal_attention(q, k, v, hp.n_head_kv, packed.allowed if packed is not None else None)
-        return ly.o(att)
+        out = ly.o(att)
+        return rms_norm(out, ly.attn_post_norm, hp.norm_eps) if ly.attn_post_norm is not None else out
 
     def logits(self, hidden: Tensor) -> Tensor:
         """The output head over residual-stream rows after the last layer."""
-        return self.output(rms_norm(hidden, self.out_norm, self.hp.norm_eps))
+        out = self.output(rms_norm(hidden, self.out_norm, self.hp.norm_eps))
+        c = self.hp.softcap
+        return torch.tanh(out / c) * c if c else out
+
+    def embed(self, ids: Tensor) -> Tensor:
+        """The residual stream entering layer 0 (gemma3 scales the embeddings, in float32 as ggml does)."""
+        x = self.tok_embd[ids]
+        return x * torch.tensor(self.hp.embd_scale, dtype=x.dtype) if self.hp.embd_scale != 1.0 else x
 
     def _ffn(self, i: int, x: Tensor) -> Tensor:
         ly = self.layers[i]
-        return ly.down(torch.nn.functional.silu(ly.gate(x)) * ly.up(x))
+        gate = ly.gate(x)
+        act = (torch.nn.functional.gelu(gate, approximate="tanh") if self.hp.ffn_act == "gelu"
+               else torch.nn.functional.silu(gate))
+        out = ly.down(act * ly.up(x))
+        return rms_norm(out, ly.ffn_post_norm, self.hp.norm_eps) if ly.ffn_post_norm is not None else out
+
+    def _angles(self, n_tokens: int, pos: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Each layer's RoPE cos/sin at `pos`: sliding-window layers use their own base and no scaling."""
+        hp = self.hp
+        glob = rope_angles(n_tokens, hp, self.freq_factors)
+        local = rope_angles(n_tokens, hp, self.freq_factors, hp.rope_base_swa, 1.0) if any(hp.swa_layers) else None
+        per = [local if hp.swa_layers and hp.swa_layers[i] else glob for i in range(hp.n_layer)]
+        return [(c[pos], s[pos]) for c, s in per]
 
     def forward(
         self,
@@ -465,16 +523,16 @@ class TorchModel:
         if hp.n_swa and int(pos.max()) + 1 > hp.n_swa:
             raise UnsupportedArchitecture(f"a sequence of {int(pos.max()) + 1} tokens is longer than the model's "
                                           f"sliding window ({hp.n_swa}), which the torch forward does not model")
-        cos, sin = rope_angles(int(pos.max()) + 1, hp, self.freq_factors)
-        cos, sin = cos[pos], sin[pos]
+        angles = self._angles(int(pos.max()) + 1, pos)
         if start_layer and start_hidden is None:
             raise ValueError("start_layer needs start_hidden")
         # at layer 0, start_hidden stands for the embeddings (a leaf to differentiate from)
-        x = start_hidden if start_hidden is not None else self.tok_embd[ids]
+        x = start_hidden if start_hidden is not None else self.embed(ids)
         last = hp.n_layer - 1 if stop_layer is None else stop_layer
         hidden = []
         for i in range(start_layer, last + 1):
             ly = self.layers[i]
+            cos, sin = angles[i]
             x = x + self._attention(i, rms_norm(x, ly.attn_norm, hp.norm_eps), cos, sin, kv_transform, packed)
             x = x + self._ffn(i, rms_norm(x, ly.ffn_norm, hp.norm_eps))
             hidden.append(x)
