@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import runpy
+import signal
 import sqlite3
 import sys
 import threading
@@ -37,6 +38,10 @@ def held(store_path: Path, tables: tuple[str, ...]) -> int:
 
 
 def main() -> None:
+    # Ctrl-C as a terminal delivers it, whoever started pytest: a shell running it in the background (`cmd &`
+    # without job control) ignores SIGINT, this child inherits that, and Python then installs no
+    # KeyboardInterrupt handler, so a test's SIGINT would be lost
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     spec, flag, args = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
     kind, _, rest = spec.partition("=")
     count, _, names = rest.partition(":")

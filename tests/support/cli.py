@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -66,11 +65,4 @@ def start_with_barrier(barrier: Barrier, *args: str, **popen: object) -> subproc
     signals it: so the test chooses the moment, and a fast machine cannot finish the audit first."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH")) if p)}
     return subprocess.Popen([sys.executable, "-c", "from support.barrier import main; main()", barrier.spec,
-                             str(barrier.flag), *args], env=env, preexec_fn=_sigint_default, **popen)
-
-
-def _sigint_default() -> None:
-    """Ctrl-C as a terminal delivers it, whoever started pytest: a shell running it in the background
-    (`cmd &` without job control) ignores SIGINT, the child inherits that, and Python then installs no
-    KeyboardInterrupt handler, so a test's SIGINT would be lost."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+                             str(barrier.flag), *args], env=env, **popen)
