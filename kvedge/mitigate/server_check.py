@@ -15,13 +15,13 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import ServerError
-from ..gguf.model import inspect_model
+from ..gguf.model import ModelInfo, inspect_model
 from ..results.deploy import DeploymentDoc
 from ..results.verify import SERVER_CHECK_SCHEMA, ServerCheck, ServerCheckRow
 from ..server.flavors import Setting
 from ..server.probe import ServerInfo, check_model, probe
 from ..server.spec import parse_server
-from .preconditions import preconditions
+from .preconditions import preconditions, quantized
 
 # the deployment's runtime each server kind is (an OpenAI-compatible server of unknown make: all of them)
 RUNTIME_OF_KIND = {"llama-server": "llama-server", "llama-cpp-python": "llama-cpp-python", "ollama": "ollama"}
@@ -37,8 +37,7 @@ def _row(item: str, deployed: object, seen: Setting, ok: bool | None = None) -> 
     return ServerCheckRow(item, str(deployed), str(seen.value), seen.source, "ok" if good else "violated")
 
 
-def _model_row(info: ServerInfo, dep: DeploymentDoc, root: Path) -> tuple[ServerCheckRow, ServerInfo]:
-    model = inspect_model(dep.model.resolve(root))
+def _model_row(info: ServerInfo, dep: DeploymentDoc, model: ModelInfo, root: Path) -> tuple[ServerCheckRow, ServerInfo]:
     adapter = dep.adapter.resolve(root) if dep.adapter else None
     try:
         info = check_model(info, model, adapter)
@@ -52,7 +51,8 @@ def _model_row(info: ServerInfo, dep: DeploymentDoc, root: Path) -> tuple[Server
 def evaluate(info: ServerInfo, dep: DeploymentDoc, root: Path) -> list[ServerCheckRow]:
     """Every row: the model (and adapter), the context, the cache settings, then each precondition."""
     L = dep.launch
-    model_row, info = _model_row(info, dep, root)
+    model = inspect_model(dep.model.resolve(root))  # read (and hashed) once: the model check and the preconditions
+    model_row, info = _model_row(info, dep, model, root)
     s = info.settings
     rows = [model_row,
             _row("adapter", Path(dep.adapter.path).name if dep.adapter else "none", s["adapter"]),
@@ -60,9 +60,9 @@ def evaluate(info: ServerInfo, dep: DeploymentDoc, root: Path) -> list[ServerChe
             _row("n_ctx", L.n_ctx, s["n_ctx"], ok=isinstance(s["n_ctx"].value, int) and s["n_ctx"].value >= L.n_ctx),
             _row("type_k", L.type_k, s["type_k"]), _row("type_v", L.type_v, s["type_v"]),
             _row("flash_attn", L.flash_attn, s["flash_attn"])]
-    if L.type_k != "f16" or L.type_v != "f16":
+    if quantized(L):
         rows.append(_row("rotation", L.rotation, s["rotation"]))
-    pre = dep.preconditions or [p.to_dict() for p in preconditions(L, inspect_model(dep.model.resolve(root)))]
+    pre = dep.preconditions or [p.to_dict() for p in preconditions(L, model)]
     runtime = RUNTIME_OF_KIND.get(info.kind)
     for p in pre:
         if p["id"] in ("flash-attention", "rotation") or (runtime and runtime not in p["runtimes"]):

@@ -92,17 +92,9 @@ def test_kvedge_pcr_runs_and_meets_its_own_fidelity_targets(synthetic, tmp_path)
 
 
 def test_an_unverified_architecture_is_refused_by_name(tmp_path):
-    import gguf
+    from support.fakes import write_tiny_gguf
 
-    w = gguf.GGUFWriter(str(tmp_path / "g.gguf"), "falcon")
-    for add, value in ((w.add_block_count, 2), (w.add_context_length, 512), (w.add_embedding_length, 64),
-                       (w.add_head_count, 2), (w.add_head_count_kv, 1)):
-        add(value)
-    w.add_tensor("token_embd.weight", np.zeros((32, 64), dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_tiny_gguf(tmp_path / "g.gguf", arch="falcon")
     proc = run_cli("pcr", str(tmp_path / "g.gguf"), "--out", str(tmp_path / "out"), "-q")
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     assert "no torch forward for architecture 'falcon'" in proc.stderr and "gemma3" in proc.stderr

@@ -151,12 +151,14 @@ TINY_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% e
                  "{% if add_generation_prompt %}<assistant>{% endif %}")
 
 
-def write_tiny_gguf(path: Path, template: str = TINY_TEMPLATE) -> Path:
-    """A small, valid GGUF that describes a llama model (no real weights) with `template` as its chat
-    template: enough for kvedge to inspect, hash and key an audit whose runtime is fake."""
+def write_tiny_gguf(path: Path, template: str = TINY_TEMPLATE, arch: str = "llama",
+                    extra_uint32: dict[str, int] | None = None) -> Path:
+    """A small, valid GGUF that describes an `arch` model (no real weights) with `template` as its chat
+    template and `extra_uint32` metadata: enough for kvedge to inspect, hash and key an audit whose runtime
+    is fake, or to refuse the architecture."""
     import gguf
 
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_name("tiny-fake")
     w.add_block_count(2)
     w.add_context_length(512)
@@ -164,6 +166,8 @@ def write_tiny_gguf(path: Path, template: str = TINY_TEMPLATE) -> Path:
     w.add_head_count(2)
     w.add_head_count_kv(1)
     w.add_chat_template(template)
+    for key, value in (extra_uint32 or {}).items():
+        w.add_uint32(key, value)
     w.add_tensor("token_embd.weight", np.zeros((VOCAB, 64), dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()

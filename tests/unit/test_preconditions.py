@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 
 from kvedge.errors import DeploymentError, KVTypeError
@@ -17,33 +16,14 @@ from kvedge.mitigate.deploy import MODELFILE, OLLAMA_ENV, PYTHON_FILE, render_al
 from kvedge.mitigate.preconditions import preconditions, refusal
 from kvedge.mitigate.verify import check_runnable
 from kvedge.results.deploy import Deployment, FileRef, Launch
-from support.fakes import VOCAB, write_tiny_gguf
-
-
-def _mla_gguf(path):
-    """A tiny GGUF that llama.cpp would run with MLA attention: deepseek2 with both MLA head lengths."""
-    import gguf
-
-    w = gguf.GGUFWriter(str(path), "deepseek2")
-    w.add_name("tiny-mla")
-    w.add_block_count(2)
-    w.add_context_length(512)
-    w.add_embedding_length(64)
-    w.add_head_count(2)
-    w.add_head_count_kv(1)
-    w.add_uint32("deepseek2.attention.key_length_mla", 64)
-    w.add_uint32("deepseek2.attention.value_length_mla", 64)
-    w.add_tensor("token_embd.weight", np.zeros((VOCAB, 64), dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+from support.fakes import write_tiny_gguf
 
 
 @pytest.fixture
 def mla(tmp_path):
-    return inspect_model(_mla_gguf(tmp_path / "mla.gguf"))
+    # llama.cpp runs deepseek2 with MLA attention when both MLA head lengths are in the metadata
+    mla_keys = {"deepseek2.attention.key_length_mla": 64, "deepseek2.attention.value_length_mla": 64}
+    return inspect_model(write_tiny_gguf(tmp_path / "mla.gguf", arch="deepseek2", extra_uint32=mla_keys))
 
 
 @pytest.fixture
