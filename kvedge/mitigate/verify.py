@@ -119,6 +119,16 @@ def margin_recovery(ref: list[float | None], mitigated: list[float | None],
     return bootstrap([[r for r, _, _ in rows], [m for _, m, _ in rows], [u for _, _, u in rows]], stat)
 
 
+def deployment_gate(dep_row: VerifyRow, label: str) -> Gate:
+    """Only `equivalent` passes. A deployment that is the f16 cache itself (export could show no quantized
+    candidate equivalent) is the reference: equivalent by construction, so it passes, saying it saves nothing."""
+    if dep_row.verdict is None:
+        return Gate("equivalent", True,
+                    f"{label}: the deployment is the f16 cache itself (the reference), which export recommended "
+                    "because no quantized candidate was shown equivalent: safe by construction, no KV memory saved")
+    return Gate(dep_row.verdict.verdict, dep_row.verdict.verdict == "equivalent", dep_row.verdict.line)
+
+
 def run_verify(spec: VerifySpec, log: Log, progress: bool = True) -> VerifyReport:
     doc = spec.doc
     root = spec.folder
@@ -217,12 +227,6 @@ def run_verify(spec: VerifySpec, log: Log, progress: bool = True) -> VerifyRepor
                                                                [unmit_v[i] for i in ids]),
                              n_mit, n_unmit, len(ids), margin_rec(True), margin_rec(False), bpt * L.n_ctx,
                              ubpt * L.n_ctx, bpt / ubpt - 1)
-    dep_row = mitigations["deployment"][0]
-    verdict = dep_row.verdict.verdict if dep_row.verdict else "the f16 cache (the reference)"
-    passed = dep_row.verdict is not None and dep_row.verdict.verdict == "equivalent"
-    line = (dep_row.verdict.line if dep_row.verdict else
-            f"{label}: the deployment is the f16 cache itself, which export recommended because no candidate was "
-            "shown equivalent; there is no quantized configuration to verify")
     d = doc.decision
     return VerifyReport(
         schema=SCHEMA,
@@ -241,7 +245,7 @@ def run_verify(spec: VerifySpec, log: Log, progress: bool = True) -> VerifyRepor
         recovery=rec,
         choice={"chosen_on_calib": d.chosen, "qualified_on_calib": d.qualified, "stopped_at": d.stopped_at,
                 "prescription": presc["label"], "prescription_was_chosen": presc["was_chosen"]},
-        gate=Gate(verdict, passed, line),
+        gate=deployment_gate(mitigations["deployment"][0], label),
         audits={name: {"store": str(spec.out / name / "kvedge.sqlite"),
                        "runs": [{"label": r.label, "key": r.key} for r in rep.runs]}
                 for name, rep in reports.items()},
