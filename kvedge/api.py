@@ -134,7 +134,9 @@ def audit(
     info = load_model(model)
     adapter = _adapter_for(info, model, lora, canary)
     configs = list(dict.fromkeys(c.resolve(info) for c in configs))  # resolve checks each fits the model
-    if per_layer:
+    if info.k_transform and not per_layer:
+        native.check_available(f"{info.path.name} carries kvedge's K transform, which needs")
+    if per_layer or info.k_transform:
         native.require_native()  # every config of this audit, the f16 reference too, runs on the native build
     spec = AuditSpec(
         model=info,
@@ -356,10 +358,12 @@ def doctor(
     return diagnose(info, adapter, options, Path(runs_dir))
 
 
-def build_native(backend: str = "cpu", force: bool = False, dry_run: bool = False, jobs: int | None = None) -> int:
+def build_native(backend: str = "cpu", force: bool = False, dry_run: bool = False, jobs: int | None = None,
+                 server: bool = False) -> int:
     """Build kvedge's native llama.cpp for `backend` (cpu, cuda, metal) with native/build.sh into the
-    per-user cache; returns the script's exit status. Per-layer KV configs need it."""
-    return native.build(backend, force=force, dry_run=dry_run, jobs=jobs)
+    per-user cache (with `server`, llama-server from the same patched tree too); returns the script's exit
+    status. Per-layer KV configs and the K transform need it."""
+    return native.build(backend, force=force, dry_run=dry_run, jobs=jobs, server=server)
 
 
 SMOOTH_MODES = ("auto", "force", "only", "off")
@@ -376,6 +380,7 @@ def export(
     ctx: int = defaults.CTX,
     threads: int | None = None,
     smooth: str = defaults.SMOOTH,
+    transform: str = defaults.TRANSFORM,
     work: str | Path | None = None,
     canary: bool = True,
     progress: bool = True,
@@ -401,6 +406,10 @@ def export(
     _check_delta(delta)
     if smooth not in SMOOTH_MODES:
         raise KvedgeError(f"--smooth must be one of {', '.join(SMOOTH_MODES)}, not {smooth!r}")
+    from .mitigate import ktransform
+
+    if transform not in ktransform.MODES:
+        raise KvedgeError(f"--transform must be one of {', '.join(ktransform.MODES)}, not {transform!r}")
     if out is None:
         raise KvedgeError("--out DIR is required: the deployment folder to write")
     _check_counts(limit=limit, max_tokens=max_tokens)
@@ -414,7 +423,15 @@ def export(
     info = load_model(model)
     check_architecture(info.architecture)
     config = config.resolve(info)  # checks it fits the model
-    if config.per_layer:
+    if transform == "only":
+        if smooth == "only":
+            raise KvedgeError("--smooth only and --transform only each make their candidate the only one: choose one")
+        why = ktransform.unavailable(info)
+        if why:
+            raise ExportError(f"--transform only: the K transform cannot be a candidate: {why}")
+    if config.per_layer or transform == "only" or (transform == "auto" and smooth != "only"
+                                                   and ktransform.unavailable(info) is None):
+        # the K transform runs on the native build only: every measurement of this export runs there
         native.require_native()
     adapter = _adapter_for(info, model, lora, canary)
     from .mitigate.smooth import UNSMOOTHABLE
@@ -429,6 +446,7 @@ def export(
         model=info, adapter=adapter, kv=config, rotation=rotations[0], out=out, delta=delta,
         work=Path(work) if work else defaults.RUNS_DIR / stem / f"export-{config.name.replace('/', '_')}-rot-{rotation}",
         limit=limit, max_tokens=max_tokens, options=RuntimeOptions(n_ctx=ctx, n_threads=threads), smooth=smooth,
+        transform=transform,
     )
     return run_export(spec, log or (lambda m: None), progress)
 
@@ -453,6 +471,9 @@ def verify(
     _check_counts(limit=limit, max_tokens=max_tokens, threads=threads)
     folder = Path(deployment)
     doc = load_deployment(folder)
+    if doc.deployment.launch.k_transform:
+        native.check_available("a deployment with kvedge's K transform needs")
+        native.require_native()  # the original's audits too: one library for the whole comparison
     out_dir = Path(out) if out else folder / "verify"
     spec = VerifySpec(folder, doc, out_dir, limit, max_tokens or doc.evidence["calib"]["max_tokens"],
                       RuntimeOptions(n_threads=threads), delta)

@@ -31,3 +31,4 @@ SWEEP_BITS = "2-8"
 EXPORT_KV = "q4_0"
 EXPORT_ROTATION = "on"  # current llama.cpp rotates quantized caches
 SMOOTH = "auto"
+TRANSFORM = "auto"  # export's K-transform candidate: auto | off

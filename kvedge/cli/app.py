@@ -17,6 +17,7 @@ from .options import (
     Batch,
     Benchmarks,
     Bits,
+    BuildServer,
     CalibLimit,
     CompareOut,
     Ctx,
@@ -65,6 +66,7 @@ from .options import (
     System,
     Threads,
     TorchModel,
+    Transform,
     UseNative,
     VerifyOut,
     VerifyServer,
@@ -285,11 +287,13 @@ def build_native(
     force: Force = False,
     dry_run: DryRun = False,
     jobs: Jobs = None,
+    server: BuildServer = False,
 ) -> None:
-    """Build kvedge's native llama.cpp (per-layer KV cache types) from the llama-cpp-python sdist, once per user."""
+    """Build kvedge's native llama.cpp (per-layer KV cache types, the K transform) from the llama-cpp-python sdist,
+    once per user."""
     from ..api import build_native as run
 
-    code = run(backend, force=force, dry_run=dry_run, jobs=jobs)
+    code = run(backend, force=force, dry_run=dry_run, jobs=jobs, server=server)
     if code:
         raise typer.Exit(code)
 
@@ -307,6 +311,7 @@ def export(
     ctx: Ctx = defaults.CTX,
     threads: Threads = None,
     smooth: Smooth = defaults.SMOOTH,
+    transform: Transform = defaults.TRANSFORM,
     work: Work = None,
     no_canary: NoCanary = False,
     delta: Delta = None,
@@ -318,8 +323,8 @@ def export(
     from ..report.mitigate import export_lines
 
     result = run(model=model, lora=lora, kv=kv, rotation=rotation, out=out, limit=limit, max_tokens=max_tokens,
-                 ctx=ctx, threads=threads, smooth=smooth, work=work, canary=not no_canary, progress=not quiet,
-                 log=_log(quiet), delta=delta)
+                 ctx=ctx, threads=threads, smooth=smooth, transform=transform, work=work, canary=not no_canary,
+                 progress=not quiet, log=_log(quiet), delta=delta)
     for line in export_lines(result.deploy, result.out):
         typer.echo(line)
 

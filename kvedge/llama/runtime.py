@@ -204,8 +204,9 @@ class Runtime(Vocabulary):
         options: RuntimeOptions = RuntimeOptions(),
         lora_path: Path | None = None,
     ):
-        if kv.per_layer:
-            native.require_native()  # before llama_cpp is imported: the stock library would ignore the map
+        if kv.per_layer or model.k_transform:
+            # before llama_cpp is imported: the stock library would ignore the map, and the K transform
+            native.require_native()
         import llama_cpp
         from llama_cpp._internals import LlamaContext, LlamaModel
         from llama_cpp._logger import set_verbose

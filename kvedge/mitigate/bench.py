@@ -1,7 +1,8 @@
 """Export's measurements: candidates audited on the calib split through the audit pipeline, each judged
 against the original model's f16 by the one verdict function. The original model's f16 reference and
-noise run are computed once and shared by every candidate on it (one audit store); a smoothed model is
-audited in a store of its own and judged against the original's f16 across the two reports."""
+noise run are computed once and shared by every candidate on it (one audit store); a model file export
+writes (smoothed, or carrying the K transform) is audited in a store of its own and judged against the
+original's f16 across the two reports."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from .measure import audit_configs
 
 @dataclass
 class CalibBench:
-    """`model`/`adapter`: the original files; `smoothed`: the smoothed model and adapter (when built)."""
+    """`model`/`adapter`: the original files; `modified`: per candidate kind that runs a file export wrote
+    (smoothed, k-transform), that model and adapter (when built)."""
 
     model: Path
     adapter: Path | None
@@ -32,7 +34,7 @@ class CalibBench:
     work: Path
     delta: float | None  # --delta; None: from the calib noise run
     progress: bool = True
-    smoothed: tuple[Path, Path | None] | None = None
+    modified: dict[str, tuple[Path, Path | None]] = field(default_factory=dict)
     measured: dict[Candidate, Measured] = field(default_factory=dict)
     reports: dict[str, AuditReport] = field(default_factory=dict)
 
@@ -40,9 +42,9 @@ class CalibBench:
     def orig_dir(self) -> Path:
         return self.work / "calib"
 
-    @property
-    def smooth_dir(self) -> Path:
-        return self.work / "calib-smoothed"
+    def store_dir(self, audit: str) -> Path:
+        """The audit store of `audit`: original, smoothed or k-transform."""
+        return self.orig_dir if audit == "original" else self.work / f"calib-{audit}"
 
     def _audit(self, model: Path, adapter: Path | None, kvs: list[KVConfig], noise: str | None,
                out: Path) -> AuditReport:
@@ -63,11 +65,11 @@ class CalibBench:
     def measure(self, c: Candidate, unmitigated: KVConfig) -> Measured:
         if c in self.measured:
             return self.measured[c]
-        orig = self.original([unmitigated] if c.smoothed else [c.kv])
-        if c.smoothed:
-            model, adapter = self.smoothed
-            rep = self._audit(model, adapter, [c.kv], None, self.smooth_dir)
-            self.reports["smoothed"] = rep
+        orig = self.original([unmitigated] if c.modified else [c.kv])
+        if c.modified:
+            model, adapter = self.modified[c.kind]
+            rep = self._audit(model, adapter, [c.kv], None, self.store_dir(c.kind))
+            self.reports[c.kind] = rep
         else:
             rep = orig
         entry = run_entry(rep, c.kv, c.rotation)
@@ -76,13 +78,13 @@ class CalibBench:
         groups = {h: [p.id for p in orig.prompts if p.harmful is h] for h in (True, False)}
         fh, fb = (flips([ref[i] for i in groups[h]], [run[i] for i in groups[h]]) for h in (True, False))
         self.measured[c] = Measured(verdict, FlipCounts(fh.n, fh.lost, fh.gained), FlipCounts(fb.n, fb.lost, fb.gained),
-                                    "smoothed" if c.smoothed else "original", entry.key, entry.label, entry.kld,
+                                    c.kind if c.modified else "original", entry.key, entry.label, entry.kld,
                                     entry.ppl_ratio)
         return self.measured[c]
 
     def final_reports(self) -> dict[str, AuditReport]:
         """The original model's audit over every measured config (from the store: no new generation)."""
-        self.original([c.kv for c in self.measured if not c.smoothed])
+        self.original([c.kv for c in self.measured if not c.modified])
         return self.reports
 
 

@@ -11,7 +11,17 @@ Kinds:
 - `kv`: a K/V cache type pair on the original model (llama.cpp's `--cache-type-k/-v`);
 - `smoothed`: the channel-smoothed model (and adapter) at the requested types;
 - `per-layer`: a per-layer map of cache types (a `KVConfig` with overrides), which only kvedge's native
-  llama.cpp build can run; sources of such candidates register in `PER_LAYER_SOURCES`.
+  llama.cpp build can run; sources of such candidates register in `PER_LAYER_SOURCES`;
+- `k-transform`: the original model carrying kvedge's K transform (centring and/or per-channel scales of K
+  after RoPE, in GGUF metadata) at the requested types, which only kvedge's native llama.cpp applies.
+
+Where the K transform goes: right after the widest rung, in place of the intermediate rungs. It costs no KV
+bytes over the unmitigated config, so when it is shown equivalent it beats every intermediate rung, and when it
+is not the sequence stops there (the widest rung, when shown equivalent, is deployed): either way no
+intermediate rung would be tested after it, so they leave the sequence, and only candidates of no more bytes
+follow it (the others at the unmitigated config's bytes, then the unmitigated config). Placed by bytes, it
+would come after every intermediate rung, and one inconclusive rung (a 1.16x cache that recovers most of the
+damage) would keep it from ever being tested. The order is fixed here, before any measurement.
 
 Pruned by PCR's evidence: only the cache PCR names as the carrier gets more bits (K alone, V alone, or
 both stepping up together), so a carrier-K diagnosis at q4_0 considers K at q8_0, q5_1, q5_0, q4_1,
@@ -33,9 +43,13 @@ from ..llama.runtime import F16, KVConfig
 LADDER_TYPES: tuple[str, ...] = kvtypes.QUANTIZED
 
 
+MODIFIED = ("smoothed", "k-transform")  # kinds that run a model file export writes
+SUFFIX = {"smoothed": " smoothed", "k-transform": " k-transform"}
+
+
 @dataclass(frozen=True)
 class Candidate:
-    kind: str  # "kv" | "smoothed" | "per-layer"
+    kind: str  # "kv" | "smoothed" | "per-layer" | "k-transform"
     kv: KVConfig  # the cache types (a per-layer map for kind "per-layer")
     rotation: bool
 
@@ -44,9 +58,18 @@ class Candidate:
         return self.kind == "smoothed"
 
     @property
+    def transformed(self) -> bool:
+        return self.kind == "k-transform"
+
+    @property
+    def modified(self) -> bool:
+        """Runs a model file export writes (smoothed weights, or the K transform's metadata), not the original."""
+        return self.kind in MODIFIED
+
+    @property
     def label(self) -> str:
         cfg = self.kv.name if not self.kv.quantized else f"{self.kv.name} rot={'on' if self.rotation else 'off'}"
-        return cfg + (" smoothed" if self.smoothed else "")
+        return cfg + SUFFIX.get(self.kind, "")
 
     def bytes_per_token(self, model: ModelInfo) -> int:
         return self.kv.bytes_per_token(model)
@@ -87,9 +110,10 @@ def _rank(t: str) -> int:
 
 
 def sequence(model: ModelInfo, base: KVConfig, rotation: bool, carrier: str, smoothed: bool,
-             verdict: dict) -> list[Candidate]:
-    """Every candidate, in the order export tests them: most KV bytes first. The unmitigated config is last.
-    A model with MLA attention takes one type for K and V, so its ladder widens both together."""
+             verdict: dict, transformed: bool = False) -> list[Candidate]:
+    """Every candidate, in the order export tests them: most KV bytes first, the K transform right after the
+    widest rung (see above). The unmitigated config is last. A model with MLA attention takes one type for K
+    and V, so its ladder widens both together."""
     if model.mla:
         carrier = "both"
     out = [Candidate("kv", kv, rotation) for kv in kv_ladder(base, carrier) if kv != base]
@@ -106,7 +130,14 @@ def sequence(model: ModelInfo, base: KVConfig, rotation: bool, carrier: str, smo
         return (-c.bytes_per_token(model), c == unmitigated, c.smoothed, _rank(c.kv.type_k), _rank(c.kv.type_v),
                 c.label)
 
-    return sorted(dict.fromkeys([*out, unmitigated]), key=order)
+    ordered = sorted(dict.fromkeys([*out, unmitigated]), key=order)
+    if transformed:
+        kt = Candidate("k-transform", base, rotation)
+        widest = ordered[:1] if ordered[0].bytes_per_token(model) > kt.bytes_per_token(model) else []
+        # after the transform only candidates of no more bytes: "the last shown equivalent" must be the cheapest
+        rest = [c for c in ordered if c not in widest and c.bytes_per_token(model) <= kt.bytes_per_token(model)]
+        ordered = [*widest, kt, *rest]
+    return ordered
 
 
 def prescription(verdict: dict, base: KVConfig, rotation: bool, smoothed: bool) -> Candidate:

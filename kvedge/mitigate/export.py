@@ -2,6 +2,7 @@
 split in one fixed order from the safest down, and write the deployment folder.
 
     diagnose (PCR, cached) -> smoothing (simulation, then the patched files, cached)
+    -> K transform (simulation, then the model file carrying it, cached; native build only)
     -> candidates in sequence, each audited on calib and judged by the one verdict function; stop at the
        first not shown equivalent -> deploy the last that was (none: the f16 cache)
     -> deploy.json and each runtime's files, all or nothing
@@ -43,6 +44,7 @@ from .preconditions import preconditions, quantized, refusal, rotation_requireme
 from .diagnose import TorchSide, diagnose, smoothing_choice
 from .smooth import UNSMOOTHABLE
 from .smoothing import Patched, build_patched
+from . import ktransform
 
 Log = Callable[[str], None]
 
@@ -60,6 +62,7 @@ class ExportSpec:
     options: RuntimeOptions = field(default_factory=RuntimeOptions)
     smooth: str = defaults.SMOOTH  # auto | force | off
     delta: float | None = None  # the equivalence margin (--delta); None: from the calib noise run
+    transform: str = "auto"  # auto | only | off: the K-transform candidate (kvedge.mitigate.ktransform)
 
     @property
     def adapter_sha(self) -> str | None:
@@ -115,9 +118,21 @@ def run_export(spec: ExportSpec, log: Log, progress: bool = True) -> ExportResul
         choice = smoothing_choice(spec, torch_, verdict, evidence_layers, log, rot_entry.evidence.population)
         log(f"smoothing: {choice.reason}")
     smoothed = choice is not None and choice.chosen is not None
-    order = cands.sequence(spec.model, spec.kv, spec.rotation, verdict.carrier, smoothed, verdict.to_dict())
+    kt_choice = None
+    if spec.transform == "only" or (spec.transform == "auto" and spec.smooth != "only"):
+        why_not = ktransform.unavailable(spec.model)
+        if why_not:
+            log(f"K transform: not a candidate: {why_not}")
+        else:
+            kt_choice = ktransform.choice(spec, torch_, log)
+            log(f"K transform: {kt_choice.reason}")
+    transformed = kt_choice is not None and kt_choice.chosen is not None
+    order = cands.sequence(spec.model, spec.kv, spec.rotation, verdict.carrier, smoothed, verdict.to_dict(),
+                           transformed)
     if spec.smooth == "only":
         order = [c for c in order if c.smoothed]
+    if spec.transform == "only":
+        order = [c for c in order if c.transformed]
     run = Run(order, cands.Candidate("kv", spec.kv, spec.rotation),
               cands.prescription(verdict.to_dict(), spec.kv, spec.rotation, smoothed))
     bench = CalibBench(spec.model.path, spec.adapter, spec.rotation, spec.limit, spec.max_tokens,
@@ -128,7 +143,15 @@ def run_export(spec: ExportSpec, log: Log, progress: bool = True) -> ExportResul
     log(f"calib split: testing {len(run.order)} candidates from the safest down, stopping at the first not shown "
         f"equivalent (+-{bench.equivalence_delta:.2f} nats)")
     patched: Patched | None = None
+    built: ktransform.Transformed | None = None
     for c in run.order:
+        if c.transformed:
+            built = ktransform.build(spec, torch_, kt_choice, log)
+            if not built.passed:
+                run.skipped[c] = "the transformed model failed its self-check: " + built.info["self_check_summary"]
+                log(run.skipped[c])
+                continue
+            bench.modified[c.kind] = (built.model, spec.adapter)
         if c.smoothed:
             # built when the sequence reaches it: a sequence that stops earlier never pays for it
             patched = build_patched(spec, torch_, choice, log)
@@ -136,14 +159,15 @@ def run_export(spec: ExportSpec, log: Log, progress: bool = True) -> ExportResul
                 run.skipped[c] = "the smoothed model failed its self-check: " + patched.info["self_check_summary"]
                 log(run.skipped[c])
                 continue
-            bench.smoothed = (patched.model, patched.adapter)
+            bench.modified[c.kind] = (patched.model, patched.adapter)
         m = bench.measure(c, spec.kv)
         log(f"  {m.verdict.line}")
         if not m.equivalent:
             run.stopped_at = c
             break
         run.chosen = c
-    doc, files = _document(spec, rot_entry, pcr.fidelity, evidence_layers, choice, patched, run, bench)
+    doc, files = _document(spec, rot_entry, pcr.fidelity, evidence_layers, choice, patched, run, bench, kt_choice,
+                           built)
     doc, written = write_deployment(spec.out, files, doc)
     return ExportResult(doc, spec.out, tuple(written))
 
@@ -152,10 +176,15 @@ def _file_ref(path: Path, sha: str, size: int) -> FileRef:
     return FileRef(str(path.resolve()), sha, size)
 
 
-def _deployment(spec: ExportSpec, final: cands.Candidate, patched: Patched | None) -> tuple[Launch, FileRef, FileRef | None, dict[str, Path]]:
-    """What to run, and the smoothed files to copy when they are it."""
+def _deployment(spec: ExportSpec, final: cands.Candidate, patched: Patched | None,
+                built: ktransform.Transformed | None) -> tuple[Launch, FileRef, FileRef | None, dict[str, Path]]:
+    """What to run, and the files export wrote to copy when they are it."""
     m = spec.model
-    if not final.smoothed:
+    if final.transformed:
+        model = FileRef(built.model.name, built.info["model_sha256"], built.info["model_bytes"])
+        adapter = _file_ref(spec.adapter, spec.adapter_sha, spec.adapter.stat().st_size) if spec.adapter else None
+        files = {built.model.name: built.model}
+    elif not final.smoothed:
         adapter = _file_ref(spec.adapter, spec.adapter_sha, spec.adapter.stat().st_size) if spec.adapter else None
         model = _file_ref(m.path, m.sha256, m.size_bytes)
         files: dict[str, Path] = {}
@@ -166,7 +195,7 @@ def _deployment(spec: ExportSpec, final: cands.Candidate, patched: Patched | Non
         files = {patched.model.name: patched.model} | ({patched.adapter.name: patched.adapter} if patched.adapter else {})
     lt = final.layer_types(m)
     launch = Launch(final.kv.type_k, final.kv.type_v, final.rotation, spec.options.n_ctx, True,
-                    tuple((a, b) for a, b in lt) if lt else None)
+                    tuple((a, b) for a, b in lt) if lt else None, k_transform=final.transformed)
     return launch, model, adapter, files
 
 
@@ -198,11 +227,12 @@ def _reason(run: Run, stopped: Measured | None) -> str:
 
 
 def _document(spec: ExportSpec, rot_entry: RotationResult, fidelity: Fidelity, evidence_layers: list[int], choice,
-              patched: Patched | None, run: Run, bench: CalibBench) -> tuple[DeployDocument, dict[str, bytes | Path]]:
+              patched: Patched | None, run: Run, bench: CalibBench, kt_choice=None,
+              built: ktransform.Transformed | None = None) -> tuple[DeployDocument, dict[str, bytes | Path]]:
     """deploy.json and the files beside it."""
     m = spec.model
     final = run.final
-    launch, model_ref, adapter_ref, files = _deployment(spec, final, patched)
+    launch, model_ref, adapter_ref, files = _deployment(spec, final, patched, built)
     why = refusal(launch, m)
     if why:  # the candidates never break these rules; a guard, so no folder ever states one that does
         raise ExportError(f"refusing to write a deployment no runtime can run as verified: {why}")
@@ -223,7 +253,7 @@ def _document(spec: ExportSpec, rot_entry: RotationResult, fidelity: Fidelity, e
     for which, rep in bench.final_reports().items():
         files[f"evidence/calib-{which}.json"] = (json.dumps(rep.to_dict(), indent=2) + "\n").encode("utf-8")
         audits[which] = {"report": f"evidence/calib-{which}.json",
-                         "store": str((bench.orig_dir if which == "original" else bench.smooth_dir) / "kvedge.sqlite"),
+                         "store": str(bench.store_dir(which) / "kvedge.sqlite"),
                          "runs": [{"label": r.label, "key": r.key} for r in rep.runs]}
     orig = bench.reports["original"]
     bpt, at_ctx, mib = bytes_of(final)
@@ -252,6 +282,7 @@ def _document(spec: ExportSpec, rot_entry: RotationResult, fidelity: Fidelity, e
             candidates=_candidate_docs(spec, run, bench),
         ),
         smoothing=_smoothing_doc(choice, patched),
+        k_transform=_transform_doc(kt_choice, built),
         evidence={
             "pcr": {"report": "evidence/pcr.json", "verdict": rot_entry.verdict.to_dict(),
                     "evidence_layers": evidence_layers, "damage": rot_entry.all_layers.k_and_v.damage.to_dict(),
@@ -289,6 +320,17 @@ def _smoothing_doc(choice, patched: Patched | None) -> dict | None:
     out = {"simulation": choice.to_dict()}
     if patched is not None:
         out |= {"patch": patched.info["patch"], "self_check": patched.info["self_check"]}
+    return out
+
+
+def _transform_doc(kt_choice, built: ktransform.Transformed | None) -> dict | None:
+    if kt_choice is None:
+        return None
+    # the fitted arrays are in the model file's metadata; deploy.json keeps the table and the choice
+    out = {"simulation": {k: v for k, v in kt_choice.to_dict().items() if k != "transform"}}
+    if built is not None:
+        out |= {"file": {"model_sha256": built.info["model_sha256"], "model_bytes": built.info["model_bytes"]},
+                "self_check": built.info["self_check"]}
     return out
 
 

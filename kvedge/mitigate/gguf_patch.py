@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES
@@ -133,10 +133,12 @@ def _padded(n: int, align: int) -> int:
 
 
 
-def patch_gguf(src: Path, dst: Path, scales: list[TensorScale], provenance: Mapping[str, str]) -> PatchReport:
+def patch_gguf(src: Path, dst: Path, scales: list[TensorScale], provenance: Mapping[str, str],
+               extra: Mapping[str, tuple[Any, Any, Any]] | None = None) -> PatchReport:
     """Write `src` with `scales` applied to `dst` (atomically, after a free-space check). Every other tensor
     is copied byte for byte, every metadata key carried, `provenance` added (its keys replace any of the
-    same name in `src`). Never writes `src`."""
+    same name in `src`), and `extra` too: typed keys, key -> (value, GGUFValueType, array element type or
+    None) as GGUFWriter.add_key_value takes them (kvedge.gguf.ktransform.metadata). Never writes `src`."""
     import gguf
 
     src, dst = Path(src), Path(dst)
@@ -158,7 +160,11 @@ def patch_gguf(src: Path, dst: Path, scales: list[TensorScale], provenance: Mapp
         changes.append(TensorChange(name, ts.axis, t.tensor_type.name, qtype.name, int(t.n_bytes), int(data.nbytes)))
     align = int(reader.alignment)
     delta = sum(_padded(new[n][0].nbytes, align) - _padded(int(tensors[n].n_bytes), align) for n in new)
-    estimate = src.stat().st_size + delta + sum(len(k) + len(v) + 16 for k, v in provenance.items())
+    extra = dict(extra or {})
+    added = {**provenance, **extra}
+    estimate = (src.stat().st_size + delta + sum(len(k) + len(v) + 16 for k, v in provenance.items())
+                + sum(len(k) + 32 + 8 * len(v[0]) if isinstance(v[0], (list, tuple)) else len(k) + 32
+                      for k, v in extra.items()))  # 8 bytes bound an array element
     check_space(dst.parent, estimate, dst.name, PatchError)
 
     try:
@@ -166,13 +172,15 @@ def patch_gguf(src: Path, dst: Path, scales: list[TensorScale], provenance: Mapp
             w = gguf.GGUFWriter(tmp, arch)
             w.data_alignment = align
             for field in reader.fields.values():
-                if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF.") or field.name in provenance:
+                if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF.") or field.name in added:
                     continue
                 vtype = field.types[0]
                 sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
                 w.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
             for k, v in sorted(provenance.items()):
                 w.add_key_value(k, v, gguf.GGUFValueType.STRING)
+            for k, (value, vtype, sub) in extra.items():
+                w.add_key_value(k, value, vtype, sub_type=sub)
             for t in reader.tensors:
                 data, qtype = new.get(t.name, (t.data, t.tensor_type))
                 w.add_tensor_info(t.name, data.shape, data.dtype, data.nbytes, qtype)

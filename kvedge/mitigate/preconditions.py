@@ -94,6 +94,13 @@ def preconditions(launch: Launch, model: ModelInfo | None) -> list[Precondition]
             "mla-one-type", "K and V caches of one type",
             f"{model.architecture} uses MLA attention, which holds K and V in one cache: llama.cpp refuses a "
             "context with different types", ALL_RUNTIMES, "rendered"))
+    if launch.k_transform:
+        out.append(Precondition(
+            "native-k-transform", "kvedge's native llama.cpp, which applies the model's K transform (kvedge.k_transform.* "
+            "metadata): for llama-cpp-python the library `kvedge build-native` builds (LLAMA_CPP_LIB_PATH), for "
+            "llama-server and llama-cli binaries built from the same patched tree (native/README.md)",
+            "a stock llama.cpp, llama-server or Ollama loads the file but ignores the transform: it runs the "
+            "unmitigated cache, which export found unsafe", LLAMA_RUNTIMES, "unobservable"))
     if launch.layer_types:
         out.append(Precondition(
             "native-build", "kvedge's native llama.cpp build, which reads LLAMA_KV_LAYER_TYPES",
@@ -118,6 +125,8 @@ OLLAMA_KV_TYPES = ("f16", "q8_0", "q4_0")
 
 def ollama_refusal(launch: Launch) -> str | None:
     """Why Ollama cannot run this launch, or None."""
+    if launch.k_transform:
+        return "Ollama's llama.cpp does not apply kvedge's K transform (kvedge's native build only)"
     if launch.layer_types is not None:
         return "Ollama has one cache type for every layer; this deployment sets types per layer"
     if launch.type_k != launch.type_v:

@@ -139,7 +139,8 @@ def run_verify(spec: VerifySpec, log: Log, progress: bool = True) -> VerifyRepor
     src_adapter = doc.source["adapter"].resolve(root) if doc.source.get("adapter") else None
     dep_kv = KVConfig(L.type_k, L.type_v)
     info = inspect_model(src_model)
-    smoothed = doc.deployment.smoothed
+    # a model file export wrote (smoothed weights, or the K transform's metadata): audited in a store of its own
+    smoothed = doc.deployment.smoothed or L.k_transform
     delta = spec.delta if spec.delta is not None else doc.equivalence.delta
     options = RuntimeOptions(n_ctx=L.n_ctx, n_threads=spec.options.n_threads)
 
@@ -180,8 +181,9 @@ def run_verify(spec: VerifySpec, log: Log, progress: bool = True) -> VerifyRepor
     mitigations: dict[str, tuple[VerifyRow, AuditReport, str, KVConfig]] = {}
 
     def smoothed_audit(role: str, label: str, model: FileRef, adapter: FileRef | None, kv: KVConfig) -> None:
-        """A smoothed model's own audit: at f16 (its verdicts against the original's show the smoothing's
-        exactness on eval) and at the cache types, judged against the original's f16."""
+        """A modified model's own audit (smoothed, or carrying the K transform): at f16 (its verdicts against the
+        original's show the modification's exactness on eval) and at the cache types, judged against the
+        original's f16."""
         rep = run(model.resolve(root), adapter.resolve(root) if adapter else None, [kv], None, role)
         reports[role] = rep
         row(f"{role}-f16", f"{label} (f16 KV)", rep, rep.reference, role, F16, True, True)

@@ -45,6 +45,18 @@ def _smoothing_line(doc: DeployDocument) -> str | None:
     return line
 
 
+def _transform_line(doc: DeployDocument) -> str | None:
+    t = doc.k_transform
+    if not t:
+        return None
+    line = f"K transform (simulation, calib prompts): {t['simulation']['reason']}"
+    if t.get("self_check"):
+        sc = t["self_check"]
+        line += (f"; self-check {'passed' if sc['passed'] else 'FAILED'} (KLD {sc['patched']['kld']:.5f} vs noise "
+                 f"{sc['noise']['kld']:.5f}, top-1 {sc['patched']['top1']:.3f} vs {sc['noise']['top1']:.3f})")
+    return line
+
+
 def _rule(doc: DeployDocument) -> str:
     eq = doc.equivalence
     return (f"candidates tested from the safest down, each judged against f16 by the verdict function "
@@ -60,9 +72,9 @@ def export_lines(doc: DeployDocument, out: Path) -> list[str]:
     lines = [f"kvedge export: unmitigated {doc.unmitigated.label}; {_rule(doc)}",
              f"  PCR: {v['mode']} (carrier {v['carrier']}), layers {ev['pcr']['evidence_layers']}; "
              f"prescription: {d.prescription['label']}"]
-    sl = _smoothing_line(doc)
-    if sl:
-        lines.append("  " + sl)
+    for sl in (_smoothing_line(doc), _transform_line(doc)):
+        if sl:
+            lines.append("  " + sl)
     lines.append(f"  calib split: {cal['n_prompts']} prompts; f16 noise run flipped {fmt.rate(nf['flip_rate'])}")
     header, rows = _candidate_rows(doc)
     widths = [max(len(header[i]), *(len(r[i]) for r in rows)) for i in range(len(header))]
@@ -99,9 +111,15 @@ def render_export_markdown(doc: DeployDocument) -> str:
         out.append("- per-layer cache types: only kvedge's native llama.cpp build can run this map (llama-cpp-python "
                    "with `LLAMA_CPP_LIB_PATH` pointing at it, see the native-builds guide); stock llama.cpp, "
                    "llama-server and Ollama take one type for K and one for V and cannot express it")
-    sl = _smoothing_line(doc)
-    if sl:
-        out.append(f"- {sl}")
+    if L.k_transform:
+        out.append("- K transform: the model file carries kvedge's K transform (centring and per-channel scales of K "
+                   "after RoPE, in its `kvedge.k_transform.*` metadata). Only kvedge's native llama.cpp applies it: "
+                   "llama-cpp-python with `LLAMA_CPP_LIB_PATH` pointing at the library `kvedge build-native` builds, "
+                   "llama-server/llama-cli built from the same patched tree. A stock llama.cpp, llama-server or Ollama "
+                   "loads the file and ignores the transform: it then runs the unmitigated cache")
+    for sl in (_smoothing_line(doc), _transform_line(doc)):
+        if sl:
+            out.append(f"- {sl}")
     out += ["", f"## Candidates on the calib split ({ev['calib']['n_prompts']} prompts, greedy, "
             f"{ev['calib']['max_tokens']} tokens, detector {ev['calib']['detector']['id']})", "",
             *fmt.md_table(header, rows), "",
@@ -142,7 +160,7 @@ VERIFY_HEADER = ["config", "verdict", "refusal (harmful)", "over-refusal (benign
 
 def _row(r: VerifyRow) -> list[str]:
     v = r.verdict
-    return [r.label + (" (smoothed)" if r.smoothed and "smoothed" not in r.label else ""),
+    return [r.label + (" (smoothed)" if r.smoothed and "smoothed" not in r.label and "k-transform" not in r.label else ""),
             v.verdict if v else ("(reference)" if r.role == "reference" else "(noise floor)" if r.role == "noise"
                                  else "-"),
             fmt.rate(r.refusal_harmful), fmt.rate(r.over_refusal_benign),

@@ -57,6 +57,8 @@ class Launch:
     n_ctx: int
     flash_attn: bool = True
     layer_types: tuple[tuple[str, str], ...] | None = None  # per-layer (type_k, type_v), where a runtime offers it
+    # the model carries kvedge's K transform, which the runtime must apply (kvedge's native llama.cpp only)
+    k_transform: bool = False
 
     @property
     def env(self) -> dict[str, str | None]:
@@ -67,7 +69,7 @@ class Launch:
     def from_dict(cls, d: dict) -> "Launch":
         lt = d.get("layer_types")
         return cls(d["type_k"], d["type_v"], bool(d["rotation"]), int(d["n_ctx"]), bool(d.get("flash_attn", True)),
-                   tuple((a, b) for a, b in lt) if lt else None)
+                   tuple((a, b) for a, b in lt) if lt else None, bool(d.get("k_transform", False)))
 
 
 @dataclass(frozen=True)
@@ -178,3 +180,4 @@ class DeployDocument(Result):
     evidence: dict[str, Any]  # pcr: the diagnosis; calib: the audits every figure rests on
     renderings: dict[str, Any]
     files: dict[str, dict[str, Any]] = omit_none()  # every other file: {sha256, size_bytes}; set when written
+    k_transform: dict[str, Any] | None = omit_none()  # the K transform's simulation, file and self-check, when considered

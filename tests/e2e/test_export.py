@@ -62,9 +62,22 @@ def smoothed(sources, tmp_path_factory):
 @pytest.fixture(scope="module")
 def unmitigated(sources, smoothed, tmp_path_factory):
     out = tmp_path_factory.mktemp("deploy") / "plain"
-    proc = _export(sources, out, "--delta", "10", "--smooth", "off")
+    proc = _export(sources, out, "--delta", "10", "--smooth", "off", "--transform", "off")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {"out": out, "doc": json.loads((out / "deploy.json").read_text())}
+
+
+@pytest.fixture(scope="module")
+def transformed(sources, native_build, tmp_path_factory):
+    """`--transform only`: the model carrying the K transform is the one candidate. It runs on the native build,
+    so its calib stores are its own (a work folder of its own: the keys name the library)."""
+    out = tmp_path_factory.mktemp("deploy") / "transformed"
+    work = tmp_path_factory.mktemp("work-kt")
+    proc = run_cli("export", str(sources["model"]), "--lora", str(sources["adapter"]), "--kv", "q4_0", "--rotation",
+                   "off", "--limit", "1", "--max-tokens", MAX_TOKENS, "--work", str(work), "--out", str(out), "-q",
+                   "--delta", "10", "--smooth", "off", "--transform", "only", timeout=3600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"out": out, "proc": proc, "doc": json.loads((out / "deploy.json").read_text())}
 
 
 def test_smoothed_export_is_complete_and_checked(smoothed, sources):
@@ -72,7 +85,7 @@ def test_smoothed_export_is_complete_and_checked(smoothed, sources):
     assert doc["schema"] == "kvedge.deploy/2" and doc["equivalence"]["delta"] == 10
     dep = doc["deployment"]
     assert dep["smoothed"] and dep["launch"] == {"type_k": "q4_0", "type_v": "q4_0", "rotation": False, "n_ctx": 4096,
-                                                  "flash_attn": True, "layer_types": None}
+                                                  "flash_attn": True, "layer_types": None, "k_transform": False}
     assert dep["kv_bytes_at_ctx"] == 6480 * 4096  # 30 layers x 2 x 192 values x 18/32 bytes
     for name, f in doc["files"].items():
         assert _sha(out / name) == f["sha256"], name
@@ -137,6 +150,41 @@ def test_verify_the_smoothed_deployment(smoothed):
     # judged at the export's margin (10 nats here): equivalent, so the gate passes
     assert rep["equivalence"]["delta"] == 10 and rep["gate"]["verdict"] == "equivalent"
     assert rep["gate"]["passed"] and "PASS" in proc.stdout
+
+
+def test_transformed_export_carries_the_transform_in_metadata_only(transformed, sources):
+    doc, out = transformed["doc"], transformed["out"]
+    dep = doc["deployment"]
+    assert dep["kind"] == "k-transform" and dep["label"] == "q4_0 rot=off k-transform" and not dep["smoothed"]
+    assert dep["launch"]["k_transform"] and dep["kv_bytes_at_ctx"] == 6480 * 4096  # 1.00x the q4_0 cache
+    assert [c["label"] for c in doc["decision"]["candidates"]] == ["q4_0 rot=off k-transform"]
+    assert doc["decision"]["chosen"] == "q4_0 rot=off k-transform"
+    assert doc["evidence"]["calib"]["backend"] == "cpu"
+    kt = doc["k_transform"]
+    assert kt["self_check"]["passed"] and kt["self_check"]["patched"]["n_positions"] == 320
+    assert kt["simulation"]["chosen"] is not None and "transform" not in kt["simulation"]  # the arrays: in the file
+    assert len(kt["simulation"]["scored"]) == 9
+    assert "native-k-transform" in {p["id"] for p in dep["preconditions"]}
+    assert not (out / "Modelfile").exists() and "Ollama" in doc["renderings"]["ollama"]["note"]
+    # the tensors are the original's byte for byte; only metadata was added
+    model = gguf.GGUFReader(out / dep["model"]["path"])
+    original = gguf.GGUFReader(sources["model"])
+    assert all(bytes(t.data) == bytes(u.data) for t, u in zip(model.tensors, original.tensors))
+    added = {f.name for f in model.fields.values()} - {f.name for f in original.fields.values()}
+    assert {"kvedge.k_transform.version", "kvedge.k_transform.scale"} <= added or \
+        {"kvedge.k_transform.version", "kvedge.k_transform.mu"} <= added
+    # the adapter is the user's own, pointed at
+    assert dep["adapter"]["path"] == str(sources["adapter"].resolve())
+    assert "K transform" in (out / "DEPLOY.md").read_text()
+
+
+def test_verify_the_transformed_deployment_on_the_native_build(transformed):
+    proc = run_cli("verify", str(transformed["out"]), "--limit", "1", "-q", timeout=3600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rep = json.loads((transformed["out"] / "verify" / "verify.json").read_text())
+    assert [r["role"] for r in rep["rows"]] == ["reference", "noise", "unmitigated", "deployment-f16", "deployment"]
+    assert rep["backend"]["library"]["kind"] == "native"  # the whole comparison on the one library
+    assert rep["gate"]["passed"] and rep["recovery"]["deployment"]["memory_overhead"] == 0
 
 
 def test_verify_exits_1_unless_the_deployment_is_equivalent(unmitigated):

@@ -37,6 +37,25 @@ def test_the_sequence_runs_from_the_safest_down_along_the_carrier():
     assert [c.kv for c in cands.sequence(_model(), base, True, "V", False, {})][0] == KVConfig("q4_0", "q8_0")
 
 
+def test_the_k_transform_is_tested_right_after_the_widest_rung():
+    # declared before any measurement: it costs no bytes over the unmitigated config, so it is tried before
+    # the intermediate rungs, any of which (inconclusive) would otherwise keep it from ever being tested
+    base = KVConfig("q4_0", "q4_0")
+    order = cands.sequence(_model(), base, False, "K", True, {}, transformed=True)
+    # the intermediate rungs leave: after the transform only candidates of no more bytes (the last shown
+    # equivalent is deployed, so it must be the cheapest)
+    assert [c.label for c in order] == ["k=q8_0/v=q4_0 rot=off", "q4_0 rot=off k-transform", "k=iq4_nl/v=q4_0 rot=off",
+                                        "q4_0 rot=off smoothed", "q4_0 rot=off"]
+    kt = order[1]
+    assert kt.transformed and kt.modified and not kt.smoothed and kt.kv == base
+    assert kt.bytes_per_token(_model()) == base.bytes_per_token(_model())  # 1.00x the unmitigated cache
+    assert order[-1] == cands.Candidate("kv", base, False)
+    assert not any(c.transformed for c in cands.sequence(_model(), base, False, "K", True, {}))
+    # a sequence with nothing wider than the unmitigated config still tests the transform before it
+    q8 = KVConfig("q8_0", "q8_0")
+    assert [c.kind for c in cands.sequence(_model(), q8, True, "K", False, {}, transformed=True)] == ["k-transform", "kv"]
+
+
 def test_prescription_is_the_smoothed_model_or_the_suggested_types():
     base = KVConfig("q4_0", "q4_0")
     verdict = {"mode": "outlier-crushes-safety", "suggested": {"type_k": "q8_0", "type_v": "q4_0"}}

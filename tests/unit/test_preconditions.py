@@ -127,6 +127,18 @@ def test_each_precondition_is_where_it_belongs(plain):
     assert per_layer["native-build"].runtimes == ("llama-cpp-python",) and "ollama-global" not in per_layer
 
 
+def test_a_k_transform_deployment_needs_the_native_build_and_no_ollama(tmp_path, plain):
+    launch = Launch("q4_0", "q4_0", False, 4096, k_transform=True)
+    pre = {p.id: p for p in preconditions(launch, plain)}
+    assert set(pre["native-k-transform"].runtimes) == {"llama-server", "llama-cli", "llama-cpp-python"}
+    assert "ignores the transform" in pre["native-k-transform"].why and "ollama-global" not in pre
+    dep = _folder(tmp_path, plain, launch)
+    assert not (tmp_path / MODELFILE).exists()  # Ollama cannot apply it: no file promises it can
+    assert "applies the model's K transform" in (tmp_path / "llama-server.sh").read_text()
+    assert Launch.from_dict(dep.to_dict()["launch"]).k_transform
+    assert not Launch.from_dict({k: v for k, v in dep.to_dict()["launch"].items() if k != "k_transform"}).k_transform
+
+
 def test_the_ollama_env_says_its_scope_is_the_whole_server(tmp_path, plain):
     _folder(tmp_path, plain, Launch("q8_0", "q8_0", True, 4096))
     env = (tmp_path / OLLAMA_ENV).read_text()

@@ -32,7 +32,7 @@ from torch import Tensor
 from ...errors import ModelFileError, UnsupportedArchitecture
 from ...gguf.archs import ARCHS, ArchSpec, check_architecture  # noqa: F401  (where callers have found them)
 from ...gguf.lora import LoraAdapter
-from ...gguf.model import Geometry, read_geometry, read_metadata
+from ...gguf.model import K_TRANSFORM_PREFIX, Geometry, read_geometry, read_metadata
 from .kvquant import CachePlan, CacheSim, KVTransform, Scheme
 
 
@@ -418,6 +418,10 @@ class TorchModel:
         (llama.cpp adds them to the dequantized weight in the matmul, which is the same function)."""
         p = Path(path)
         md, _ = read_metadata(p)  # validates the file (ModelFileError on damage)
+        if any(k.startswith(K_TRANSFORM_PREFIX) for k in md):
+            # the forward would silently simulate the untransformed model
+            raise UnsupportedArchitecture(f"{p.name} carries kvedge's K transform ({K_TRANSFORM_PREFIX}*), which the "
+                                          "torch pass does not apply: diagnose the original model")
         w = _read_tensors(p)
         if adapter is not None:
             _merge_adapter(w, adapter, str(md.get("general.architecture")))
