@@ -236,7 +236,7 @@ def run_verify(spec: VerifySpec, log: Log, progress: bool = True) -> VerifyRepor
         deployment_dir=str(root.resolve()),
         deploy_sha256=sha256_file(root / "deploy.json"),
         deployment={"label": label, "type_k": L.type_k, "type_v": L.type_v, "rotation": L.rotation,
-                    "smoothed": smoothed, "n_ctx": L.n_ctx},
+                    "smoothed": doc.deployment.smoothed, "kind": doc.deployment.kind, "n_ctx": L.n_ctx},
         split="eval",
         prompts_summary=orig.prompts_summary,
         detector=orig.detector,
