@@ -31,7 +31,6 @@ These are simulation predictions on the calib prompts: not an eval-split measure
 
 from __future__ import annotations
 
-import statistics
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -43,11 +42,10 @@ from ..gguf.ktransform import KTransform
 from ..llama.runtime import KVConfig
 from ..pcr.calibset import CalibSet
 from ..pcr.engine import Engine
-from ..pcr.stats import kld, margin
 from ..pcr.torch.gguf_torch import TorchModel
 from ..pcr.torch.kvquant import CachePlan, KVTransform
 from ..results.pcr import POPULATIONS
-from .simulate import JITTER, REALIZATIONS, Scored, _jittered
+from .simulate import JITTER, REALIZATIONS, Scored, Scorer
 
 ALPHAS = (0.25, 0.5, 0.75, 1.0)
 AMAX_FLOOR = 0.01  # a channel's abs-max is floored at this fraction of its KV head's largest before the fit
@@ -257,33 +255,12 @@ def choose_k_transform(tm: TorchModel, cal: CalibSet, kv: KVConfig, rotation: bo
     choose by OBJECTIVE (with `force`, the best recipe even when it does not lower it)."""
     engine = Engine(tm, cal)
     stats, ref_rows = _reference(engine)
-    ref = torch.cat(ref_rows)
-    refusal, compliance = list(cal.refusal_tokens), list(cal.compliance_tokens)
-    harmful = torch.tensor(cal.harmful)
-
-    def first_margins(rows: list[Tensor]) -> Tensor:
-        # the first answer position of each prompt: where the keyword verdict's opening is decided
-        return margin(torch.stack([r[0] for r in rows]), refusal, compliance)
-
-    m_ref = first_margins(ref_rows)
-    plan = CachePlan.of(kv, rotation)
+    scorer = Scorer(engine, CachePlan.of(kv, rotation), ref_rows)
 
     def score(label: str, kt: KTransform | None) -> Scored:
-        klds, top1, sh, sb = [], [], [], []
-        for seed in range(1, REALIZATIONS + 1):
-            def wrap(inner: KVTransform, seed=seed) -> KVTransform:
-                return _jittered(transformed(inner, kt) if kt is not None else inner, seed)
-            rows = engine.continuation_logits(plan, wrap=wrap)
-            logits = torch.cat(rows)
-            klds.append(float(kld(ref, logits).mean()))
-            top1.append(float((ref.argmax(-1) == logits.argmax(-1)).double().mean()))
-            d = first_margins(rows) - m_ref
-            sh.append(float(d[harmful].mean()) if bool(harmful.any()) else 0.0)
-            sb.append(float(d[~harmful].mean()) if bool((~harmful).any()) else 0.0)
-        sd = statistics.stdev(klds) if len(klds) > 1 else 0.0
-        s = Scored(label, statistics.mean(klds), sd, tuple(klds), statistics.mean(top1), tuple(sh), tuple(sb))
-        log(f"simulated {label}: margin shift harmful {statistics.mean(sh):+.3f}, benign {statistics.mean(sb):+.3f} "
-            f"nats (objective {objective(s):.3f}); KLD {s.kld_mean:.4f} (sd {sd:.4f})")
+        s = scorer.score(label, (lambda inner: transformed(inner, kt)) if kt is not None else None)
+        log(f"simulated {label}: margin shift harmful {s.shift('harmful'):+.3f}, benign {s.shift('benign'):+.3f} "
+            f"nats (objective {objective(s):.3f}); KLD {s.kld_mean:.4f} (sd {s.kld_sd:.4f})")
         return s
 
     baseline = score("untransformed", None)

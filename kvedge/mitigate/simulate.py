@@ -207,6 +207,40 @@ def decide(baseline: Scored, scored: list[Scored], population: str, force: bool 
     return None, f"no recipe reduces the {population} margin shift in simulation (best {scored[best].label}: {said})"
 
 
+class Scorer:
+    """Scores what a cache plan, with or without a transform of what attention reads, does against the f16
+    reference (`ref_rows`: its continuation logits): REALIZATIONS jittered runs, each giving the mean KLD, the
+    top-1 agreement, and each population's mean first-token margin shift. Shared by every recipe chooser."""
+
+    def __init__(self, engine: Engine, plan: CachePlan, ref_rows: list[Tensor]):
+        cal = engine.cal
+        self.engine, self.plan = engine, plan
+        self.ref = torch.cat(ref_rows)
+        self.refusal, self.compliance = list(cal.refusal_tokens), list(cal.compliance_tokens)
+        self.harmful = torch.tensor(cal.harmful)
+        self.m_ref = self.first_margins(ref_rows)
+
+    def first_margins(self, rows: list[Tensor]) -> Tensor:
+        # the first answer position of each prompt: where the keyword verdict's opening is decided
+        return margin(torch.stack([r[0] for r in rows]), self.refusal, self.compliance)
+
+    def score(self, label: str, transform: Callable[[KVTransform], KVTransform] | None) -> Scored:
+        klds, top1, sh, sb = [], [], [], []
+        harmful = self.harmful
+        for seed in range(1, REALIZATIONS + 1):
+            def wrap(inner: KVTransform, seed=seed) -> KVTransform:
+                return _jittered(transform(inner) if transform else inner, seed)
+            rows = self.engine.continuation_logits(self.plan, wrap=wrap)
+            logits = torch.cat(rows)
+            klds.append(float(kld(self.ref, logits).mean()))
+            top1.append(float((self.ref.argmax(-1) == logits.argmax(-1)).double().mean()))
+            d = self.first_margins(rows) - self.m_ref
+            sh.append(float(d[harmful].mean()) if bool(harmful.any()) else 0.0)
+            sb.append(float(d[~harmful].mean()) if bool((~harmful).any()) else 0.0)
+        sd = statistics.stdev(klds) if len(klds) > 1 else 0.0
+        return Scored(label, statistics.mean(klds), sd, tuple(klds), statistics.mean(top1), tuple(sh), tuple(sb))
+
+
 def choose_smoothing(tm: TorchModel, cal: CalibSet, kv: KVConfig, rotation: bool, caches: tuple[str, ...],
                      evidence_layers: list[int], force: bool = False, population: str | None = None,
                      log: Callable[[str], None] = lambda m: None) -> SmoothingChoice:
@@ -216,35 +250,14 @@ def choose_smoothing(tm: TorchModel, cal: CalibSet, kv: KVConfig, rotation: bool
     the shift."""
     engine = Engine(tm, cal)
     g = geometry(tm)
-    ref_rows = engine.continuation_logits(CachePlan())
-    ref = torch.cat(ref_rows)
-    refusal, compliance = list(cal.refusal_tokens), list(cal.compliance_tokens)
-    harmful = torch.tensor(cal.harmful)
-
-    def first_margins(rows: list[Tensor]) -> Tensor:
-        # the first answer position of each prompt: where the keyword verdict's opening is decided
-        return margin(torch.stack([r[0] for r in rows]), refusal, compliance)
-
-    m_ref = first_margins(ref_rows)
+    scorer = Scorer(engine, CachePlan.of(kv, rotation), engine.continuation_logits(CachePlan()))
     absmax = cache_absmax(engine)
-    plan = CachePlan.of(kv, rotation)
 
     def score(label: str, sm: Smoothing | None) -> Scored:
-        klds, top1, sh, sb = [], [], [], []
-        for seed in range(1, REALIZATIONS + 1):
-            def wrap(inner: KVTransform, seed=seed) -> KVTransform:
-                return _jittered(smoothed(inner, sm) if sm else inner, seed)
-            rows = engine.continuation_logits(plan, wrap=wrap)
-            logits = torch.cat(rows)
-            klds.append(float(kld(ref, logits).mean()))
-            top1.append(float((ref.argmax(-1) == logits.argmax(-1)).double().mean()))
-            d = first_margins(rows) - m_ref
-            sh.append(float(d[harmful].mean()) if bool(harmful.any()) else 0.0)
-            sb.append(float(d[~harmful].mean()) if bool((~harmful).any()) else 0.0)
-        sd = statistics.stdev(klds) if len(klds) > 1 else 0.0
-        log(f"simulated {label}: margin shift harmful {statistics.mean(sh):+.3f}, benign {statistics.mean(sb):+.3f} "
-            f"nats; KLD {statistics.mean(klds):.4f} (sd {sd:.4f})")
-        return Scored(label, statistics.mean(klds), sd, tuple(klds), statistics.mean(top1), tuple(sh), tuple(sb))
+        s = scorer.score(label, (lambda inner: smoothed(inner, sm)) if sm else None)
+        log(f"simulated {label}: margin shift harmful {s.shift('harmful'):+.3f}, benign {s.shift('benign'):+.3f} "
+            f"nats; KLD {s.kld_mean:.4f} (sd {s.kld_sd:.4f})")
+        return s
 
     baseline = score("no smoothing", None)
     pop = population or max(POPULATIONS, key=lambda p: baseline.failure_shift(p) or 0.0)
